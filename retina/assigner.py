@@ -1,0 +1,62 @@
+"""Target assignment for a whole batch: pad ground truth, match (``matcher.py``), encode
+(``box_coder.py``). No loop over anchors or boxes; one loop over images only to pad."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from retina.box_coder import BoxCoder
+from retina.matcher import FOREGROUND, Matcher
+
+
+@dataclass
+class PaddedTargets:
+    boxes: Tensor  # (N, M, 4) XYXY, zeros in padding
+    labels: Tensor  # (N, M) int64
+    valid: Tensor  # (N, M) bool
+    crowd: Tensor  # (N, M) bool
+
+
+@dataclass
+class AssignedTargets:
+    labels: Tensor  # (N, R) int8: -1 ignore, 0 background, 1 foreground (matcher.py)
+    classes: Tensor  # (N, R) int64 class of the matched box; K (num_classes) where not foreground
+    box_deltas: Tensor  # (N, R, 4) encoded matched boxes (meaningful where foreground)
+    matched_boxes: Tensor  # (N, R, 4) XYXY matched boxes (meaningful where foreground)
+
+
+def pad_targets(targets: list[dict], device: torch.device) -> PaddedTargets:
+    """Stack per-image ``boxes`` (M_i, 4), ``labels`` (M_i,), optional ``iscrowd`` to (N, M)."""
+    n = len(targets)
+    m = max([len(t["boxes"]) for t in targets] + [1])
+    boxes = torch.zeros((n, m, 4), dtype=torch.float32, device=device)
+    labels = torch.zeros((n, m), dtype=torch.int64, device=device)
+    valid = torch.zeros((n, m), dtype=torch.bool, device=device)
+    crowd = torch.zeros((n, m), dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        k = len(t["boxes"])
+        boxes[i, :k] = t["boxes"].to(device, torch.float32)
+        labels[i, :k] = t["labels"].to(device)
+        valid[i, :k] = True
+        if "iscrowd" in t:
+            crowd[i, :k] = t["iscrowd"].to(device, torch.bool)
+    return PaddedTargets(boxes, labels, valid, crowd)
+
+
+class TargetAssigner:
+    def __init__(self, matcher: Matcher, box_coder: BoxCoder, num_classes: int) -> None:
+        self.matcher = matcher
+        self.box_coder = box_coder
+        self.num_classes = num_classes
+
+    def __call__(self, gt: PaddedTargets, anchors: Tensor) -> AssignedTargets:
+        """Assign (R, 4) anchors to padded ground truth of N images."""
+        matched_idx, labels = self.matcher(gt.boxes, gt.valid, anchors, gt.crowd)  # (N, R)
+        matched_boxes = torch.gather(gt.boxes, 1, matched_idx[..., None].expand(-1, -1, 4))  # (N, R, 4)
+        classes = torch.gather(gt.labels, 1, matched_idx)  # (N, R)
+        classes = torch.where(labels == FOREGROUND, classes, torch.full_like(classes, self.num_classes))
+        deltas = self.box_coder.encode(matched_boxes, anchors[None].expand_as(matched_boxes))
+        return AssignedTargets(labels, classes, deltas, matched_boxes)

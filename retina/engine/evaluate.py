@@ -1,0 +1,282 @@
+"""COCO box evaluation: run a model over a dataset, convert to COCO results, score with pycocotools.
+
+This module owns the COCO results format (``{"image_id", "category_id", "bbox": [x, y, w, h],
+"score"}``), the 12 COCO box metrics (reported in percent, NaN where pycocotools has no ground
+truth for a size range), per-class AP, and the JSON files ``detections.json`` / ``metrics.json``.
+
+Shape legend: N images, D detections of one image, K classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+# The 12 COCO box metrics, in the order of ``COCOeval.stats``.
+METRIC_NAMES = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl",
+    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ json
+def _nan_to_none(obj: Any) -> Any:
+    """Recursively replace float NaN/inf by None: strict JSON has no NaN."""
+    if isinstance(obj, float):
+        return None if not math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path | str, obj: Any) -> None:
+    """Write ``obj`` as strict JSON (NaN -> null) atomically: temp file in the same dir + rename.
+
+    A reader (or a crash mid-write) never sees a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_nan_to_none(obj), f, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------ conversion
+def to_coco_results(
+    outputs: list[dict[str, Tensor]], image_ids: list[int], cat_ids: list[int]
+) -> list[dict]:
+    """Convert model outputs to the COCO results format.
+
+    Args:
+        outputs: N dicts with ``boxes`` (D, 4) XYXY pixels, ``scores`` (D,), ``labels`` (D,)
+            contiguous 0..K-1.
+        image_ids: N COCO image ids, one per output.
+        cat_ids: K COCO category ids; ``cat_ids[label]`` is the id of contiguous label ``label``.
+
+    Returns:
+        One dict per detection: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h] (rounded to
+        0.01 px), ``score``.
+    """
+    if len(outputs) != len(image_ids):
+        raise ValueError(f"{len(outputs)} outputs but {len(image_ids)} image ids")
+    cat_id_table = torch.as_tensor(list(cat_ids), dtype=torch.int64)  # (K,)
+    results: list[dict] = []
+    for out, image_id in zip(outputs, image_ids):
+        boxes = out["boxes"].detach().to("cpu", torch.float64)  # (D, 4)
+        if boxes.numel() == 0:
+            continue
+        boxes_xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)  # (D, 4)
+        boxes_xywh = torch.round(boxes_xywh * 100) / 100
+        scores = out["scores"].detach().to("cpu", torch.float64).tolist()
+        category_ids = cat_id_table[out["labels"].detach().cpu().long()].tolist()
+        image_id = int(image_id)
+        results.extend(
+            {"image_id": image_id, "category_id": c, "bbox": b, "score": s}
+            for b, s, c in zip(boxes_xywh.tolist(), scores, category_ids)
+        )
+    return results
+
+
+# ------------------------------------------------------------------------------ evaluation
+def _empty_metrics(class_names: Sequence[str]) -> dict:
+    """Metrics for a run with no detections at all: every value 0.0."""
+    metrics: dict[str, Any] = {name: 0.0 for name in METRIC_NAMES}
+    metrics["per_class"] = {name: 0.0 for name in class_names}
+    return metrics
+
+
+def evaluate_detections(
+    coco_gt: COCO,
+    results: list[dict],
+    class_names: list[str] | None = None,
+    cat_ids: list[int] | None = None,
+    image_ids: list[int] | None = None,
+) -> dict:
+    """Score COCO results against ``coco_gt`` with pycocotools (bbox), silencing its prints.
+
+    Args:
+        coco_gt: ground truth; every image in it is evaluated (images without detections count).
+        results: COCO results (see ``to_coco_results``).
+        class_names: K names for ``per_class``, aligned with ``cat_ids``; default: the GT
+            categories' names.
+        cat_ids: K category ids to evaluate; default: every category of ``coco_gt``.
+        image_ids: images to evaluate (e.g. those of a subset); default: every GT image.
+
+    Returns:
+        ``{"AP": .., ..., "ARl": ..}`` (the 12 ``METRIC_NAMES``, percent, NaN where pycocotools
+        reports -1 because a size range has no GT) and ``"per_class": {name: AP percent}`` (NaN for
+        a class without GT). An empty ``results`` gives 0.0 everywhere (pycocotools' ``loadRes``
+        cannot take an empty list).
+    """
+    if cat_ids is None:
+        cat_ids = sorted(coco_gt.getCatIds())
+    cat_ids = [int(c) for c in cat_ids]
+    if class_names is None:
+        class_names = [cat["name"] for cat in coco_gt.loadCats(cat_ids)]
+    if len(class_names) != len(cat_ids):
+        raise ValueError(f"{len(class_names)} class names but {len(cat_ids)} category ids")
+    if len(results) == 0:
+        return _empty_metrics(class_names)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        # loadRes adds keys (area, id, segmentation) to each dict in place: give it copies.
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_eval.params.catIds = cat_ids
+        if image_ids is not None:
+            coco_eval.params.imgIds = [int(i) for i in image_ids]
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+
+    metrics: dict[str, Any] = {
+        name: float(v) * 100 if v >= 0 else float("nan")
+        for name, v in zip(METRIC_NAMES, coco_eval.stats)
+    }
+    # precision: (T iou thresholds, R recall points, K classes, A area ranges, M max-dets);
+    # pycocotools sorts catIds, so class k of the array is the k-th smallest id.
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (T, R, K), area "all", 100 dets
+    evaluated_ids = [int(c) for c in coco_eval.params.catIds]
+    valid = precision > -1
+    sums = np.where(valid, precision, 0.0).sum(axis=(0, 1))  # (K,)
+    counts = valid.sum(axis=(0, 1))  # (K,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap_per_cat = np.where(counts > 0, sums / np.maximum(counts, 1) * 100, np.nan)  # (K,)
+    ap_by_id = dict(zip(evaluated_ids, ap_per_cat.tolist()))
+    metrics["per_class"] = {name: float(ap_by_id[c]) for name, c in zip(class_names, cat_ids)}
+    return metrics
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """Readable text: a header row of the 12 metric names, a row of values (1 decimal), then one
+    ``name  AP`` row per class when ``metrics["per_class"]`` is present."""
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None or not math.isfinite(v) else f"{v:.1f}"
+
+    widths = [max(len(n), 5) for n in METRIC_NAMES]
+    header = " | ".join(n.rjust(w) for n, w in zip(METRIC_NAMES, widths))
+    values = " | ".join(fmt(metrics.get(n)).rjust(w) for n, w in zip(METRIC_NAMES, widths))
+    lines = [header, "-" * len(header), values]
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        name_w = max(len("class"), *(len(n) for n in per_class))
+        lines += ["", f"{'class'.ljust(name_w)} | {'AP':>5}", "-" * (name_w + 8)]
+        lines += [f"{n.ljust(name_w)} | {fmt(ap):>5}" for n, ap in per_class.items()]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- inference
+def _list_collate(batch: list) -> list:
+    return batch
+
+
+def _outputs_to_cpu(out: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Move one image's output to the CPU; floats back to float32 (AMP may give bf16/fp16)."""
+    moved = {}
+    for k, v in out.items():
+        if isinstance(v, Tensor):
+            v = v.detach().cpu()
+            if v.is_floating_point():
+                v = v.float()
+        moved[k] = v
+    return moved
+
+
+def inference(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device | str,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    num_workers: int = 2,
+) -> tuple[list[dict[str, Tensor]], list[int]]:
+    """Run ``model`` in eval mode over ``dataset`` in order.
+
+    Images (uint8 (3, H, W)) become float in [0, 1] on ``device``; ``amp_dtype`` (e.g.
+    ``torch.bfloat16``) enables autocast. The model's train/eval mode is restored afterwards.
+
+    Returns:
+        N outputs (``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,), on the CPU) and the N
+        image ids taken from each target's ``image_id``.
+    """
+    device = torch.device(device)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_list_collate,
+        pin_memory=device.type == "cuda",
+    )
+    outputs: list[dict[str, Tensor]] = []
+    image_ids: list[int] = []
+    was_training = model.training
+    model.eval()
+    show = progress and sys.stderr.isatty()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc="inference", disable=not show, leave=False):
+                images = [img.to(device, non_blocking=True).float().div_(255) for img, _ in batch]
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    batch_out = model(images)
+                outputs.extend(_outputs_to_cpu(o) for o in batch_out)
+                image_ids.extend(int(target["image_id"]) for _, target in batch)
+    finally:
+        model.train(was_training)
+    return outputs, image_ids
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device | str,
+    out_dir: Path | None = None,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    num_workers: int = 2,
+) -> dict:
+    """``inference`` + ``to_coco_results`` + ``evaluate_detections`` on a ``CocoDetection``-like
+    dataset (attributes ``coco``, ``cat_ids``, ``class_names``).
+
+    When ``out_dir`` is given, writes ``out_dir/detections.json`` (COCO results) and
+    ``out_dir/metrics.json`` (the returned dict, NaN as null).
+    """
+    outputs, image_ids = inference(
+        model, dataset, batch_size, device, amp_dtype, progress, num_workers
+    )
+    cat_ids = list(dataset.cat_ids)
+    results = to_coco_results(outputs, image_ids, cat_ids)
+    metrics = evaluate_detections(
+        dataset.coco, results, list(dataset.class_names), cat_ids, image_ids
+    )
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        write_json(out_dir / "detections.json", results)
+        write_json(out_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,45 @@
+"""``build_model(cfg)``: the one place that reads the model, loss and input config."""
+
+from __future__ import annotations
+
+import torch
+
+from retina.assigner import TargetAssigner
+from retina.box_coder import BoxCoder
+from retina.config import Config
+from retina.losses import RetinaNetLoss
+from retina.matcher import Matcher
+from retina.model.anchors import AnchorGenerator, default_sizes
+from retina.model.backbone import FPN, ResNetBackbone
+from retina.model.head import RetinaHead
+from retina.model.retinanet import InputSpec, RetinaNet
+from retina.postprocess import PostProcessor
+
+__all__ = ["build_model", "RetinaNet"]
+
+
+def build_model(cfg: Config) -> RetinaNet:
+    m = cfg.model
+    backbone = ResNetBackbone(m.backbone.depth, m.backbone.weights, m.backbone.norm, m.backbone.freeze_at)
+    fpn = FPN(backbone.out_channels, m.fpn.channels, m.fpn.min_level, m.fpn.max_level, m.fpn.p6_from)
+    levels = range(m.fpn.min_level, m.fpn.max_level + 1)
+    sizes = m.anchors.sizes or default_sizes(m.fpn.min_level, m.fpn.max_level)
+    anchors = AnchorGenerator([2**lvl for lvl in levels], sizes, m.anchors.scales, m.anchors.ratios,
+                              m.anchors.offset)
+    head = RetinaHead(m.fpn.channels, anchors.num_anchors, m.num_classes, m.head.num_convs,
+                      m.head.norm, m.head.prior_prob)
+    box_coder = BoxCoder(m.box_coder.weights, m.box_coder.scale_clamp)
+    matcher = Matcher(m.matcher.fg_iou_thresh, m.matcher.bg_iou_thresh, m.matcher.allow_low_quality)
+    loss_cfg = cfg.loss
+    loss = RetinaNetLoss(m.num_classes, loss_cfg.type, loss_cfg.alpha, loss_cfg.gamma, loss_cfg.box_loss,
+                         loss_cfg.smooth_l1_beta, loss_cfg.box_weight, loss_cfg.normalizer,
+                         loss_cfg.ema_momentum)
+    post = PostProcessor(box_coder, m.inference.score_thresh, m.inference.topk_candidates,
+                         m.inference.nms_thresh, m.inference.detections_per_image)
+    spec = InputSpec(m.input.min_size, m.input.max_size, m.input.pixel_mean, m.input.pixel_std,
+                     m.input.size_divisibility)
+    model = RetinaNet(backbone, fpn, head, anchors, TargetAssigner(matcher, box_coder, m.num_classes),
+                      loss, post, spec, m.channels_last)
+    if m.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

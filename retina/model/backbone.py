@@ -1,0 +1,112 @@
+"""ResNet bottom-up pathway (torchvision.models) and the FPN top-down pathway, P3..P7 (Sec. 4)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+RESNET_CHANNELS = {18: (128, 256, 512), 34: (128, 256, 512), 50: (512, 1024, 2048),
+                   101: (512, 1024, 2048)}  # C3, C4, C5 widths
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights could not be found; the message says which file to place where."""
+
+
+def _load_state_dict(depth: int, weights: str) -> dict:
+    path = Path(weights).expanduser()
+    if weights.endswith((".pth", ".pt")) or path.exists():
+        if not path.is_file():
+            raise WeightsError(f"backbone weights file not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state.get("model", state) if isinstance(state, dict) else state
+    enum = torchvision.models.get_model_weights(f"resnet{depth}")
+    name = weights.split(".")[-1]
+    try:
+        w = enum[name] if name != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        raise WeightsError(f"unknown torchvision weights '{weights}' for resnet{depth}; "
+                           f"choose from {[m.name for m in enum]} or give a .pth path") from None
+    try:
+        return w.get_state_dict(progress=False)
+    except Exception as e:  # offline: tell the user exactly where to put the file
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+        raise WeightsError(f"cannot download {w.url} ({type(e).__name__}); place the file at "
+                           f"{cache} or set model.backbone.weights to a local .pth path") from None
+
+
+class ResNetBackbone(nn.Module):
+    """Returns C3, C4, C5 of a torchvision ResNet."""
+
+    def __init__(self, depth: int, weights: str | None = None, norm: str = "auto",
+                 freeze_at: int = 2) -> None:
+        super().__init__()
+        frozen = norm == "frozen_bn" or (norm == "auto" and weights is not None)
+        norm_layer = FrozenBatchNorm2d if frozen else nn.BatchNorm2d
+        net = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm_layer)
+        if weights is not None:
+            state = _load_state_dict(depth, weights)
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing or unexpected:
+                raise WeightsError(f"backbone weights {weights} do not fit resnet{depth}: "
+                                   f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.res2, self.res3, self.res4, self.res5 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.out_channels = RESNET_CHANNELS[depth]
+        if weights is not None:
+            # Stem and res2 stay at their ImageNet values (detectron2's FREEZE_AT=2).
+            for stage in [self.stem, self.res2, self.res3, self.res4, self.res5][:freeze_at]:
+                stage.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        c2 = self.res2(self.stem(x))
+        c3 = self.res3(c2)
+        c4 = self.res4(c3)
+        c5 = self.res5(c4)
+        return [c3, c4, c5]
+
+
+class FPN(nn.Module):
+    """P3..P5 by lateral 1x1 + top-down nearest upsampling + 3x3 output convs; P6, P7 by
+    stride-2 3x3 convs (P6 on C5 per the paper, or on P5 as torchvision v1; P7 on ReLU(P6))."""
+
+    def __init__(self, in_channels: tuple[int, int, int], channels: int, min_level: int = 3,
+                 max_level: int = 7, p6_from: str = "c5") -> None:
+        super().__init__()
+        self.min_level, self.max_level = min_level, max_level
+        self.p6_from = p6_from
+        # Pyramid levels from the backbone: C3..C5 (levels below 3 are not supported here).
+        self.backbone_levels = [lvl for lvl in (3, 4, 5) if lvl >= min_level]
+        used = in_channels[len(in_channels) - len(self.backbone_levels):]
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in used)
+        self.output = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in used)
+        extra_in = in_channels[-1] if p6_from == "c5" else channels
+        self.extra = nn.ModuleList()
+        for i, _ in enumerate(range(6, max_level + 1)):
+            self.extra.append(nn.Conv2d(extra_in if i == 0 else channels, channels, 3, stride=2, padding=1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # detectron2's c2_xavier_fill
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, feats: list[Tensor]) -> "OrderedDict[str, Tensor]":
+        c = feats[len(feats) - len(self.backbone_levels):]
+        out = [self.lateral[-1](c[-1])]
+        for i in range(len(c) - 2, -1, -1):
+            top_down = F.interpolate(out[0], size=c[i].shape[-2:], mode="nearest")
+            out.insert(0, self.lateral[i](c[i]) + top_down)
+        out = [conv(p) for conv, p in zip(self.output, out)]
+        x = feats[-1] if self.p6_from == "c5" else out[-1]
+        for i, conv in enumerate(self.extra):
+            x = conv(x if i == 0 else F.relu(x))
+            out.append(x)
+        levels = self.backbone_levels + list(range(6, self.max_level + 1))
+        return OrderedDict((f"p{lvl}", p) for lvl, p in zip(levels, out) if lvl <= self.max_level)

@@ -1,0 +1,49 @@
+"""Classification and box subnets, shared across pyramid levels (Sec. 4, Fig. 3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from retina.model.anchors import prior_bias
+
+
+def to_n_hwa_c(x: Tensor, c: int) -> Tensor:
+    """(N, A*C, H, W) -> (N, H*W*A, C), the anchor order of ``anchors.py``."""
+    n, _, h, w = x.shape
+    return x.view(n, -1, c, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, c)
+
+
+def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(num_convs):
+        layers.append(nn.Conv2d(channels, channels, 3, padding=1))
+        if norm == "gn":
+            layers.append(nn.GroupNorm(min(32, channels), channels))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class RetinaHead(nn.Module):
+    """Two towers of ``num_convs`` 3x3 convs, then K*A class logits and 4*A box deltas."""
+
+    def __init__(self, channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
+                 norm: str = "none", prior_prob: float = 0.01) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.cls_tower = _tower(channels, num_convs, norm)
+        self.box_tower = _tower(channels, num_convs, norm)
+        self.cls_logits = nn.Conv2d(channels, num_anchors * num_classes, 3, padding=1)
+        self.box_deltas = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)  # Sec. 4.1: Gaussian sigma = 0.01, bias 0
+                nn.init.zeros_(m.bias)
+        # pi = 0.01 prior, Sec. 4.1: keeps early CE from being swamped by background.
+        nn.init.constant_(self.cls_logits.bias, prior_bias(prior_prob))
+
+    def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Features per level (N, C, H_l, W_l) -> logits (N, R, K) and deltas (N, R, 4)."""
+        logits = [to_n_hwa_c(self.cls_logits(self.cls_tower(f)), self.num_classes) for f in features]
+        deltas = [to_n_hwa_c(self.box_deltas(self.box_tower(f)), 4) for f in features]
+        return torch.cat(logits, dim=1), torch.cat(deltas, dim=1)  # (N, R, K), (N, R, 4)

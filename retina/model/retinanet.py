@@ -1,0 +1,129 @@
+"""RetinaNet: normalise/resize/pad -> ResNet + FPN -> shared heads -> (loss | decode).
+
+torchvision's calling convention, so models can be swapped: ``model(images)`` in eval mode returns
+detections in each input image's own pixel coordinates; ``model(images, targets)`` in training
+mode returns ``{"loss_cls", "loss_box"}``. The model knows nothing of files, YAML or logging.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retina.assigner import TargetAssigner, pad_targets
+from retina.losses import RetinaNetLoss
+from retina.model.anchors import AnchorGenerator
+from retina.model.backbone import FPN, ResNetBackbone
+from retina.model.head import RetinaHead
+from retina.postprocess import PostProcessor
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How images become a padded, normalised batch."""
+
+    min_size: tuple[int, ...]
+    max_size: int
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    size_divisibility: int
+
+
+def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """Scale that brings the shorter side to ``min_size`` without the longer passing ``max_size``."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
+class RetinaNet(nn.Module):
+    def __init__(self, backbone: ResNetBackbone, fpn: FPN, head: RetinaHead,
+                 anchor_generator: AnchorGenerator, assigner: TargetAssigner, loss: RetinaNetLoss,
+                 postprocessor: PostProcessor, input_spec: InputSpec, channels_last: bool = False) -> None:
+        super().__init__()
+        self.backbone, self.fpn, self.head = backbone, fpn, head
+        self.anchor_generator = anchor_generator
+        self.assigner = assigner
+        self.loss = loss
+        self.postprocessor = postprocessor
+        self.input_spec = input_spec
+        self.channels_last = channels_last
+        self.register_buffer("pixel_mean", torch.tensor(input_spec.pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(input_spec.pixel_std).view(3, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    # ------------------------------------------------------------------------------- input
+    def _target_size(self, height: int, width: int) -> int:
+        sizes = self.input_spec.min_size
+        if not self.training:
+            return sizes[-1]
+        # Images the data pipeline already resized to an allowed size are kept as they are.
+        for s in sizes:
+            if abs(resize_scale(height, width, s, self.input_spec.max_size) - 1) < 1e-2:
+                return s
+        return random.choice(sizes)
+
+    def preprocess(self, images: Sequence[Tensor], targets: Optional[list[dict]] = None
+                   ) -> tuple[Tensor, list[tuple[int, int]], list[float], Optional[list[dict]]]:
+        """Resize each (3, H, W) image in [0, 1], normalise, pad to (N, 3, H', W').
+
+        Returns the batch, each image's size after resizing, each image's scale factor and the
+        targets with boxes scaled to match.
+        """
+        spec = self.input_spec
+        resized, sizes, scales = [], [], []
+        new_targets = [] if targets is not None else None
+        for i, img in enumerate(images):
+            h, w = img.shape[-2:]
+            scale = resize_scale(h, w, self._target_size(h, w), spec.max_size)
+            if abs(scale - 1) > 1e-3:
+                size = (round(h * scale), round(w * scale))
+                img = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+            else:
+                scale = 1.0
+            img = (img.float() - self.pixel_mean) / self.pixel_std
+            resized.append(img)
+            sizes.append((img.shape[-2], img.shape[-1]))
+            scales.append(scale)
+            if targets is not None:
+                t = dict(targets[i])
+                t["boxes"] = t["boxes"] * scale
+                new_targets.append(t)
+        d = spec.size_divisibility
+        ph = int(math.ceil(max(s[0] for s in sizes) / d) * d)
+        pw = int(math.ceil(max(s[1] for s in sizes) / d) * d)
+        batch = resized[0].new_zeros((len(resized), 3, ph, pw))
+        for i, img in enumerate(resized):
+            batch[i, :, : img.shape[1], : img.shape[2]] = img
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch, sizes, scales, new_targets
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, images: Sequence[Tensor], targets: Optional[list[dict]] = None):
+        if self.training and targets is None:
+            raise ValueError("targets are required in training mode")
+        batch, sizes, scales, targets = self.preprocess(images, targets)
+        features = list(self.fpn(self.backbone(batch)).values())
+        pred_logits, pred_deltas = self.head(features)  # (N, R, K), (N, R, 4)
+        feature_sizes = [tuple(f.shape[-2:]) for f in features]
+        anchors = self.anchor_generator(feature_sizes, batch.device)  # (R, 4)
+        if self.training:
+            assigned = self.assigner(pad_targets(targets, batch.device), anchors)
+            return self.loss(pred_logits, pred_deltas, assigned)
+        detections = self.postprocessor(pred_logits, pred_deltas, anchors,
+                                        self.anchor_generator.num_anchors_per_level(feature_sizes), sizes)
+        for det, scale, img in zip(detections, scales, images):
+            h, w = img.shape[-2:]
+            boxes = det["boxes"] / scale
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            det["boxes"] = boxes
+        return detections

@@ -1,0 +1,67 @@
+"""Inference post-processing: per-level top-k above a score threshold, decoding, class-wise NMS
+(Sec. 5.1: top 1000 per level with score > 0.05, NMS 0.5, keep 100). Runs in fp32."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from retina.box_coder import BoxCoder
+
+
+class PostProcessor:
+    def __init__(self, box_coder: BoxCoder, score_thresh: float = 0.05, topk_candidates: int = 1000,
+                 nms_thresh: float = 0.5, detections_per_image: int = 100) -> None:
+        self.box_coder = box_coder
+        self.score_thresh = score_thresh
+        self.topk_candidates = topk_candidates
+        self.nms_thresh = nms_thresh
+        self.detections_per_image = detections_per_image
+
+    def __call__(self, pred_logits: Tensor, pred_deltas: Tensor, anchors: Tensor,
+                 num_anchors_per_level: list[int], image_sizes: list[tuple[int, int]]) -> list[dict]:
+        """Detections per image from a batch.
+
+        Args:
+            pred_logits: (N, R, K); pred_deltas: (N, R, 4); anchors: (R, 4).
+            num_anchors_per_level: R split by level.
+            image_sizes: (h, w) of each image before padding; boxes are clipped to it.
+        Returns:
+            N dicts with ``boxes`` (D, 4) XYXY, ``scores`` (D,), ``labels`` (D,) int64.
+        """
+        n, _, k = pred_logits.shape
+        boxes_all, scores_all, labels_all = [], [], []
+        start = 0
+        for count in num_anchors_per_level:  # one top-k per level for the whole batch
+            logits = pred_logits[:, start:start + count].float().reshape(n, -1)  # (N, R_l * K)
+            num = min(self.topk_candidates, logits.shape[1])
+            top_logits, flat_idx = logits.topk(num, dim=1)  # (N, num)
+            anchor_idx = flat_idx // k + start  # (N, num)
+            deltas = torch.gather(pred_deltas, 1, anchor_idx[..., None].expand(-1, -1, 4))
+            boxes_all.append(self.box_coder.decode(deltas, anchors[anchor_idx]))  # (N, num, 4)
+            scores_all.append(torch.sigmoid(top_logits))
+            labels_all.append(flat_idx % k)
+            start += count
+        boxes = torch.cat(boxes_all, dim=1)  # (N, C, 4), C candidates per image
+        scores = torch.cat(scores_all, dim=1)  # (N, C)
+        labels = torch.cat(labels_all, dim=1)  # (N, C)
+
+        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)  # (N, 2) h, w
+        upper = sizes.flip(1).repeat(1, 2)[:, None, :]  # (N, 1, 4): w, h, w, h
+        boxes = torch.minimum(boxes.clamp(min=0), upper)
+
+        # One NMS for the whole batch: boxes of different images or classes never suppress
+        # each other because batched_nms offsets them by their group id.
+        keep_mask = scores > self.score_thresh  # (N, C)
+        image_idx = torch.arange(n, device=boxes.device)[:, None].expand_as(labels)
+        flat_boxes, flat_scores = boxes[keep_mask], scores[keep_mask]
+        flat_labels, flat_images = labels[keep_mask], image_idx[keep_mask]
+        keep = batched_nms(flat_boxes, flat_scores, flat_images * k + flat_labels, self.nms_thresh)
+        # keep is sorted by score; split it by image and cap the count.
+        kept_images = flat_images[keep]
+        results = []
+        for i in range(n):
+            sel = keep[kept_images == i][: self.detections_per_image]
+            results.append({"boxes": flat_boxes[sel], "scores": flat_scores[sel], "labels": flat_labels[sel]})
+        return results
