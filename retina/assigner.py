@@ -54,6 +54,10 @@ class TargetAssigner:
 
     def __call__(self, gt: PaddedTargets, anchors: Tensor) -> AssignedTargets:
         """Assign (R, 4) anchors to padded ground truth of N images."""
+        if gt.valid.shape[1] == 0:  # M = 0: one invalid row keeps the gathers below in range
+            n = gt.valid.shape[0]
+            gt = PaddedTargets(gt.boxes.new_zeros((n, 1, 4)), gt.labels.new_zeros((n, 1)),
+                               gt.valid.new_zeros((n, 1)), gt.crowd.new_zeros((n, 1)))
         matched_idx, labels = self.matcher(gt.boxes, gt.valid, anchors, gt.crowd)  # (N, R)
         matched_boxes = torch.gather(gt.boxes, 1, matched_idx[..., None].expand(-1, -1, 4))  # (N, R, 4)
         classes = torch.gather(gt.labels, 1, matched_idx)  # (N, R)

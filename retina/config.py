@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,37 @@ import yaml
 
 class ConfigError(ValueError):
     """A config problem the user can fix; its message is one line naming the file and key."""
+
+    def __init__(self, message: str) -> None:
+        # Values echoed from the user (an override, a YAML string) may hold newlines.
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars: only true/false are booleans, so ``amp: off`` stays the
+    string 'off' (YAML 1.1 reads on/off/yes/no as bools), and ``1e-4`` is a float (YAML 1.1
+    needs a dot, ``1.0e-4``, and PyYAML would return the string '1e-4')."""
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_YamlLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT)]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_YamlLoader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 # --------------------------------------------------------------------------------------- schema
@@ -163,6 +195,7 @@ class SolverConfig:
 class TrainConfig:
     seed: int = 0
     checkpoint_period: int = 5000  # iterations between checkpoints
+    keep_checkpoints: int = 3  # periodic checkpoints kept (newest); 0 keeps all
     log_period: int = 20  # iterations between logged scalars (and lines in non-tty logs)
     amp: Literal["off", "bf16", "fp16"] = "off"  # autocast dtype; fp16 adds a GradScaler
     eval_at_end: bool = True
@@ -222,6 +255,7 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("solver.warmup_iters", s.warmup_iters >= 0, "must be >= 0"),
         ("train.checkpoint_period", cfg.train.checkpoint_period >= 1, "must be >= 1"),
         ("train.log_period", cfg.train.log_period >= 1, "must be >= 1"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 0, "must be >= 0"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, "must be >= 1"),
     ]
 
@@ -251,7 +285,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], key, source)
     if origin is Literal:
-        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
+        # same type as well as equal: 50.0 is not the depth 50, True is not 1
+        if not any(type(value) is type(a) and value == a for a in args):
             raise ConfigError(f"{source}: {key}={value!r} should be one of {list(args)}")
         return value
     if origin is tuple:
@@ -318,11 +353,11 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -336,7 +371,10 @@ def _read_yaml(path: Path) -> dict:
         base_path = (path.parent / str(base)).resolve()
         if not base_path.is_file():
             raise ConfigError(f"{path}: base file '{base}' not found")
-        data = _merge(_read_yaml(base_path), data)
+        chain = _chain + (path.resolve(),)
+        if base_path in chain:  # a.yaml -> b.yaml -> a.yaml would recurse forever
+            raise ConfigError(f"{path}: base file '{base}' makes a cycle of bases")
+        data = _merge(_read_yaml(base_path, chain), data)
     return data
 
 
@@ -345,7 +383,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item}: expected key=value, e.g. loss.gamma=1.0")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value

@@ -98,3 +98,30 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: tuple[str, ...] = ()):
+    """Rebuild the trained model a checkpoint (or run directory) holds.
+
+    Returns ``(model in eval mode, config, class_names, cat_ids)``; ``overrides`` (``key=value``)
+    change the stored config, e.g. ``model.inference.score_thresh=0.3`` or ``data.root=...``.
+    """
+    from retina.config import config_from_dict
+    from retina.model import build_model
+
+    path = Path(path)
+    if path.is_dir():
+        found = last_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoint in {path}")
+        path = found
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt:
+        raise CheckpointError(f"{path} holds no config; was it written by retina train?")
+    cfg = config_from_dict(ckpt["config"], overrides, source=str(path))
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit its config: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), cfg, list(ckpt.get("class_names", [])), list(ckpt.get("cat_ids", []))

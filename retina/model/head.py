@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -19,7 +21,8 @@ def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
     for _ in range(num_convs):
         layers.append(nn.Conv2d(channels, channels, 3, padding=1))
         if norm == "gn":
-            layers.append(nn.GroupNorm(min(32, channels), channels))
+            # 32 groups (GN paper); fewer when 32 does not divide the width, e.g. 48 -> 16
+            layers.append(nn.GroupNorm(math.gcd(32, channels), channels))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 

@@ -40,6 +40,12 @@ def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float
     return min(min_size / min(height, width), max_size / max(height, width))
 
 
+def _axis_scale(new_size: Sequence[int], old_size: Sequence[int]) -> Tensor:
+    """(4,) factors (sx, sy, sx, sy) that take XYXY boxes from ``old_size`` (h, w) to ``new_size``."""
+    sy, sx = new_size[0] / old_size[0], new_size[1] / old_size[1]
+    return torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
+
+
 class RetinaNet(nn.Module):
     def __init__(self, backbone: ResNetBackbone, fpn: FPN, head: RetinaHead,
                  anchor_generator: AnchorGenerator, assigner: TargetAssigner, loss: RetinaNetLoss,
@@ -94,7 +100,8 @@ class RetinaNet(nn.Module):
             scales.append(scale)
             if targets is not None:
                 t = dict(targets[i])
-                t["boxes"] = t["boxes"] * scale
+                # per-axis ratio of the rounded size, so box edges stay on the image edges
+                t["boxes"] = t["boxes"] * _axis_scale(img.shape[-2:], (h, w)).to(t["boxes"].device)
                 new_targets.append(t)
         d = spec.size_divisibility
         ph = int(math.ceil(max(s[0] for s in sizes) / d) * d)
@@ -110,7 +117,7 @@ class RetinaNet(nn.Module):
     def forward(self, images: Sequence[Tensor], targets: Optional[list[dict]] = None):
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
-        batch, sizes, scales, targets = self.preprocess(images, targets)
+        batch, sizes, _, targets = self.preprocess(images, targets)
         features = list(self.fpn(self.backbone(batch)).values())
         pred_logits, pred_deltas = self.head(features)  # (N, R, K), (N, R, 4)
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
@@ -120,9 +127,10 @@ class RetinaNet(nn.Module):
             return self.loss(pred_logits, pred_deltas, assigned)
         detections = self.postprocessor(pred_logits, pred_deltas, anchors,
                                         self.anchor_generator.num_anchors_per_level(feature_sizes), sizes)
-        for det, scale, img in zip(detections, scales, images):
+        for det, size, img in zip(detections, sizes, images):
             h, w = img.shape[-2:]
-            boxes = det["boxes"] / scale
+            # undo the resize per axis: the rounded size, not the nominal scale, maps the edges
+            boxes = det["boxes"] / _axis_scale(size, (h, w)).to(det["boxes"].device)
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
             det["boxes"] = boxes

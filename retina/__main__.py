@@ -1,0 +1,5 @@
+import sys
+
+from retina.cli import main
+
+sys.exit(main())

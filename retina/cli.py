@@ -1,0 +1,144 @@
+"""``retina`` command line: train, eval, predict, data. Thin: parse arguments, call the library.
+
+Every error a user can fix (config, missing file, bad checkpoint) is printed as one line
+``retina: error: ...`` with exit status 2; an interrupted run exits 128 + the signal number after
+saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "shapes.yaml"
+
+
+def find_config(name: str) -> Path:
+    """A path as given, else a file of the bundled ``configs/`` directory (``.yaml`` optional)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return path  # load_config reports it as missing
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: Optional[str]) -> None:
+    p.add_argument("--config", "-c", default=default,
+                   help=f"YAML config: a path or a name in configs/ (default: {default})")
+    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. loss.gamma=1.0 solver.max_iter=500")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retina", description="RetinaNet training and evaluation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a detector (default: the bundled shapes set)")
+    _add_config_args(p, DEFAULT_CONFIG)
+    p.add_argument("--out", "-o", help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+
+    p = sub.add_parser("eval", help="COCO evaluation of a checkpoint on the val split")
+    p.add_argument("weights", help="checkpoint file or run directory")
+    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides of the checkpoint's config, e.g. data.root=/data/coco")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", "-o", help="where detections.json and metrics.json go "
+                                       "(default: <run dir>/eval)")
+
+    p = sub.add_parser("predict", help="detect objects in image files; write drawn images + JSON")
+    p.add_argument("weights", help="checkpoint file or run directory")
+    p.add_argument("inputs", help="an image file or a directory of images")
+    p.add_argument("--out", "-o", default="predictions", help="output directory")
+    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("data", help="generate the bundled synthetic dataset")
+    p.add_argument("what", choices=["shapes"])
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from retina.config import load_config
+    from retina.engine.train import Trainer
+
+    config_path = find_config(args.config)
+    cfg = load_config(config_path, args.set)
+    out = Path(args.out) if args.out else Path("runs") / config_path.stem
+    Trainer(cfg, out, args.device, args.resume).train()
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from retina.data import build_dataset
+    from retina.engine.checkpoint import load_model
+    from retina.engine.evaluate import evaluate, format_metrics_table
+    from retina.engine.train import resolve_device
+
+    device = resolve_device(args.device)
+    model, cfg, _, _ = load_model(args.weights, device, tuple(args.set))
+    weights = Path(args.weights)
+    out = Path(args.out) if args.out else (weights if weights.is_dir() else weights.parent) / "eval"
+    dataset = build_dataset(cfg, "val")
+    metrics = evaluate(model, dataset, cfg.eval.batch_size, device, out_dir=out,
+                       progress=sys.stderr.isatty(), num_workers=cfg.data.num_workers)
+    print(format_metrics_table(metrics))
+    print(f"metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from retina.engine.checkpoint import load_model
+    from retina.engine.predict import list_images, predict_paths
+    from retina.engine.train import resolve_device
+
+    device = resolve_device(args.device)
+    model, cfg, class_names, cat_ids = load_model(args.weights, device)
+    paths = list_images(Path(args.inputs))
+    dets = predict_paths(model, paths, Path(args.out), class_names, cat_ids, device, args.score_thresh)
+    print(f"{len(dets)} detections in {len(paths)} images -> {Path(args.out) / 'detections.json'}")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from retina.config import load_config
+    from retina.data import ensure_shapes
+
+    cfg = load_config(find_config(args.config), args.set)
+    s = cfg.data.shapes
+    root = ensure_shapes(cfg.data.root, s.num_train, s.num_val, s.image_size, s.seed)
+    print(f"shapes dataset ready in {root}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from retina.config import ConfigError
+    from retina.engine.checkpoint import CheckpointError
+    from retina.engine.train import Interrupted, TrainingError
+    from retina.model.backbone import WeightsError
+
+    if os.environ.get("RETINA_DEBUG"):  # full tracebacks for developers
+        return {"train": _train, "eval": _eval, "predict": _predict, "data": _data}[args.command](args)
+    try:
+        return {"train": _train, "eval": _eval, "predict": _predict, "data": _data}[args.command](args)
+    except (ConfigError, CheckpointError, TrainingError, WeightsError, FileNotFoundError, ValueError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"retina: error: {message}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"retina: {e}", file=sys.stderr)
+        return 128 + e.signum
+
+
+if __name__ == "__main__":
+    sys.exit(main())

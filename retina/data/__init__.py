@@ -1,0 +1,55 @@
+"""Data: COCO-format datasets, training transforms and the bundled synthetic shapes set.
+
+``build_dataset(cfg, split)`` is the one place that reads the data config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from retina.config import Config
+from retina.data.coco import CocoDetection, collate
+from retina.data.shapes import ensure_shapes, generate_shapes
+from retina.data.transforms import build_transforms
+
+__all__ = [
+    "CocoDetection",
+    "build_dataset",
+    "build_transforms",
+    "collate",
+    "ensure_shapes",
+    "generate_shapes",
+]
+
+
+def dataset_paths(cfg: Config, split: Literal["train", "val"]) -> tuple[Path, Path]:
+    """(annotation file, image folder) of ``split``; the shapes set is generated when missing."""
+    data = cfg.data
+    root = Path(data.root)
+    if data.dataset == "shapes":
+        ensure_shapes(root, **dataclasses.asdict(data.shapes))
+        return root / "annotations" / f"instances_{split}.json", root / split
+    if data.dataset == "coco":
+        ann = root / (data.train_ann if split == "train" else data.val_ann)
+        images = root / (data.train_images if split == "train" else data.val_images)
+        for path, key in ((ann, f"{split}_ann"), (images, f"{split}_images")):
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{path} not found (data.root={data.root!r}, data.{key}); see data/README.md "
+                    "for the expected layout, or train on the bundled set with data.dataset=shapes"
+                )
+        return ann, images
+    raise ValueError(f"data.dataset={data.dataset!r} should be 'shapes' or 'coco'")
+
+
+def build_dataset(cfg: Config, split: Literal["train", "val"]) -> CocoDetection:
+    """The ``split`` dataset of ``cfg.data``, with training transforms when ``split == "train"``."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r} should be 'train' or 'val'")
+    ann_file, image_dir = dataset_paths(cfg, split)
+    inp = cfg.model.input
+    transforms = build_transforms(inp.min_size, inp.max_size, cfg.data.hflip_prob,
+                                  train=split == "train")  # fmt: skip
+    return CocoDetection(ann_file, image_dir, transforms)

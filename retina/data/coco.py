@@ -1,0 +1,162 @@
+"""``CocoDetection``: a COCO-format annotation file + image folder as a torch Dataset.
+
+This module owns the conversion from COCO json (``bbox`` [x, y, w, h], sparse category ids) to
+training targets (XYXY absolute pixels, contiguous labels 0..K-1), and which annotations are
+dropped: those whose box, clipped to the image, has no area or holds a non-finite number. Crowd
+annotations are kept and flagged (``iscrowd``) so the assigner can ignore anchors on them.
+
+The annotations are converted once, at construction, for all images together; ``__getitem__``
+only slices them and decodes the image.
+
+Shape legend: M ground-truth boxes of one image, K classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch import Tensor
+from torch.utils.data import Dataset
+
+Target = dict[str, Any]
+Transform = Callable[[Tensor, Target], tuple[Tensor, Target]]
+
+
+def _load_json(ann_file: Path) -> dict:
+    try:
+        data = json.loads(ann_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{ann_file}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{ann_file}: top level should be a COCO object with 'images'")
+    return data
+
+
+class CocoDetection(Dataset):
+    """Images and targets of one COCO annotation file.
+
+    Attributes:
+        coco: the pycocotools ``COCO`` index (ground truth for evaluation).
+        ids: sorted image ids; images without annotations are kept (valid negatives).
+        cat_ids: K sorted category ids; label ``k`` is category ``cat_ids[k]``.
+        class_names: K names, in ``cat_ids`` order.
+        num_classes: K.
+        num_degenerate: annotations dropped (no area after clipping, or non-finite numbers).
+
+    ``dataset[i]`` is ``(image, target)``: image uint8 (3, H, W) RGB; target ``boxes`` float32
+    (M, 4) XYXY pixels clipped to the image, ``labels`` int64 (M,) in 0..K-1, ``iscrowd`` bool
+    (M,), ``image_id`` int, ``orig_size`` (H, W) before any transform.
+    """
+
+    def __init__(self, ann_file: str | Path, image_dir: str | Path,
+                 transforms: Optional[Transform] = None) -> None:  # fmt: skip
+        ann_file, image_dir = Path(ann_file), Path(image_dir)
+        if not ann_file.is_file():
+            raise FileNotFoundError(f"annotation file not found: {ann_file}")
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"image directory not found: {image_dir}")
+        data = _load_json(ann_file)
+        self.ann_file, self.image_dir, self.transforms = ann_file, image_dir, transforms
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco.createIndex()
+        self.ids: list[int] = sorted(self.coco.imgs)
+        self.cat_ids: list[int] = sorted(self.coco.cats)
+        self.class_names: list[str] = [str(self.coco.cats[c].get("name", c)) for c in self.cat_ids]
+        self.num_classes = len(self.cat_ids)
+        self._convert_annotations()
+
+    def _convert_annotations(self) -> None:
+        """All annotations at once -> per-image slices of kept boxes, labels and crowd flags."""
+        anns = [a for i in self.ids for a in self.coco.imgToAnns.get(i, [])]  # grouped by image
+        cat_index = {c: k for k, c in enumerate(self.cat_ids)}
+        for a in anns:
+            if a.get("category_id") not in cat_index:
+                raise ValueError(
+                    f"{self.ann_file}: annotation {a.get('id')} has category_id "
+                    f"{a.get('category_id')!r}, not among the categories {self.cat_ids}"
+                )
+        try:
+            sizes = np.array([(self.coco.imgs[i]["height"], self.coco.imgs[i]["width"])
+                              for i in self.ids], dtype=np.float64).reshape(len(self.ids), 2)
+            xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(len(anns), 4)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{self.ann_file}: every image needs height/width and every "
+                             f"annotation a 4-number bbox ({type(e).__name__}: {e})") from None
+        counts = np.array([len(self.coco.imgToAnns.get(i, [])) for i in self.ids], dtype=np.int64)
+        image_of_ann = np.repeat(np.arange(len(self.ids)), counts)  # (A,) row into sizes
+
+        # Finiteness is tested before clipping, which would turn an infinite width into W.
+        finite = np.isfinite(xywh).all(axis=1)  # (A,)
+        xywh = np.where(finite[:, None], xywh, 0.0)
+        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # (A, 4)
+        hw = sizes[image_of_ann]  # (A, 2)
+        limits = np.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], axis=1)  # (A, 4) W, H, W, H
+        xyxy = np.clip(xyxy, 0, limits)
+        keep = finite & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        self.num_degenerate = int((~keep).sum())
+
+        labels = np.array([cat_index[a["category_id"]] for a in anns], dtype=np.int64)  # (A,)
+        iscrowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)  # (A,)
+        self._boxes = torch.from_numpy(xyxy[keep].astype(np.float32))  # (A', 4), image by image
+        self._labels = torch.from_numpy(labels[keep])  # (A',)
+        self._iscrowd = torch.from_numpy(iscrowd[keep])  # (A',)
+        # Numpy, not lists: forked DataLoader workers then share these pages instead of copying
+        # them as Python refcounts change.
+        kept_per_image = np.bincount(image_of_ann[keep], minlength=len(self.ids))  # (N,)
+        self._offsets = np.concatenate([[0], np.cumsum(kept_per_image)])  # (N + 1,)
+        self._sizes = sizes.astype(np.int64)  # (N, 2) H, W
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, index: int) -> Path:
+        return self.image_dir / self.coco.imgs[self.ids[index]]["file_name"]
+
+    def _load_image(self, index: int) -> Tensor:
+        path = self.image_path(index)
+        # PIL, not torchvision.io (its decoders are deprecated since torchvision 0.29). convert:
+        # grayscale, palette, RGBA (alpha dropped) and CMYK all become RGB.
+        try:
+            with Image.open(path) as pil_image:
+                hwc = np.asarray(pil_image.convert("RGB"))  # (H, W, 3) uint8
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RuntimeError(f"cannot read image {path}: {reason}") from e
+        # numpy makes the CHW copy: single-threaded, no intra-op thread pool for a tiny copy.
+        image = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))  # (3, H, W)
+        height, width = (int(v) for v in self._sizes[index])
+        if tuple(image.shape[-2:]) != (height, width):
+            raise RuntimeError(f"image {path} is {image.shape[-2]}x{image.shape[-1]} but "
+                               f"{self.ann_file} says {height}x{width} (HxW)")  # fmt: skip
+        return image
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        image = self._load_image(index)
+        lo, hi = int(self._offsets[index]), int(self._offsets[index + 1])
+        height, width = (int(v) for v in self._sizes[index])
+        target: Target = {
+            "boxes": self._boxes[lo:hi].clone(),  # (M, 4)
+            "labels": self._labels[lo:hi].clone(),  # (M,)
+            "iscrowd": self._iscrowd[lo:hi].clone(),  # (M,)
+            "image_id": self.ids[index],
+            "orig_size": (height, width),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def collate(batch: list[tuple[Tensor, Target]]) -> tuple[list[Tensor], list[Target]]:
+    """N (image, target) pairs -> (N images, N targets); images differ in size, so no stacking."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)

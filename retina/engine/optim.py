@@ -1,0 +1,55 @@
+"""Optimizer and learning-rate schedule from ``SolverConfig``: the one place that reads it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from retina.config import SolverConfig
+
+_NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SyncBatchNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv and linear weights only; none on norm layers and biases
+    (detectron2's WEIGHT_DECAY_NORM = 0 and torchvision's norm_weight_decay = 0)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if isinstance(module, _NORM_TYPES) or name == "bias":
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: SolverConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    elif cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise AssertionError(cfg.optimizer)  # Literal: validated by the config loader
+
+
+def lr_factor(cfg: SolverConfig, iteration: int) -> float:
+    """Multiplier of ``cfg.lr`` at ``iteration``: linear warmup, then step decay or cosine."""
+    if cfg.schedule == "step":
+        factor = cfg.gamma ** sum(iteration >= s for s in cfg.steps)  # lr / 10 at 60k, 80k (Sec. 4.1)
+    else:
+        factor = 0.5 * (1 + math.cos(math.pi * min(iteration, cfg.max_iter) / cfg.max_iter))
+    if iteration < cfg.warmup_iters:
+        alpha = iteration / cfg.warmup_iters
+        factor *= cfg.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_scheduler(cfg: SolverConfig, optimizer: torch.optim.Optimizer
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per iteration; its state (last_epoch) is the iteration count."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))

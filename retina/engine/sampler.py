@@ -1,0 +1,57 @@
+"""A resumable, seeded stream of training samples.
+
+Sample ``p`` of the run (counted over all ranks) is image ``perm_e[p % size]`` of epoch
+``e = p // size``, where ``perm_e`` is a permutation seeded by (seed, e), and its augmentation is
+drawn from a torch RNG seeded by (seed, p). Rank ``r`` of ``W`` takes positions ``p % W == r``, so
+the global batch ``i`` is positions ``[i * B, (i + 1) * B)`` whatever ``W`` is. Resuming at
+iteration ``i`` restarts the stream at ``i * B``: same images, same flips, same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
+
+
+def sample_seed(seed: int, position: int) -> int:
+    return (seed * _MIX + position) % (2**63 - 1)
+
+
+class TrainSampler(Sampler):
+    """Infinite stream of ``(index, sample_seed)`` for one rank, starting at global ``start``."""
+
+    def __init__(self, size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if size <= 0:
+            raise ValueError("the training set is empty")
+        self.size, self.seed, self.start = size, seed, start
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.start + (self.rank - self.start) % self.world_size  # first p >= start on this rank
+        while True:
+            epoch = position // self.size
+            g = torch.Generator().manual_seed(sample_seed(self.seed, epoch))
+            perm = torch.randperm(self.size, generator=g).tolist()
+            while position // self.size == epoch:
+                yield perm[position % self.size], sample_seed(self.seed + 1, position)
+                position += self.world_size
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so item ``(index, seed)`` is drawn with the torch RNG seeded by ``seed``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]

@@ -1,0 +1,75 @@
+"""The command line: every user error is one line on stderr with exit status 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from retina.cli import find_config, main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("retina: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_default_config_is_bundled():
+    assert find_config("shapes.yaml").name == "shapes.yaml"
+    assert find_config("shapes").is_file()
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("loss.gama=1", ["loss.gama", "did you mean 'gamma'"]),
+    ("loss.gamma=abc", ["loss.gamma", "float"]),
+    ("loss.type=hinge", ["loss.type", "'focal'"]),
+    ("loss.gamma=-1", ["loss.gamma", ">= 0"]),
+    ("solver", ["expected key=value"]),
+])
+def test_train_config_errors(capsys, tmp_path, override, fragments):
+    code, err = run_cli(capsys, "train", "--set", override, "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert_one_line_error(err, *fragments)
+    assert not (tmp_path / "run").exists()  # nothing written for a refused config
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--config", str(tmp_path / "nope.yaml"))
+    assert code == 2
+    assert_one_line_error(err, "nope.yaml", "not found")
+
+
+def test_yaml_syntax_error_names_file_and_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("solver:\n  lr: 0.1\n  steps: [1, 2\n")
+    code, err = run_cli(capsys, "train", "--config", str(bad))
+    assert code == 2
+    assert_one_line_error(err, "bad.yaml", "line")
+
+
+def test_missing_coco_dataset_names_path(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--config", "retinanet_r50_fpn_1x_coco",
+                        "--set", f"data.root={tmp_path}/coco", "model.backbone.weights=null",
+                        "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert_one_line_error(err, str(tmp_path / "coco"))
+
+
+def test_eval_missing_checkpoint(capsys, tmp_path):
+    code, err = run_cli(capsys, "eval", str(tmp_path / "model_final.pth"))
+    assert code == 2
+    assert_one_line_error(err, "model_final.pth", "not found")
+
+
+def test_eval_corrupt_checkpoint(capsys, tmp_path):
+    path = tmp_path / "model_final.pth"
+    path.write_bytes(b"not a checkpoint")
+    code, err = run_cli(capsys, "eval", str(path))
+    assert code == 2
+    assert_one_line_error(err, "model_final.pth")

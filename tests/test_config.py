@@ -1,0 +1,181 @@
+"""Tests for retina.config: base files, dotted overrides, type/choice/range errors (one line each),
+YAML errors, missing files, round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from retina.config import (Config, ConfigError, config_from_dict, config_to_dict, dump_config,
+                           load_config, replace)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def config_error(*args, **kwargs) -> str:
+    """The message of the ConfigError raised by load_config(*args); always one line."""
+    with pytest.raises(ConfigError) as info:
+        load_config(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.loss.gamma == 2.0 and cfg.loss.alpha == 0.25
+    assert cfg.model.anchors.scales == (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
+    assert cfg.model.box_coder.scale_clamp == math.log(1000.0 / 16)
+
+
+def test_base_file_and_overrides(tmp_path: Path):
+    write(tmp_path / "base.yaml", "model:\n  num_classes: 5\n  fpn:\n    channels: 64\nloss:\n  gamma: 1.5\n")
+    (tmp_path / "exp").mkdir()
+    child = write(tmp_path / "exp" / "child.yaml",
+                  "base: ../base.yaml\nmodel:\n  fpn:\n    min_level: 4\nloss:\n  alpha: 0.5\n")
+    cfg = load_config(child)
+    # the child's keys override the base's; sibling keys of the base survive the merge
+    assert cfg.model.num_classes == 5
+    assert cfg.model.fpn.channels == 64 and cfg.model.fpn.min_level == 4
+    assert cfg.loss.gamma == 1.5 and cfg.loss.alpha == 0.5
+    # overrides beat both files; values are YAML
+    cfg = load_config(child, ["loss.gamma=0", "loss.alpha=null", "model.input.min_size=[640,672]",
+                              "model.fpn.p6_from=p5", "model.matcher.allow_low_quality=false"])
+    assert cfg.loss.gamma == 0.0 and isinstance(cfg.loss.gamma, float)
+    assert cfg.loss.alpha is None
+    assert cfg.model.input.min_size == (640, 672)
+    assert cfg.model.fpn.p6_from == "p5"
+    assert cfg.model.matcher.allow_low_quality is False
+    assert cfg.model.num_classes == 5  # untouched
+
+
+def test_scalar_where_tuple_expected():
+    cfg = load_config(None, ["model.input.min_size=512"])
+    assert cfg.model.input.min_size == (512,)
+
+
+def test_yaml_1_1_pitfalls_in_overrides_and_files(tmp_path: Path):
+    # `off` must stay a string for a Literal choice; 1e-4 must be a float (PyYAML's YAML 1.1
+    # rules read them as False and as the string '1e-4')
+    cfg = load_config(None, ["train.amp=off", "solver.weight_decay=1e-4", "solver.lr=2E-3"])
+    assert cfg.train.amp == "off"
+    assert cfg.solver.weight_decay == 1e-4 and cfg.solver.lr == 2e-3
+    path = write(tmp_path / "c.yaml", "train:\n  amp: off\nsolver:\n  weight_decay: 5e-5\n  lr: .02\n")
+    cfg = load_config(path)
+    assert cfg.train.amp == "off" and cfg.solver.weight_decay == 5e-5 and cfg.solver.lr == 0.02
+
+
+def test_unknown_key_did_you_mean(tmp_path: Path):
+    msg = config_error(None, ["loss.gama=1"])
+    assert "unknown key 'loss.gama'" in msg and "did you mean 'gamma'" in msg
+    path = write(tmp_path / "c.yaml", "modle:\n  num_classes: 3\n")
+    msg = config_error(path)
+    assert str(path) in msg and "unknown key 'modle'" in msg and "did you mean 'model'" in msg
+    msg = config_error(None, ["model.fpn.chanels=3"])
+    assert "model.fpn.chanels" in msg and "did you mean 'channels'" in msg
+
+
+def test_wrong_type():
+    msg = config_error(None, ["model.num_classes=three"])
+    assert "model.num_classes='three'" in msg and "should be int" in msg
+    msg = config_error(None, ["model.num_classes=2.5"])
+    assert "should be int" in msg
+    msg = config_error(None, ["model.matcher.allow_low_quality=1"])
+    assert "should be bool" in msg
+    msg = config_error(None, ["model.box_coder.weights=[1,2,3]"])
+    assert "should have 4 values" in msg
+    msg = config_error(None, ["model=3"])
+    assert "model should be a mapping" in msg
+
+
+def test_literal_choice():
+    msg = config_error(None, ["loss.type=focall"])
+    assert "loss.type='focall'" in msg and "should be one of ['focal', 'ce']" in msg
+    msg = config_error(None, ["model.backbone.depth=42"])
+    assert "should be one of [18, 34, 50, 101]" in msg
+    assert load_config(None, ["model.backbone.depth=18"]).model.backbone.depth == 18
+    # equal is not enough: 50.0 and true are not valid depths
+    assert "should be one of" in config_error(None, ["model.backbone.depth=50.0"])
+    assert "should be one of" in config_error(None, ["model.backbone.depth=true"])
+
+
+def test_range_errors():
+    msg = config_error(None, ["loss.gamma=-1"])
+    assert "loss.gamma=-1.0" in msg and "must be >= 0" in msg
+    assert "must be in [0, 1]" in config_error(None, ["loss.alpha=1.5"])
+    assert "model.fpn.max_level" in config_error(None, ["model.fpn.max_level=2"])
+    assert "model.anchors.sizes" in config_error(None, ["model.anchors.sizes=[32, 64]"])
+    assert "model.matcher.bg_iou_thresh" in config_error(None, ["model.matcher.bg_iou_thresh=0.6"])
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path):
+    path = write(tmp_path / "bad.yaml", "loss:\n  gamma: 1.0\n  alpha: [0.25\nmodel:\n  num_classes: 3\n")
+    msg = config_error(path)
+    assert str(path) in msg and "YAML syntax error" in msg
+    assert "line " in msg
+    line = int(msg.split("line ")[1].split()[0])
+    assert 3 <= line <= 5  # the unclosed bracket opens on line 3; the parser notices by line 5
+
+
+def test_bad_override_syntax():
+    msg = config_error(None, ["loss.gamma"])
+    assert "expected key=value" in msg
+
+
+def test_missing_file_and_missing_base(tmp_path: Path):
+    msg = config_error(tmp_path / "nope.yaml")
+    assert "nope.yaml" in msg and "not found" in msg
+    child = write(tmp_path / "child.yaml", "base: gone.yaml\nloss:\n  gamma: 1.0\n")
+    msg = config_error(child)
+    assert str(child) in msg and "base file 'gone.yaml' not found" in msg
+
+
+def test_base_cycle_is_a_config_error(tmp_path: Path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    assert "base" in config_error(tmp_path / "a.yaml")
+
+
+def test_top_level_not_mapping(tmp_path: Path):
+    assert "mapping" in config_error(write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+    assert load_config(write(tmp_path / "empty.yaml", "")) == Config()
+
+
+def test_round_trip(tmp_path: Path):
+    cfg = load_config(None, ["loss.alpha=null", "model.input.min_size=[640,672]", "train.amp=bf16",
+                             "model.backbone.weights=ResNet50_Weights.IMAGENET1K_V1"])
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    dump_config(cfg, tmp_path / "dump.yaml")
+    assert load_config(tmp_path / "dump.yaml") == cfg
+    off = load_config(None, ["train.amp=off"])
+    dump_config(off, tmp_path / "off.yaml")
+    assert load_config(tmp_path / "off.yaml") == off
+
+
+def test_frozen_and_replace():
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.loss.gamma = 1.0  # type: ignore[misc]
+    new = replace(cfg, model=dataclasses.replace(cfg.model, num_classes=3))
+    assert new.model.num_classes == 3 and cfg.model.num_classes == 80
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        replace(cfg, model=dataclasses.replace(cfg.model, num_classes=0))
+
+
+def test_every_error_is_one_line(tmp_path: Path):
+    bad = [
+        (None, ["loss.gama=1"]), (None, ["loss.gamma=x"]), (None, ["loss.type=x"]),
+        (None, ["loss.gamma=-1"]), (None, ["nope"]), (None, ["model.fpn=1"]),
+        (None, ["model.input.min_size={a: 1}"]), (None, ["loss.gamma=[1,\n2]"]),
+        (write(tmp_path / "x.yaml", "a: [\n"), []), (tmp_path / "missing.yaml", []),
+        (write(tmp_path / "s.yaml", 'data:\n  root: {"x\\ny": 1}\n'), []),
+    ]
+    for path, overrides in bad:
+        config_error(path, overrides)  # asserts no newline

@@ -1,0 +1,274 @@
+"""Tests for retina.losses: sigmoid focal loss (hand values, BCE laws, torchvision parity, dtypes)
+and RetinaNetLoss normalisation (batch, image, ema), ignored anchors, empty images, ce type."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from retina.assigner import AssignedTargets
+from retina.losses import RetinaNetLoss, box_regression_loss, sigmoid_focal_loss
+
+LOG2 = math.log(2.0)
+K = 2
+
+
+# ------------------------------------------------------------------------- sigmoid_focal_loss
+@pytest.mark.parametrize(
+    "logit, target, alpha, gamma, expected",
+    [
+        # p = sigmoid(0) = 0.5, p_t = 0.5, -log p_t = log 2, (1 - p_t)^2 = 0.25, alpha_t = 0.25
+        (0.0, 1.0, 0.25, 2.0, 0.25 * 0.25 * LOG2),
+        # target 0: alpha_t = 1 - 0.25 = 0.75
+        (0.0, 0.0, 0.25, 2.0, 0.75 * 0.25 * LOG2),
+        # p = sigmoid(log 3) = 3 / 4; target 1: p_t = 3/4, (1/4)^2 = 1/16, -log(3/4)
+        (math.log(3.0), 1.0, 0.25, 2.0, 0.25 / 16 * math.log(4 / 3)),
+        # target 0: p_t = 1/4, (3/4)^2 = 9/16, -log(1/4) = log 4, alpha_t = 0.75
+        (math.log(3.0), 0.0, 0.25, 2.0, 0.75 * 9 / 16 * math.log(4.0)),
+        # alpha None: no weighting; gamma 1: (1 - p_t)^1 = 1/4
+        (math.log(3.0), 1.0, None, 1.0, 0.25 * math.log(4 / 3)),
+        # gamma 0, alpha None: BCE = log 2 at p = 0.5
+        (0.0, 1.0, None, 0.0, LOG2),
+    ],
+)
+def test_focal_hand_values(logit, target, alpha, gamma, expected):
+    out = sigmoid_focal_loss(torch.tensor([logit]), torch.tensor([target]), alpha, gamma)
+    assert_close(out, torch.tensor([expected]))
+
+
+def test_focal_large_logits_finite():
+    x = torch.tensor([100.0, -100.0, 100.0, -100.0])
+    t = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    out = sigmoid_focal_loss(x, t)
+    # right and confident: ~0; wrong and confident: -log p_t = 100, (1 - p_t)^2 = 1,
+    # times alpha_t 0.75 (target 0) or 0.25 (target 1)
+    assert_close(out, torch.tensor([0.0, 0.0, 75.0, 25.0]))
+    for dtype in (torch.float16, torch.bfloat16):
+        xr = x.to(dtype).requires_grad_()
+        loss = sigmoid_focal_loss(xr, t, reduction="sum")
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert torch.isfinite(xr.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_focal_low_precision_logits_give_fp32(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, generator=g) * 4).to(dtype)
+    t = (torch.rand(64, generator=g) < 0.3).to(dtype)
+    out = sigmoid_focal_loss(x, t)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    # same as computing the (already rounded) inputs in fp32
+    assert_close(out, sigmoid_focal_loss(x.float(), t.float()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_focal_matches_torchvision(reduction):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 7, generator=g) * 3
+    t = (torch.rand(5, 7, generator=g) < 0.4).float()
+    for alpha, gamma in [(0.25, 2.0), (0.5, 0.0), (0.75, 1.5)]:
+        ours = sigmoid_focal_loss(x, t, alpha, gamma, reduction)
+        ref = torchvision.ops.sigmoid_focal_loss(x, t, alpha, gamma, reduction)
+        assert_close(ours, ref)
+    # alpha None == torchvision's alpha < 0 (no weighting)
+    assert_close(sigmoid_focal_loss(x, t, None, 2.0, reduction),
+                 torchvision.ops.sigmoid_focal_loss(x, t, -1, 2.0, reduction))
+
+
+def test_focal_bad_reduction():
+    with pytest.raises(ValueError, match="reduction"):
+        sigmoid_focal_loss(torch.zeros(1), torch.zeros(1), reduction="avg")
+
+
+logits_st = st.lists(st.floats(-30, 30, allow_nan=False, width=32), min_size=1, max_size=16)
+
+
+@settings(max_examples=50, deadline=None)
+@given(logits=logits_st, data=st.data())
+def test_focal_gamma0_no_alpha_is_bce(logits, data):
+    x = torch.tensor(logits)
+    t = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=len(logits),
+                                        max_size=len(logits))))
+    assert_close(sigmoid_focal_loss(x, t, alpha=None, gamma=0.0),
+                 F.binary_cross_entropy_with_logits(x, t, reduction="none"))
+
+
+@settings(max_examples=50, deadline=None)
+@given(logits=logits_st, data=st.data(), alpha=st.floats(0.0, 1.0), gamma=st.floats(0.0, 5.0))
+def test_focal_ratio_to_bce(logits, data, alpha, gamma):
+    # FL = alpha_t (1 - p_t)^gamma * BCE, with the factor computed independently in fp64
+    x = torch.tensor(logits)
+    t = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=len(logits),
+                                        max_size=len(logits))))
+    p = torch.sigmoid(x.double())
+    p_t = torch.where(t == 1, p, 1 - p)
+    alpha_t = torch.where(t == 1, alpha, 1 - alpha)
+    bce = F.binary_cross_entropy_with_logits(x.double(), t.double(), reduction="none")
+    expected = (alpha_t * (1 - p_t) ** gamma * bce).float()
+    assert_close(sigmoid_focal_loss(x, t, alpha, gamma), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_box_regression_loss_hand_values():
+    pred, target = torch.tensor([0.05, 0.0, 0.2, -0.2]), torch.zeros(4)
+    # smooth L1, beta 0.1: |x| < beta -> 0.5 x^2 / beta = 0.5 * 0.0025 / 0.1 = 0.0125;
+    # else |x| - beta / 2 = 0.2 - 0.05 = 0.15
+    assert_close(box_regression_loss(pred, target, "smooth_l1", 0.1),
+                 torch.tensor([0.0125, 0.0, 0.15, 0.15]))
+    assert_close(box_regression_loss(pred, target, "l1", 0.1), torch.tensor([0.05, 0.0, 0.2, 0.2]))
+    # beta 0 is L1
+    assert_close(box_regression_loss(pred, target, "smooth_l1", 0.0), torch.tensor([0.05, 0.0, 0.2, 0.2]))
+
+
+# ------------------------------------------------------------------------------ RetinaNetLoss
+def assigned(labels, classes, deltas=None):
+    labels = torch.tensor(labels, dtype=torch.int8)
+    classes = torch.tensor(classes, dtype=torch.int64)
+    n, r = labels.shape
+    deltas = torch.zeros(n, r, 4) if deltas is None else torch.tensor(deltas)
+    return AssignedTargets(labels, classes, deltas, torch.zeros(n, r, 4))
+
+
+# image 0: anchor 0 fg class 1, anchor 1 background, anchor 2 ignored
+IMG0 = ([1, 0, -1], [1, K, K])
+# image 1: anchors 0, 1 fg (classes 0, 1), anchor 2 background
+IMG1 = ([1, 1, 0], [0, 1, K])
+# With logits 0 and focal (alpha .25, gamma 2): a target-1 entry costs 0.25 * 0.25 * log 2
+# = log2 / 16, a target-0 entry 0.75 * 0.25 * log 2 = 3 log2 / 16. Per anchor (K = 2):
+# fg = 1/16 + 3/16 = 4/16 log 2; bg = 6/16 log 2. Image 0: 4/16 + 6/16 = 10/16 log 2 (1 positive);
+# image 1: 4/16 + 4/16 + 6/16 = 14/16 log 2 (2 positives).
+SUM0, SUM1 = 10 / 16 * LOG2, 14 / 16 * LOG2
+
+
+def batch(*imgs):
+    return assigned([i[0] for i in imgs], [i[1] for i in imgs])
+
+
+def test_loss_single_image_hand_values():
+    loss = RetinaNetLoss(K)
+    logits = torch.zeros(1, 3, K)
+    # deltas: anchor 0 (fg) -> smooth L1 (beta 0.1) 0.0125 + 0 + 0.15 + 0.15 = 0.3125;
+    # anchors 1 and 2 are not fg: their junk deltas must not count
+    deltas = torch.tensor([[[0.05, 0.0, 0.2, -0.2], [5.0, 5.0, 5.0, 5.0], [-9.0, 9.0, 9.0, 9.0]]])
+    out = loss(logits, deltas, batch(IMG0))
+    assert_close(out["loss_cls"], torch.tensor(SUM0))  # / num_pos = 1
+    assert_close(out["loss_box"], torch.tensor(0.3125))
+    assert_close(loss.last_num_pos, torch.tensor(1.0))
+    # box_weight scales the box loss; l1 replaces smooth L1: 0.05 + 0.2 + 0.2 = 0.45
+    out = RetinaNetLoss(K, box_weight=2.0)(logits, deltas, batch(IMG0))
+    assert_close(out["loss_box"], torch.tensor(2 * 0.3125))
+    out = RetinaNetLoss(K, box_loss="l1")(logits, deltas, batch(IMG0))
+    assert_close(out["loss_box"], torch.tensor(0.45))
+
+
+def test_ignored_anchor_contributes_nothing():
+    loss = RetinaNetLoss(K)
+    logits = torch.zeros(1, 3, K)
+    logits[0, 2] = torch.tensor([40.0, -40.0])  # ignored anchor: would cost a lot
+    logits.requires_grad_()
+    out = loss(logits, torch.zeros(1, 3, 4), batch(IMG0))
+    assert_close(out["loss_cls"], torch.tensor(SUM0))
+    out["loss_cls"].backward()
+    assert torch.equal(logits.grad[0, 2], torch.zeros(K))
+    assert (logits.grad[0, :2] != 0).all()
+
+
+def test_batch_normalizer_is_sum_over_total_positives():
+    out = RetinaNetLoss(K)(torch.zeros(2, 3, K), torch.zeros(2, 3, 4), batch(IMG0, IMG1))
+    # (10/16 + 14/16) log 2 / (1 + 2) = log 2 / 2
+    assert_close(out["loss_cls"], torch.tensor((SUM0 + SUM1) / 3))
+    assert_close(out["loss_cls"], torch.tensor(LOG2 / 2))
+
+
+def test_batched_equals_per_image_sums():
+    g = torch.Generator().manual_seed(0)
+    logits, deltas = torch.randn(2, 3, K, generator=g), torch.randn(2, 3, 4, generator=g)
+    targets = batch(IMG0, IMG1)
+    targets.box_deltas = torch.randn(2, 3, 4, generator=g)
+    loss = RetinaNetLoss(K)
+    whole = loss(logits, deltas, targets)
+    pos = [1.0, 2.0]
+    sums = {"loss_cls": 0.0, "loss_box": 0.0}
+    for i in range(2):
+        one = AssignedTargets(targets.labels[i:i + 1], targets.classes[i:i + 1],
+                              targets.box_deltas[i:i + 1], targets.matched_boxes[i:i + 1])
+        out = loss(logits[i:i + 1], deltas[i:i + 1], one)
+        for k in sums:
+            sums[k] = sums[k] + out[k] * pos[i]  # per-image sum = normalised loss * its positives
+    for k in sums:
+        assert_close(whole[k], sums[k] / sum(pos))
+
+
+def test_image_normalizer_means_per_image_losses():
+    out = RetinaNetLoss(K, normalizer="image")(torch.zeros(2, 3, K), torch.zeros(2, 3, 4),
+                                               batch(IMG0, IMG1))
+    # mean(10/16 / 1, 14/16 / 2) = (10/16 + 7/16) / 2 = 17/32 log 2
+    assert_close(out["loss_cls"], torch.tensor(17 / 32 * LOG2))
+
+
+@pytest.mark.parametrize("normalizer", ["batch", "image", "ema"])
+def test_image_without_gt(normalizer):
+    no_gt = ([0, 0, 0], [K, K, K])
+    deltas = torch.full((1, 3, 4), 3.0, requires_grad=True)
+    loss = RetinaNetLoss(K, normalizer=normalizer)
+    out = loss(torch.zeros(1, 3, K), deltas, batch(no_gt))
+    # no positives: normaliser clamped at 1 (ema: 0.9 * 100 + 0.1 * 0 = 90); 3 bg anchors cost
+    # 3 * 6/16 log 2 = 18/16 log 2
+    norm = 90.0 if normalizer == "ema" else 1.0
+    assert_close(out["loss_cls"], torch.tensor(18 / 16 * LOG2 / norm))
+    assert torch.equal(out["loss_box"], torch.tensor(0.0))
+    out["loss_box"].backward()
+    assert torch.equal(deltas.grad, torch.zeros(1, 3, 4))
+    # mixed batch: the empty image adds its background loss, not positives
+    out = RetinaNetLoss(K)(torch.zeros(2, 3, K), torch.zeros(2, 3, 4), batch(IMG0, no_gt))
+    assert_close(out["loss_cls"], torch.tensor((SUM0 + 18 / 16 * LOG2) / 1))
+
+
+def test_ema_normalizer_buffer_update():
+    loss = RetinaNetLoss(K, normalizer="ema", ema_momentum=0.9)
+    assert_close(loss.num_pos_ema, torch.tensor(100.0))
+    targets = batch(IMG0, IMG1)  # 3 positives
+    out = loss(torch.zeros(2, 3, K), torch.zeros(2, 3, 4), targets)
+    # 0.9 * 100 + 0.1 * 3 = 90.3
+    assert_close(loss.num_pos_ema, torch.tensor(90.3))
+    assert_close(out["loss_cls"], torch.tensor((SUM0 + SUM1) / 90.3))
+    loss(torch.zeros(2, 3, K), torch.zeros(2, 3, 4), targets)
+    # 0.9 * 90.3 + 0.1 * 3 = 81.57
+    assert_close(loss.num_pos_ema, torch.tensor(81.57))
+    loss.eval()  # no update in eval; the running value is used
+    out = loss(torch.zeros(2, 3, K), torch.zeros(2, 3, 4), targets)
+    assert_close(loss.num_pos_ema, torch.tensor(81.57))
+    assert_close(out["loss_cls"], torch.tensor((SUM0 + SUM1) / 81.57))
+    assert "num_pos_ema" in loss.state_dict()
+
+
+def test_ce_type_is_alpha_balanced_bce_gamma_ignored():
+    logits = torch.zeros(1, 3, K)
+    # gamma is ignored for "ce": each entry costs alpha_t * log 2 at p = 0.5.
+    # fg anchor: 0.25 + 0.75 = 1 log 2; bg anchor: 0.75 + 0.75 = 1.5 log 2 -> 2.5 log 2 / 1
+    for gamma in (0.0, 2.0, 5.0):
+        out = RetinaNetLoss(K, type="ce", gamma=gamma)(logits, torch.zeros(1, 3, 4), batch(IMG0))
+        assert_close(out["loss_cls"], torch.tensor(2.5 * LOG2))
+    # alpha None: plain BCE, 2 anchors * 2 classes * log 2
+    out = RetinaNetLoss(K, type="ce", alpha=None)(logits, torch.zeros(1, 3, 4), batch(IMG0))
+    assert_close(out["loss_cls"], torch.tensor(4 * LOG2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loss_low_precision_inputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 3, K, generator=g) * 50).to(dtype)
+    deltas = torch.randn(2, 3, 4, generator=g).to(dtype)
+    out = RetinaNetLoss(K)(logits, deltas, batch(IMG0, IMG1))
+    ref = RetinaNetLoss(K)(logits.float(), deltas.float(), batch(IMG0, IMG1))
+    for k in ("loss_cls", "loss_box"):
+        assert out[k].dtype == torch.float32 and torch.isfinite(out[k])
+        assert_close(out[k], ref[k])

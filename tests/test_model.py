@@ -1,0 +1,174 @@
+"""Tests for retina.model: build_model on a tiny config, training losses and gradients, eval
+detections in original-image coordinates, head layout and init, FPN variants, preprocessing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from retina.config import load_config
+from retina.model import build_model
+from retina.model.head import RetinaHead, to_n_hwa_c
+
+TINY = ["model.backbone.depth=18", "model.fpn.channels=32", "model.head.num_convs=1",
+        "model.input.min_size=[64]", "model.num_classes=3"]
+K, A = 3, 9  # classes; anchors per cell (3 scales x 3 ratios)
+
+
+def tiny_model(*overrides: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(load_config(None, TINY + list(overrides)))
+
+
+def images_and_targets():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 40, 50, generator=g),  # upscaled: shorter side 40 -> 64
+              torch.rand(3, 100, 70, generator=g)]  # downscaled: shorter side 70 -> 64
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 35.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0], [0.0, 0.0, 20.0, 20.0]]),
+                "labels": torch.tensor([0, 1])}]
+    return images, targets
+
+
+def test_training_forward_and_backward():
+    model = tiny_model().train()
+    images, targets = images_and_targets()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_cls", "loss_box"}
+    for v in losses.values():
+        assert v.dim() == 0 and torch.isfinite(v)
+    assert losses["loss_box"] > 0  # positives exist
+    (losses["loss_cls"] + losses["loss_box"]).backward()
+    for name, p in [("head.cls_logits.weight", model.head.cls_logits.weight),
+                    ("head.box_deltas.weight", model.head.box_deltas.weight),
+                    ("backbone.stem.0.weight", model.backbone.stem[0].weight),
+                    ("fpn.lateral.0.weight", model.fpn.lateral[0].weight)]:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_training_requires_targets():
+    with pytest.raises(ValueError, match="targets"):
+        tiny_model().train()([torch.rand(3, 32, 32)])
+
+
+def test_image_without_boxes_in_training_batch():
+    model = tiny_model().train()
+    images, targets = images_and_targets()
+    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    # a batch with no boxes at all: box loss exactly 0, classification finite
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 2
+    losses = model(images[:1], empty[:1])
+    assert torch.isfinite(losses["loss_cls"])
+    assert torch.equal(losses["loss_box"], torch.tensor(0.0))
+
+
+def test_eval_boxes_in_original_image_coordinates():
+    # score_thresh 0 keeps every candidate, so the big (clipped) anchors reach the image edges
+    model = tiny_model("model.inference.score_thresh=0.0", "model.inference.detections_per_image=300").eval()
+    images, _ = images_and_targets()
+    with torch.no_grad():
+        dets = model(images)
+    assert len(dets) == 2
+    for det, img in zip(dets, images):
+        h, w = img.shape[-2:]
+        d = det["boxes"].shape[0]
+        assert d > 0 and det["boxes"].shape == (d, 4)
+        assert det["scores"].shape == (d,) and det["labels"].shape == (d,)
+        assert det["labels"].dtype == torch.int64 and det["labels"].max() < K
+        b = det["boxes"]
+        assert (b >= 0).all() and (b[:, 0::2] <= w).all() and (b[:, 1::2] <= h).all()
+        assert (b[:, 2] >= b[:, 0]).all() and (b[:, 3] >= b[:, 1]).all()
+        # clipped at the original image's edge, not the resized (64 x 80, 91 x 64) or padded one
+        assert_close(b[:, 2].max(), torch.tensor(float(w)))
+        assert_close(b[:, 3].max(), torch.tensor(float(h)))
+
+
+def test_class_bias_prior_and_head_channels():
+    model = tiny_model()
+    # pi = 0.01: bias = -log((1 - 0.01) / 0.01) = -log 99
+    assert_close(model.head.cls_logits.bias, torch.full((K * A,), -math.log(99.0)))
+    assert model.head.cls_logits.out_channels == K * A  # 3 * 9 = 27
+    assert model.head.box_deltas.out_channels == 4 * A  # 36
+    assert torch.equal(model.head.box_deltas.bias, torch.zeros(4 * A))
+    # prior_prob 0: bias 0
+    assert torch.equal(tiny_model("model.head.prior_prob=0").head.cls_logits.bias, torch.zeros(K * A))
+
+
+def test_head_output_matches_anchor_count():
+    model = tiny_model().eval()
+    batch = torch.zeros(2, 3, 128, 192)
+    with torch.no_grad():
+        feats = list(model.fpn(model.backbone(batch)).values())
+        logits, deltas = model.head(feats)
+    sizes = [tuple(f.shape[-2:]) for f in feats]
+    # P3..P7, strides 8..128: (16, 24), (8, 12), (4, 6), (2, 3), (1, 2)
+    assert sizes == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+    r = (16 * 24 + 8 * 12 + 4 * 6 + 2 * 3 + 1 * 2) * A  # sum H * W * A = 512 * 9
+    assert logits.shape == (2, r, K) and deltas.shape == (2, r, 4)
+    assert model.anchor_generator(sizes, torch.device("cpu")).shape == (r, 4)
+
+
+def test_to_n_hwa_c_order():
+    # (N=1, A*C = 2*2, H=1, W=2): channel a*C + c at (h, w) -> row (h*W + w)*A + a, column c
+    x = torch.arange(8.0).view(1, 4, 1, 2)  # value = channel * 2 + w
+    out = to_n_hwa_c(x, 2)
+    # rows: (w0,a0): channels 0,1 -> 0, 2; (w0,a1): channels 2,3 -> 4, 6; then w1: +1
+    assert torch.equal(out, torch.tensor([[[0.0, 2.0], [4.0, 6.0], [1.0, 3.0], [5.0, 7.0]]]))
+
+
+def test_p6_from_c5_or_p5():
+    # paper: P6 from C5 (ResNet-18 C5 has 512 channels; trained in the tests above);
+    # torchvision v1: P6 from P5 (fpn.channels = 32)
+    assert tiny_model("model.fpn.p6_from=c5").fpn.extra[0].in_channels == 512
+    model = tiny_model("model.fpn.p6_from=p5").train()
+    assert model.fpn.extra[0].in_channels == 32
+    images, targets = images_and_targets()
+    losses = model(images[:1], targets[:1])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_preprocess_resizes_boxes_and_pads():
+    model = tiny_model().eval()
+    img = torch.full((3, 40, 50), 0.5)
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 20.0, 25.0]]), "labels": torch.tensor([1])}]
+    batch, sizes, scales, new_targets = model.preprocess([img], targets)
+    # eval size min_size[-1] = 64: scale = 64 / 40 = 1.6 -> (64, 80), padded to 128 (P7 stride)
+    assert batch.shape == (1, 3, 128, 128)
+    assert sizes == [(64, 80)] and scales == [pytest.approx(1.6)]
+    assert_close(new_targets[0]["boxes"], torch.tensor([[16.0, 16.0, 32.0, 40.0]]))
+    # downscale 100 x 70 by 64 / 70 -> round(91.43) = 91 rows, 64 columns: boxes follow the
+    # rounded size per axis (x * 64 / 70, y * 91 / 100), so the image's corner box fills it
+    tall = [{"boxes": torch.tensor([[0.0, 0.0, 70.0, 100.0]]), "labels": torch.tensor([0])}]
+    _, sizes, _, new_targets = model.preprocess([torch.rand(3, 100, 70)], tall)
+    assert sizes == [(91, 64)]
+    assert_close(new_targets[0]["boxes"], torch.tensor([[0.0, 0.0, 64.0, 91.0]]))
+    # normalised: (0.5 - mean) / std inside the image, zeros in the padding
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    assert_close(batch[0, :, 10, 10], (0.5 - mean) / std)
+    assert torch.equal(batch[0, :, 64:, :], torch.zeros(3, 64, 128))
+    assert torch.equal(batch[0, :, :, 80:], torch.zeros(3, 128, 48))
+
+
+def test_bf16_autocast_training_step():
+    model = tiny_model().train()
+    images, targets = images_and_targets()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    for v in losses.values():
+        assert v.dtype == torch.float32 and torch.isfinite(v)
+
+
+@pytest.mark.parametrize("channels", [32, 48])
+def test_head_group_norm_any_width(channels):
+    # GroupNorm needs groups | channels: 32 groups for 32, gcd(32, 48) = 16 for 48
+    head = RetinaHead(channels, num_anchors=2, num_classes=K, num_convs=1, norm="gn")
+    gn = head.cls_tower[1]
+    assert isinstance(gn, torch.nn.GroupNorm) and gn.num_groups == {32: 32, 48: 16}[channels]
+    logits, deltas = head([torch.rand(1, channels, 3, 4), torch.rand(1, channels, 2, 2)])
+    # R = (3 * 4 + 2 * 2) * 2 = 32
+    assert logits.shape == (1, 32, K) and deltas.shape == (1, 32, 4)
