@@ -36,6 +36,26 @@ def _add_config_args(p: argparse.ArgumentParser, default: Optional[str]) -> None
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
 
 
+def _add_weights_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", "-w", required=True, help="checkpoint file or run directory")
+    p.add_argument("--config", "-c", help="config to use instead of the one the checkpoint holds")
+    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. data.root=/data/coco model.inference.score_thresh=0.1")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+
+
+def _load(args: argparse.Namespace):
+    """(model, cfg, class_names, cat_ids) from --weights, with --config / --set applied."""
+    from retina.config import load_config
+    from retina.engine.checkpoint import load_model
+    from retina.engine.train import resolve_device
+
+    device = resolve_device(args.device)
+    cfg = load_config(find_config(args.config), args.set) if args.config else None
+    model, cfg, class_names, cat_ids = load_model(args.weights, device, tuple(args.set), cfg)
+    return model, cfg, class_names, cat_ids, device
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retina", description="RetinaNet training and evaluation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,24 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
 
     p = sub.add_parser("eval", help="COCO evaluation of a checkpoint on the val split")
-    p.add_argument("weights", help="checkpoint file or run directory")
-    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="overrides of the checkpoint's config, e.g. data.root=/data/coco")
-    p.add_argument("--device", default="auto")
+    _add_weights_args(p)
     p.add_argument("--out", "-o", help="where detections.json and metrics.json go "
                                        "(default: <run dir>/eval)")
 
     p = sub.add_parser("predict", help="detect objects in image files; write drawn images + JSON")
-    p.add_argument("weights", help="checkpoint file or run directory")
-    p.add_argument("inputs", help="an image file or a directory of images")
+    _add_weights_args(p)
+    p.add_argument("--input", "-i", required=True, help="an image file or a directory of images")
     p.add_argument("--out", "-o", default="predictions", help="output directory")
     p.add_argument("--score-thresh", type=float, default=0.3)
-    p.add_argument("--device", default="auto")
 
     p = sub.add_parser("data", help="generate the bundled synthetic dataset")
     p.add_argument("what", choices=["shapes"])
-    p.add_argument("--config", "-c", default=DEFAULT_CONFIG)
-    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", "-o", default="data/shapes", help="dataset directory")
+    p.add_argument("--train", type=int, default=2000, help="number of training images")
+    p.add_argument("--val", type=int, default=200, help="number of validation images")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -80,12 +99,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from retina.data import build_dataset
-    from retina.engine.checkpoint import load_model
     from retina.engine.evaluate import evaluate, format_metrics_table
-    from retina.engine.train import resolve_device
 
-    device = resolve_device(args.device)
-    model, cfg, _, _ = load_model(args.weights, device, tuple(args.set))
+    model, cfg, _, _, device = _load(args)
     weights = Path(args.weights)
     out = Path(args.out) if args.out else (weights if weights.is_dir() else weights.parent) / "eval"
     dataset = build_dataset(cfg, "val")
@@ -97,25 +113,20 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from retina.engine.checkpoint import load_model
     from retina.engine.predict import list_images, predict_paths
-    from retina.engine.train import resolve_device
 
-    device = resolve_device(args.device)
-    model, cfg, class_names, cat_ids = load_model(args.weights, device)
-    paths = list_images(Path(args.inputs))
-    dets = predict_paths(model, paths, Path(args.out), class_names, cat_ids, device, args.score_thresh)
-    print(f"{len(dets)} detections in {len(paths)} images -> {Path(args.out) / 'detections.json'}")
+    model, _, class_names, cat_ids, device = _load(args)
+    paths = list_images(Path(args.input))
+    out = Path(args.out)
+    dets = predict_paths(model, paths, out, class_names, cat_ids, device, args.score_thresh)
+    print(f"{len(dets)} detections in {len(paths)} images -> {out / 'detections.json'}")
     return 0
 
 
 def _data(args: argparse.Namespace) -> int:
-    from retina.config import load_config
     from retina.data import ensure_shapes
 
-    cfg = load_config(find_config(args.config), args.set)
-    s = cfg.data.shapes
-    root = ensure_shapes(cfg.data.root, s.num_train, s.num_val, s.image_size, s.seed)
+    root = ensure_shapes(args.out, args.train, args.val, args.size, args.seed)
     print(f"shapes dataset ready in {root}")
     return 0
 

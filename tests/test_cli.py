@@ -62,7 +62,7 @@ def test_missing_coco_dataset_names_path(capsys, tmp_path):
 
 
 def test_eval_missing_checkpoint(capsys, tmp_path):
-    code, err = run_cli(capsys, "eval", str(tmp_path / "model_final.pth"))
+    code, err = run_cli(capsys, "eval", "--weights", str(tmp_path / "model_final.pth"))
     assert code == 2
     assert_one_line_error(err, "model_final.pth", "not found")
 
@@ -70,6 +70,6 @@ def test_eval_missing_checkpoint(capsys, tmp_path):
 def test_eval_corrupt_checkpoint(capsys, tmp_path):
     path = tmp_path / "model_final.pth"
     path.write_bytes(b"not a checkpoint")
-    code, err = run_cli(capsys, "eval", str(path))
+    code, err = run_cli(capsys, "eval", "--weights", str(path))
     assert code == 2
     assert_one_line_error(err, "model_final.pth")

@@ -291,7 +291,7 @@ def test_shape_masks_by_hand():
 
 def test_tiny_shapes_is_valid_coco(tiny_shapes):
     meta = json.loads((tiny_shapes / "meta.json").read_text())
-    assert meta == {"num_train": 16, "num_val": 8, "image_size": 64, "seed": 0, "version": 1}
+    assert meta == {"num_train": 16, "num_val": 8, "image_size": 64, "seed": 0, "version": shapes_module.VERSION}
     ds = CocoDetection(tiny_shapes / "annotations" / "instances_train.json", tiny_shapes / "train")
     assert len(ds) == 16 and ds.cat_ids == [1, 2, 3]
     assert ds.class_names == ["square", "circle", "triangle"] and ds.num_degenerate == 0
@@ -299,17 +299,20 @@ def test_tiny_shapes_is_valid_coco(tiny_shapes):
     assert len(val) == 8
     for image_id in ds.ids:
         anns = ds.coco.imgToAnns[image_id]
-        assert 1 <= len(anns) <= 4
+        assert 0 <= len(anns) <= 4
         for a in anns:
             x, y, w, h = a["bbox"]
-            assert 1 <= w <= round(0.45 * 64) and 1 <= h <= round(0.45 * 64)  # side <= 29 px
+            assert 1 <= w <= round(0.8 * 64) and 1 <= h <= round(0.8 * 64)  # side <= 51 px
             assert 0 <= x and x + w <= 64 and 0 <= y and y + h <= 64
             assert 0 < a["area"] <= w * h and a["iscrowd"] == 0
 
 
 def test_shapes_boxes_are_tight(tiny_shapes):
     ds = CocoDetection(tiny_shapes / "annotations" / "instances_train.json", tiny_shapes / "train")
-    noise = shapes_module.NOISE
+    # Background pixels stay within TEXTURE + NOISE of the base colour (so within
+    # 2 * TEXTURE + NOISE = 44 of the background's median); object pixels are >= MIN_CONTRAST (80)
+    # from the base colour, so >= 80 - NOISE - TEXTURE = 56 from that median.
+    limit = 2 * shapes_module.TEXTURE + shapes_module.NOISE
     for i in range(len(ds)):
         image, target = ds[i]
         pixels = image.permute(1, 2, 0).to(torch.int64)  # (64, 64, 3)
@@ -317,14 +320,29 @@ def test_shapes_boxes_are_tight(tiny_shapes):
         for x1, y1, x2, y2 in target["boxes"].to(torch.int64).tolist():
             inside[y1:y2, x1:x2] = True
         background = pixels[~inside].median(dim=0).values  # (3,)
-        differs = (pixels - background).abs().float().mean(-1) > 2 * noise  # (64, 64)
-        # Outside every box there is only background (noise is at most +-NOISE per channel) ...
+        differs = (pixels - background).abs().float().mean(-1) > limit  # (64, 64)
+        # Outside every box there is only background ...
         assert not bool(differs[~inside].any())
         # ... and each box's outermost rows and columns hold a non-background pixel.
         for x1, y1, x2, y2 in target["boxes"].to(torch.int64).tolist():
             edges = [differs[y1, x1:x2], differs[y2 - 1, x1:x2], differs[y1:y2, x1],
                      differs[y1:y2, x2 - 1]]  # fmt: skip
             assert all(bool(e.any()) for e in edges)
+
+
+def test_shapes_sizes_and_empty_images():
+    rng = np.random.default_rng(0)
+    counts, sides = [], []
+    for _ in range(300):
+        _, objects = shapes_module.draw_image(rng, 128)
+        counts.append(len(objects))
+        sides += [max(o["bbox"][2:]) for o in objects]
+    # 5% of 300 images are drawn empty: 15 expected; binomial sd = sqrt(300 * .05 * .95) = 3.8
+    assert 5 <= counts.count(0) <= 27
+    assert max(counts) == 4
+    # sides are log-uniform in [10, 0.8 * 128 = 102.4] px (a triangle's tight box can be a px less)
+    assert 9 <= min(sides) <= 12 and 90 <= max(sides) <= 103
+    assert shapes_module.side_range(128) == (10.0, 102.4) and shapes_module.side_range(512) == (10.0, 120.0)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -343,7 +361,9 @@ def test_shapes_deterministic_and_independent_of_count(tmp_path):
         data = json.loads(files["annotations/instances_train.json"])
         return [x for x in data["annotations"] if x["image_id"] == image_id]
 
-    assert anns_of(_files(more), 3) == anns_of(a, 3) != []
+    for image_id in (1, 2, 3):
+        assert anns_of(_files(more), image_id) == anns_of(a, image_id)
+    assert sum(len(anns_of(a, i)) for i in (1, 2, 3)) > 0
     other = generate_shapes(tmp_path / "d", num_train=3, num_val=1, image_size=32, seed=2)
     assert (other / "train" / "000000.png").read_bytes() != a["train/000000.png"]
 

@@ -49,7 +49,8 @@ class CocoDetection(Dataset):
         cat_ids: K sorted category ids; label ``k`` is category ``cat_ids[k]``.
         class_names: K names, in ``cat_ids`` order.
         num_classes: K.
-        num_degenerate: annotations dropped (no area after clipping, or non-finite numbers).
+        num_degenerate: annotations dropped (under 1 px wide or high after clipping, or
+            non-finite numbers).
 
     ``dataset[i]`` is ``(image, target)``: image uint8 (3, H, W) RGB; target ``boxes`` float32
     (M, 4) XYXY pixels clipped to the image, ``labels`` int64 (M,) in 0..K-1, ``iscrowd`` bool
@@ -102,7 +103,8 @@ class CocoDetection(Dataset):
         hw = sizes[image_of_ann]  # (A, 2)
         limits = np.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], axis=1)  # (A, 4) W, H, W, H
         xyxy = np.clip(xyxy, 0, limits)
-        keep = finite & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        # Boxes under a pixel wide or high after clipping carry no signal (and no anchor IoU).
+        keep = finite & (xyxy[:, 2] - xyxy[:, 0] >= 1) & (xyxy[:, 3] - xyxy[:, 1] >= 1)
         self.num_degenerate = int((~keep).sum())
 
         labels = np.array([cat_index[a["category_id"]] for a in anns], dtype=np.int64)  # (A,)

@@ -11,7 +11,11 @@ runs anywhere. Layout written by ``generate_shapes(out_dir, ...)``::
 
 Every image is drawn from its own RNG seeded by (seed, split, index), so image k of a split is the
 same whatever ``num_train`` / ``num_val`` are. Boxes are the tight box of each object's visible
-pixels (exact, from the mask), COCO ``[x, y, w, h]`` in pixel-edge coordinates.
+pixels (exact, from the mask), COCO ``[x, y, w, h]`` in pixel-edge coordinates. Images are PNG,
+not JPEG: lossless, so no compression ringing blurs the edges those exact boxes are measured on.
+
+Each image: a smooth textured background, 0-4 objects (about 5% of images are empty), sides
+log-uniform from 10 to min(120, 0.8 x image_size) px, overlaps allowed up to box IoU 0.2.
 
 Shape legend: M objects of one image.
 """
@@ -29,16 +33,20 @@ import numpy as np
 from PIL import Image
 
 CLASS_NAMES = ("square", "circle", "triangle")  # category ids 1, 2, 3
-VERSION = 1  # bump when the drawing changes, so an old set on disk is refused, not reused
+VERSION = 2  # bump when the drawing changes, so an old set on disk is refused, not reused
 SPLITS: dict[str, int] = {"train": 0, "val": 1}  # split code mixed into each image's seed
 
 MAX_OBJECTS = 4
-SIDE_RANGE = (0.12, 0.45)  # object side / image_size
+EMPTY_FRACTION = 0.05  # images with no object: all-negative examples, as COCO has
+SIDE_PX = (10.0, 120.0)  # object side in pixels, log-uniform (more small objects, as in COCO) ...
+MAX_SIDE_FRACTION = 0.8  # ... and at most this fraction of the image
 MAX_IOU = 0.2  # a placement overlapping an earlier box more than this is retried
 MAX_OCCLUSION = 0.25  # nor may it hide more than this fraction of an earlier object's pixels
 PLACEMENT_TRIES = 10
-MIN_CONTRAST = 60  # per-channel mean |object - background| colour difference
+MIN_CONTRAST = 80  # per-channel mean |object - background| colour difference
 NOISE = 4  # per-pixel noise in [-NOISE, NOISE], added to the whole image
+TEXTURE = 20  # smooth background texture: colour blobs of amplitude <= TEXTURE per channel
+TEXTURE_GRID = 5  # the texture is bilinearly upsampled from a TEXTURE_GRID^2 random grid
 
 
 # --------------------------------------------------------------------------------- drawing
@@ -70,6 +78,21 @@ def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / (area + areas - inter)
 
 
+def side_range(size: int) -> tuple[float, float]:
+    """(min, max) object side in pixels for an image of ``size`` pixels."""
+    high = min(SIDE_PX[1], MAX_SIDE_FRACTION * size)
+    return min(SIDE_PX[0], high), high
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) smooth colour variation in [-TEXTURE, TEXTURE]: a coarse random grid
+    upsampled bilinearly (separable: rows and columns by the same interpolation matrix)."""
+    grid = rng.uniform(-TEXTURE, TEXTURE, size=(TEXTURE_GRID, TEXTURE_GRID, 3))
+    t = np.linspace(0, TEXTURE_GRID - 1, size)  # pixel -> grid coordinate
+    weights = np.maximum(0, 1 - np.abs(t[:, None] - np.arange(TEXTURE_GRID)[None, :]))  # (size, G)
+    return np.einsum("yi,ijc,xj->yxc", weights, grid, weights)
+
+
 def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
     for _ in range(20):
         colour = rng.integers(0, 256, size=3)
@@ -84,8 +107,9 @@ def draw_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[di
 
     Returns:
         (size, size, 3) uint8 image and M objects ``{"category_id", "bbox": [x, y, w, h],
-        "area"}`` (area: visible pixel count), M in 1..4; a placement that fails all its tries is
-        dropped, so an image can (rarely) hold fewer objects than drawn.
+        "area"}`` (area: visible pixel count), M in 0..4 (0 in about EMPTY_FRACTION of images);
+        a placement that fails all its tries is dropped, so an image can (rarely) hold fewer
+        objects than drawn. Objects may overlap (box IoU <= MAX_IOU).
     """
     background = rng.integers(0, 256, size=3)
     owner = np.full((size, size), -1, dtype=np.int64)  # index of the object that owns a pixel
@@ -93,11 +117,13 @@ def draw_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[di
     colours: list[np.ndarray] = []
     full_pixels: list[int] = []  # pixels of each object's own mask
     boxes = np.zeros((0, 4))  # (M, 4) placement squares, XYXY
-    for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
+    num_objects = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
+    low, high = side_range(size)
+    for _ in range(num_objects):
         kind = int(rng.integers(0, len(CLASS_NAMES)))
         colour = _contrasting_colour(rng, background)
         for _ in range(PLACEMENT_TRIES):
-            side = max(2, round(float(rng.uniform(*SIDE_RANGE)) * size))
+            side = max(2, round(float(np.exp(rng.uniform(np.log(low), np.log(high))))))
             x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
             box = np.array([x0, y0, x0 + side, y0 + side], dtype=np.float64)
             if len(boxes) and _box_iou(box, boxes).max() > MAX_IOU:
@@ -117,7 +143,8 @@ def draw_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[di
 
     palette = np.stack([*colours, background])  # (M + 1, 3); owner -1 picks the background
     noise = rng.integers(-NOISE, NOISE + 1, size=(size, size, 3))
-    image = np.clip(palette[owner] + noise, 0, 255).astype(np.uint8)  # (size, size, 3)
+    texture = np.where((owner < 0)[..., None], _texture(rng, size), 0)  # background only
+    image = np.clip(palette[owner] + texture + noise, 0, 255).astype(np.uint8)  # (size, size, 3)
     objects = []
     for k, kind in enumerate(kinds):
         visible = owner == k

@@ -1,5 +1,8 @@
 """Training augmentation: random horizontal flip and multi-scale resize, boxes moved to match.
 
+Built on torchvision.transforms.v2: boxes travel as ``tv_tensors.BoundingBoxes`` so every
+geometric op moves them with the pixels.
+
 Evaluation uses no transform: the model resizes at inference and maps boxes back to the original
 image, whose size each target keeps in ``orig_size``. Randomness comes from torch's global RNG,
 so ``torch.manual_seed`` (and the DataLoader's per-worker seeding) makes it reproducible.
@@ -13,19 +16,22 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
 
 Target = dict[str, Any]
 Transform = Callable[[Tensor, Target], tuple[Tensor, Target]]
 
 
+def _boxes(image: Tensor, target: Target) -> tv_tensors.BoundingBoxes:
+    return tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=tuple(image.shape[-2:]))
+
+
 def hflip(image: Tensor, target: Target) -> tuple[Tensor, Target]:
     """Mirror a (3, H, W) image and its XYXY boxes: x1' = W - x2, x2' = W - x1."""
-    width = image.shape[-1]
-    boxes = target["boxes"]  # (M, 4)
-    flipped = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
-    return image.flip(-1), {**target, "boxes": flipped}
+    boxes = TF.horizontal_flip(_boxes(image, target))  # (M, 4)
+    return TF.horizontal_flip(image), {**target, "boxes": boxes.as_subclass(Tensor)}
 
 
 def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
@@ -37,17 +43,16 @@ def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float
 
 
 def resize(image: Tensor, target: Target, min_size: int, max_size: int) -> tuple[Tensor, Target]:
-    """Resize a uint8 (3, H, W) image (bilinear) to ``resize_scale``; boxes scaled by the same
-    factor. A scale within 1e-3 of 1 leaves both untouched."""
+    """Resize a uint8 (3, H, W) image (bilinear) by ``resize_scale``, rounded to whole pixels;
+    boxes scaled by the same per-axis factors. A scale within 1e-3 of 1 leaves both untouched."""
     height, width = image.shape[-2:]
     scale = resize_scale(height, width, min_size, max_size)
     if abs(scale - 1) < 1e-3:
         return image, target
-    size = (round(height * scale), round(width * scale))
-    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False,
-                            antialias=False)[0]  # fmt: skip
-    image = resized.round_().clamp_(0, 255).to(torch.uint8)  # (3, H', W')
-    return image, {**target, "boxes": target["boxes"] * scale}
+    size = [round(height * scale), round(width * scale)]
+    boxes = TF.resize(_boxes(image, target), size)  # scaled per axis by new / old size
+    image = TF.resize(image, size, antialias=False)  # (3, H', W') uint8, bilinear
+    return image, {**target, "boxes": boxes.as_subclass(Tensor)}
 
 
 @dataclass(frozen=True)

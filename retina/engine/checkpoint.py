@@ -100,13 +100,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: tuple[str, ...] = ()):
+def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: tuple[str, ...] = (),
+               cfg=None):
     """Rebuild the trained model a checkpoint (or run directory) holds.
 
-    Returns ``(model in eval mode, config, class_names, cat_ids)``; ``overrides`` (``key=value``)
-    change the stored config, e.g. ``model.inference.score_thresh=0.3`` or ``data.root=...``.
+    Returns ``(model in eval mode, config, class_names, cat_ids)``. The config is the one stored
+    in the checkpoint with ``overrides`` (``key=value``, e.g. ``data.root=...``) applied, or
+    ``cfg`` when given (its ``model.num_classes`` is taken from the checkpoint's classes).
     """
-    from retina.config import config_from_dict
+    from retina.config import config_from_dict, config_to_dict
     from retina.model import build_model
 
     path = Path(path)
@@ -118,7 +120,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: 
     ckpt = load_checkpoint(path)
     if "config" not in ckpt:
         raise CheckpointError(f"{path} holds no config; was it written by retina train?")
-    cfg = config_from_dict(ckpt["config"], overrides, source=str(path))
+    if cfg is None:
+        cfg = config_from_dict(ckpt["config"], overrides, source=str(path))
+    elif ckpt.get("class_names"):
+        cfg = config_from_dict({**config_to_dict(cfg), "model": {
+            **config_to_dict(cfg)["model"], "num_classes": len(ckpt["class_names"])}}, source=str(path))
     model = build_model(cfg)
     try:
         model.load_state_dict(ckpt["model"])

@@ -176,6 +176,9 @@ class Trainer:
         if self.world_size > 1:
             model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
         model.train()
+        ds = self.train_set
+        self.logger.write(f"train set: {len(ds)} images, {ds.num_classes} classes, "
+                          f"{ds.num_degenerate} degenerate boxes dropped (under 1 px or not finite)")
         self.logger.write(f"training {cfg.solver.max_iter - self.iteration} iterations from "
                           f"{self.iteration} on {self.device} x{self.world_size}; run dir {self.run_dir}")
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
