@@ -135,6 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from retina.config import ConfigError
     from retina.engine.checkpoint import CheckpointError
+    from retina.engine.preflight import PreflightError
     from retina.engine.train import Interrupted, TrainingError
     from retina.model.backbone import WeightsError
 
@@ -142,7 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return {"train": _train, "eval": _eval, "predict": _predict, "data": _data}[args.command](args)
     try:
         return {"train": _train, "eval": _eval, "predict": _predict, "data": _data}[args.command](args)
-    except (ConfigError, CheckpointError, TrainingError, WeightsError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, TrainingError, PreflightError, WeightsError,
+            FileNotFoundError, ValueError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"retina: error: {message}", file=sys.stderr)
         return 2

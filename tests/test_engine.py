@@ -92,3 +92,24 @@ def test_seeded_dataset_is_reproducible_and_leaves_global_rng():
     torch.testing.assert_close(a, b)
     assert not torch.equal(a, c)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_sampler_aspect_groups_make_single_orientation_batches():
+    # 7 landscape (group 1) and 5 portrait (group 0) images, global batch 2: each epoch holds
+    # 3 landscape + 2 portrait batches = 10 samples; one image of each group waits.
+    groups = [1] * 7 + [0] * 5
+    sampler = TrainSampler(12, seed=0, groups=groups, batch_size=2)
+    assert sampler.epoch_length == 3 * 2 + 2 * 2
+    stream = [i for i, _ in itertools.islice(iter(sampler), 40)]
+    for b in range(0, 40, 2):
+        assert groups[stream[b]] == groups[stream[b + 1]]
+    epoch0 = stream[:10]
+    assert len(set(epoch0)) == 10  # no image twice within an epoch
+    resumed = [i for i, _ in itertools.islice(iter(TrainSampler(12, 0, start=14, groups=groups,
+                                                                batch_size=2)), 6)]
+    assert resumed == stream[14:20]
+
+
+def test_sampler_groups_smaller_than_a_batch_fall_back_to_no_grouping():
+    sampler = TrainSampler(3, seed=0, groups=[0, 1, 0], batch_size=4)
+    assert sampler.epoch_length == 3 and sampler.groups is None

@@ -34,3 +34,28 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place sum/max over ranks (a no-op in a single process); returns ``x``."""
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return x
+
+
+def gather_to_main(obj):
+    """Every rank's ``obj`` as a list on rank 0 (``None`` elsewhere); ``[obj]`` in one process."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if is_main_process() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -73,6 +73,11 @@ class TrainLogger:
             self.jsonl.write(json.dumps({"iter": iteration, **scalars}) + "\n")
             self.jsonl.flush()
 
+    def add_image(self, tag: str, image, iteration: int) -> None:
+        """A uint8 (3, H, W) image in TensorBoard."""
+        if self.enabled:
+            self.writer.add_image(tag, image, iteration)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -5,11 +5,16 @@ Sample ``p`` of the run (counted over all ranks) is image ``perm_e[p % size]`` o
 drawn from a torch RNG seeded by (seed, p). Rank ``r`` of ``W`` takes positions ``p % W == r``, so
 the global batch ``i`` is positions ``[i * B, (i + 1) * B)`` whatever ``W`` is. Resuming at
 iteration ``i`` restarts the stream at ``i * B``: same images, same flips, same order.
+
+With aspect-ratio groups (landscape / portrait, as detectron2 and torchvision group them), each
+epoch's permutation is cut into global batches of one group only, dropping each group's last
+incomplete batch (different images each epoch), and the batches are shuffled: every padded
+batch then holds images of one orientation, which saves padding.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -22,22 +27,48 @@ def sample_seed(seed: int, position: int) -> int:
 
 
 class TrainSampler(Sampler):
-    """Infinite stream of ``(index, sample_seed)`` for one rank, starting at global ``start``."""
+    """Infinite stream of ``(index, sample_seed)`` for one rank, starting at global ``start``.
 
-    def __init__(self, size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    ``groups`` (one id per image) with ``batch_size`` (the global batch B) turns on grouping.
+    """
+
+    def __init__(self, size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
+                 groups: Optional[Sequence[int]] = None, batch_size: int = 1) -> None:
         if size <= 0:
             raise ValueError("the training set is empty")
         self.size, self.seed, self.start = size, seed, start
         self.rank, self.world_size = rank, world_size
+        self.groups = torch.as_tensor(list(groups)) if groups is not None else None
+        self.batch_size = batch_size
+        if self.groups is not None:
+            counts = torch.bincount(self.groups)
+            self.epoch_length = int((counts // batch_size * batch_size).sum())
+            if self.epoch_length == 0:  # every group smaller than one batch: no grouping
+                self.groups = None
+        if self.groups is None:
+            self.epoch_length = size
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The image indices of ``epoch``, ``epoch_length`` of them."""
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch))
+        perm = torch.randperm(self.size, generator=g)
+        if self.groups is None:
+            return perm.tolist()
+        batches = []
+        for group in torch.unique(self.groups).tolist():
+            members = perm[self.groups[perm] == group]  # this group's images in epoch order
+            usable = len(members) // self.batch_size * self.batch_size
+            batches += list(members[:usable].view(-1, self.batch_size))
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return torch.cat([batches[i] for i in order]).tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         position = self.start + (self.rank - self.start) % self.world_size  # first p >= start on this rank
         while True:
-            epoch = position // self.size
-            g = torch.Generator().manual_seed(sample_seed(self.seed, epoch))
-            perm = torch.randperm(self.size, generator=g).tolist()
-            while position // self.size == epoch:
-                yield perm[position % self.size], sample_seed(self.seed + 1, position)
+            epoch = position // self.epoch_length
+            order = self.epoch_order(epoch)
+            while position // self.epoch_length == epoch:
+                yield order[position % self.epoch_length], sample_seed(self.seed + 1, position)
                 position += self.world_size
 
 

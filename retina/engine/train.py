@@ -1,9 +1,10 @@
 """The training loop: data stream -> model -> loss -> optimizer, with checkpoints that hold every
-state (model, optimizer, schedule, grad scaler, iteration, RNG, config, classes), so a run resumed
-from any checkpoint continues the same stream of batches (``sampler.py``).
+state (model, optimizer, schedule, grad scaler, iteration, RNG, config, classes, best AP), so a
+run resumed from any checkpoint continues the same stream of batches (``sampler.py``).
 
-Slots for scale-out are built in: ``cfg.train.amp`` picks the autocast dtype (fp16 adds a
-GradScaler), and under ``torchrun`` the model is wrapped in DDP with one process per device.
+``cfg.train.amp`` picks the autocast dtype (fp16 adds a GradScaler); under ``torchrun`` the model
+is wrapped in DDP, one process per device, and every decision to stop is reduced over ranks so
+all stop together. One host sync per step checks that the loss and gradient norm are finite.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import dataclasses
 import math
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,7 +29,9 @@ from retina.engine.checkpoint import (atomic_save, last_checkpoint, load_checkpo
                                       prune_checkpoints, rng_state, set_rng_state)
 from retina.engine.logger import TrainLogger, format_seconds
 from retina.engine.optim import build_optimizer, build_scheduler
+from retina.engine.preflight import check_run_dir, worker_error_line
 from retina.engine.sampler import SeededDataset, TrainSampler
+from retina.engine.validation import Validator
 from retina.model import build_model
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,8 +78,7 @@ class Trainer:
             raise TrainingError(f"solver.batch_size={cfg.solver.batch_size} is not divisible by the "
                                 f"{self.world_size} processes")
         self.checkpoint_path = self._checkpoint_to_resume(resume)
-        if self.checkpoint_path is not None:  # the run's own config wins over the file's
-            ckpt = load_checkpoint(self.checkpoint_path)
+        ckpt = load_checkpoint(self.checkpoint_path) if self.checkpoint_path is not None else None
         seed_everything(cfg.train.seed + self.rank)
 
         if self.main:  # rank 0 generates the bundled dataset while the others wait
@@ -94,12 +95,15 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.solver, self.model)
         self.scheduler = build_scheduler(cfg.solver, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
-        self.iteration = 0
-        if self.checkpoint_path is not None:
+        self.iteration, self.best_ap, self.skipped = 0, -1.0, 0
+        if ckpt is not None:
             self._restore(ckpt)
+        if self.main:
+            check_run_dir(self.run_dir, self.model, self.optimizer)
         self.logger = TrainLogger(self.run_dir, self.iteration, cfg.solver.max_iter,
                                   enabled=self.main, echo=not quiet)
         self.stop_signal: Optional[int] = None
+        self._validator: Optional[Validator] = None
 
     # ------------------------------------------------------------------------- checkpoints
     def _checkpoint_to_resume(self, resume: bool) -> Optional[Path]:
@@ -119,6 +123,8 @@ class Trainer:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrainingError(f"{self.checkpoint_path} does not fit this config: {first}") from None
         self.iteration = int(ckpt["iteration"])
+        self.best_ap = float(ckpt.get("best_ap", -1.0))
+        self.skipped = int(ckpt.get("skipped_steps", 0))
         set_rng_state(ckpt["rng"])
 
     def save(self, name: Optional[str] = None) -> Path:
@@ -129,6 +135,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "iteration": self.iteration, "rng": rng_state(), "config": config_to_dict(self.cfg),
                 "class_names": list(self.train_set.class_names), "cat_ids": list(self.train_set.cat_ids),
+                "best_ap": self.best_ap, "skipped_steps": self.skipped,
             }, path)
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         dist.barrier()
@@ -138,8 +145,12 @@ class Trainer:
     def _loader(self) -> DataLoader:
         cfg = self.cfg
         per_rank = cfg.solver.batch_size // self.world_size
+        groups = None
+        if cfg.data.aspect_grouping:
+            coco = self.train_set.coco
+            groups = [int(coco.imgs[i]["width"] >= coco.imgs[i]["height"]) for i in self.train_set.ids]
         sampler = TrainSampler(len(self.train_set), cfg.train.seed, self.iteration * cfg.solver.batch_size,
-                               self.rank, self.world_size)
+                               self.rank, self.world_size, groups, cfg.solver.batch_size)
         workers = cfg.data.num_workers
         return DataLoader(SeededDataset(self.train_set), batch_size=per_rank, sampler=sampler,
                           num_workers=workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
@@ -152,25 +163,43 @@ class Trainer:
         self.logger.write(f"{signal.Signals(signum).name} received: saving a checkpoint after this step")
 
     def _step(self, model: torch.nn.Module, images: list, targets: list) -> dict[str, torch.Tensor]:
+        """One optimizer step, skipped (all ranks alike) when the loss or gradient is not finite."""
         images = [img.to(self.device, non_blocking=True).float().div_(255) for img in images]
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             losses = model(images, targets)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.cfg.solver.clip_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.solver.clip_grad_norm)
-        self.scaler.step(self.optimizer)
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.solver.clip_grad_norm if self.cfg.solver.clip_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # fp16: an inf gradient is the GradScaler's business (it skips and lowers the scale).
+        bad = ~torch.isfinite(loss) if self.scaler.is_enabled() else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if bool(dist.all_reduce(bad.float(), "max")):  # the one host sync of the step
+            self._skip_step(losses)
+        else:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return dict(losses, loss=loss)
+        return dict(losses, loss=loss, grad_norm=grad_norm)
+
+    def _skip_step(self, losses: dict[str, torch.Tensor]) -> None:
+        self.skipped += 1
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+        if self.skipped > self.cfg.train.skip_nonfinite:
+            last = last_checkpoint(self.run_dir)
+            where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
+            raise TrainingError(f"non-finite loss or gradient at iteration {self.iteration + 1} ({terms}); "
+                                f"{where}; lower solver.lr, set solver.clip_grad_norm, or allow skips "
+                                f"with train.skip_nonfinite")
+        self.logger.write(f"iteration {self.iteration + 1}: non-finite loss or gradient ({terms}); step "
+                          f"skipped ({self.skipped} of {self.cfg.train.skip_nonfinite} allowed)")
+        self.optimizer.zero_grad(set_to_none=True)
 
     def train(self) -> dict:
         """Run to ``solver.max_iter``; save ``model_final.pth``; evaluate; return the metrics."""
         cfg = self.cfg
         if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
         model = self.model
         if self.world_size > 1:
@@ -188,68 +217,91 @@ class Trainer:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
-        train_seconds = time.perf_counter() - start
         self.save("model_final.pth")
-        self.logger.write(f"training done in {format_seconds(train_seconds)}; "
+        self.logger.write(f"training done in {format_seconds(time.perf_counter() - start)}; "
                           f"weights: {self.run_dir / 'model_final.pth'}")
-        metrics = self.evaluate() if cfg.train.eval_at_end else {}
+        metrics = self.evaluate(final=True) if cfg.train.eval_at_end else {}
         self.logger.close()
         return metrics
+
+    def _next_batch(self, data) -> Optional[tuple]:
+        """The next batch; ``None`` when a signal interrupted the wait. A bad image stops the run
+        after a checkpoint of the work done, with one line naming it."""
+        try:
+            return next(data)
+        except Exception as e:
+            if self.stop_signal is not None:
+                return None
+            line = worker_error_line(e)
+            if line is None:
+                raise
+            path = self.save()
+            raise TrainingError(f"{line}; checkpoint {path}; fix or remove the image (see retina data "
+                                f"check), or set data.on_bad_image=skip, then --resume") from None
 
     def _loop(self, model: torch.nn.Module) -> None:
         cfg = self.cfg
         data = iter(self._loader())
         sums: dict[str, torch.Tensor] = {}
-        count = 0
+        count, data_time, step_time = 0, 0.0, 0.0
         while self.iteration < cfg.solver.max_iter:
-            try:
-                images, targets = next(data)
-            except RuntimeError:
-                if self.stop_signal is None:
-                    raise
-            if self.stop_signal is None:
-                losses = self._step(model, images, targets)
+            t0 = time.perf_counter()
+            batch = self._next_batch(data) if self.stop_signal is None else None
+            t1 = time.perf_counter()
+            if batch is not None:
+                losses = self._step(model, *batch)
                 self.iteration += 1
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
-                sums["num_pos"] = sums.get("num_pos", 0) + self.model.loss.last_num_pos.float()
+                sums["num_pos_per_image"] = sums.get("num_pos_per_image", 0) + \
+                    self.model.loss.last_num_pos.float() / len(batch[0])
                 count += 1
+                data_time, step_time = data_time + t1 - t0, step_time + time.perf_counter() - t1
             if self.stop_signal is not None:
                 path = self.save()
                 raise Interrupted(f"stopped at iteration {self.iteration}; checkpoint {path}; "
                                   f"continue with: retina train --resume --out {self.run_dir}",
                                   self.stop_signal)
             if self.iteration % cfg.train.log_period == 0 or self.iteration == cfg.solver.max_iter:
-                self._log(sums, count)
-                sums, count = {}, 0
+                self._log(sums, count, data_time, step_time)
+                sums, count, data_time, step_time = {}, 0, 0.0, 0.0
             if self.iteration % cfg.train.checkpoint_period == 0 and self.iteration < cfg.solver.max_iter:
                 self.save()
+            if cfg.train.eval_period and self.iteration % cfg.train.eval_period == 0 \
+                    and self.iteration < cfg.solver.max_iter:
+                self.evaluate(final=False)
+                model.train()
 
-    def _log(self, sums: dict[str, torch.Tensor], count: int) -> None:
-        means = {k: float(v) / max(count, 1) for k, v in sums.items()}  # the only sync: once per period
-        if not all(math.isfinite(v) for v in means.values()):
-            last = last_checkpoint(self.run_dir)
-            where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
-            raise TrainingError(f"non-finite loss by iteration {self.iteration} "
-                                f"({', '.join(f'{k}={v:.4g}' for k, v in means.items())}); {where}; "
-                                f"lower solver.lr or set solver.clip_grad_norm")
+    def _log(self, sums: dict[str, torch.Tensor], count: int, data_time: float, step_time: float) -> None:
+        names = sorted(sums)
+        stacked = torch.stack([sums[k].to(self.device) for k in names]) / max(count, 1)
+        means = dict(zip(names, (dist.all_reduce(stacked) / self.world_size).tolist()))  # over ranks
         means["lr"] = self.optimizer.param_groups[0]["lr"]
+        seconds = data_time + step_time
+        means["images_per_sec"] = count * self.cfg.solver.batch_size / max(seconds, 1e-9)
+        means["time/data_per_iter"] = data_time / max(count, 1)
+        means["time/step_per_iter"] = step_time / max(count, 1)
+        if self.device.type == "cuda":
+            means["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.skipped:
+            means["skipped_steps"] = self.skipped
         self.logger.log(self.iteration, means)
 
     # ------------------------------------------------------------------------------- eval
-    def evaluate(self) -> dict:
-        """COCO evaluation of the current weights on the val split (main process only)."""
-        from retina.engine.evaluate import evaluate, format_metrics_table
-
-        metrics: dict = {}
-        if self.main:
-            val_set = build_dataset(self.cfg, "val")
-            metrics = evaluate(self.model, val_set, self.cfg.eval.batch_size, self.device,
-                               out_dir=self.run_dir, amp_dtype=self.amp_dtype,
-                               progress=sys.stderr.isatty(), num_workers=self.cfg.data.num_workers)
-            self.logger.add_scalars(self.iteration, {f"val/{k}": v for k, v in metrics.items()
-                                                     if isinstance(v, float) and math.isfinite(v)})
-            self.logger.write(format_metrics_table(metrics))
+    def evaluate(self, final: bool = True) -> dict:
+        """COCO metrics of the current weights on the val split, sharded over ranks. Periodic
+        evaluations keep ``model_best.pth``; the final one writes metrics.json and detections.json."""
+        if self._validator is None:
+            cfg = self.cfg
+            self._validator = Validator(build_dataset(cfg, "val"), cfg.eval.batch_size, self.device,
+                                        self.amp_dtype, cfg.data.num_workers, self.logger,
+                                        cfg.train.tb_images, getattr(cfg.eval, "backend", "pycocotools"))
+        metrics = self._validator(self.model, self.iteration, self.run_dir if final else None)
+        ap = metrics.get("AP", float("nan"))
+        if not final and math.isfinite(ap) and ap > self.best_ap:
+            self.best_ap = ap
+            self.save("model_best.pth")
+            self.logger.write(f"new best AP {ap:.1f}: {self.run_dir / 'model_best.pth'}")
+        if final:
             self.logger.write(f"metrics: {self.run_dir / 'metrics.json'}")
-        dist.barrier()
         return metrics
