@@ -185,7 +185,7 @@ class Trainer:
 
     def _skip_step(self, losses: dict[str, torch.Tensor]) -> None:
         self.skipped += 1
-        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
         if self.skipped > self.cfg.train.skip_nonfinite:
             last = last_checkpoint(self.run_dir)
             where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"

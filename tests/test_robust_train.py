@@ -1,0 +1,213 @@
+"""What the user sees and what is left on disk when training goes wrong: non-finite losses,
+Ctrl-C / SIGTERM, kill -9 (between and during checkpoint writes), unwritable or full disks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from retina.config import config_to_dict
+from retina.data import generate_shapes
+from retina.engine.checkpoint import load_checkpoint
+from retina.engine.preflight import PreflightError, worker_error_line
+from retina.engine.train import Trainer, TrainingError
+from tinyrun import TINY_DATA, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root, **TINY_DATA)
+    return root
+
+
+def short_config(root, max_iter=8, **train):
+    return tiny_config(root, solver={"max_iter": max_iter, "warmup_iters": 2},
+                       train={"checkpoint_period": 2, "log_period": 1, "eval_at_end": False, **train})
+
+
+def nan_at(trainer: Trainer, calls: set[int]) -> None:
+    """Make the loss module return NaN on the given (1-based) calls."""
+    loss = trainer.model.loss
+    forward, count = loss.forward, [0]
+
+    def patched(*args, **kwargs):
+        count[0] += 1
+        out = forward(*args, **kwargs)
+        if count[0] in calls:
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    loss.forward = patched
+
+
+# ----------------------------------------------------------------------------- numbers
+def test_nonfinite_loss_stops_with_one_line_and_keeps_last_checkpoint(shapes_root, tmp_path):
+    trainer = Trainer(short_config(shapes_root), tmp_path / "run", device="cpu", quiet=True)
+    nan_at(trainer, {5})
+    with pytest.raises(TrainingError) as e:
+        trainer.train()
+    message = str(e.value)
+    assert "\n" not in message
+    assert "iteration 5" in message and "loss_cls=nan" in message and "model_0000004.pth" in message
+    ckpt = load_checkpoint(tmp_path / "run" / "model_0000004.pth")  # intact, finite
+    assert ckpt["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "model_final.pth").exists()
+
+
+def test_skip_nonfinite_skips_and_logs(shapes_root, tmp_path):
+    cfg = short_config(shapes_root, skip_nonfinite=2)
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+    nan_at(trainer, {3, 6})
+    trainer.train()
+    ckpt = load_checkpoint(tmp_path / "run" / "model_final.pth")
+    assert ckpt["iteration"] == 8 and ckpt["skipped_steps"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# ------------------------------------------------------------------------- directories
+def test_unwritable_run_dir_is_reported_before_training(shapes_root, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PreflightError, match="cannot write to run directory"):
+        Trainer(short_config(shapes_root), blocker / "run", device="cpu", quiet=True)
+
+
+def test_full_disk_is_reported_before_training(shapes_root, tmp_path, monkeypatch):
+    import retina.engine.preflight as preflight
+
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: type("U", (), {"free": 1024})())
+    with pytest.raises(PreflightError) as e:
+        Trainer(short_config(shapes_root), tmp_path / "run", device="cpu", quiet=True)
+    assert "MiB free" in str(e.value) and "\n" not in str(e.value)
+    assert list((tmp_path / "run").glob("*.pth")) == []
+
+
+def test_worker_error_line_recovers_the_message():
+    class BadImageError(RuntimeError):
+        pass
+
+    wrapped = RuntimeError("Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback"
+                           " (most recent call last):\n  File x\nretina.data.coco.BadImageError: "
+                           "cannot read data/x.png (image id 7)")
+    assert worker_error_line(wrapped) == "cannot read data/x.png (image id 7)"
+    assert worker_error_line(BadImageError("cannot read a.png")) == "cannot read a.png"
+    assert worker_error_line(ValueError("other")) is None
+
+
+# --------------------------------------------------------------------------- processes
+def write_config(cfg, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    return path
+
+
+def train_process(config: Path, out: Path, *extra: str, prelude: str = "") -> subprocess.Popen:
+    """``retina train`` in a real subprocess; ``prelude`` runs first (fault injection)."""
+    code = textwrap.dedent(prelude) + textwrap.dedent(f"""
+        import sys
+        from retina.cli import main
+        sys.exit(main(["train", "--config", {str(config)!r}, "--out", {str(out)!r}, "--device", "cpu",
+                       *{list(extra)!r}]))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def final_weights(run: Path) -> dict:
+    return load_checkpoint(run / "model_final.pth")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def straight_run(shapes_root, tmp_path_factory):
+    """The reference: 30 iterations without interruption, in a subprocess like the others."""
+    tmp = tmp_path_factory.mktemp("straight")
+    config = write_config(short_config(shapes_root, max_iter=30), tmp / "config.yaml")
+    proc = train_process(config, tmp / "run")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return config, final_weights(tmp / "run")
+
+
+def test_kill_9_between_writes_then_resume_is_exact(straight_run, tmp_path):
+    config, reference = straight_run
+    run = tmp_path / "run"
+    proc = train_process(config, run)
+    wait_for(lambda: (run / "model_0000010.pth").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model_final.pth").exists()
+    resumed = train_process(config, run, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert_same_weights(final_weights(run), reference)
+
+
+def test_kill_9_during_a_checkpoint_write_then_resume_is_exact(straight_run, tmp_path):
+    config, reference = straight_run
+    run = tmp_path / "run"
+    # The 3rd checkpoint write stalls after writing its bytes and before the rename: killed there.
+    stall = """
+        import time, torch
+        import retina.engine.checkpoint as checkpoint
+        _save, _calls = torch.save, [0]
+        def slow_save(obj, f):
+            _save(obj, f)
+            _calls[0] += 1
+            if _calls[0] == 3:
+                time.sleep(600)
+        checkpoint.torch.save = slow_save
+    """
+    proc = train_process(config, run, prelude=stall)
+    wait_for(lambda: (run / "model_0000004.pth").exists() and list(run.glob(".model_0000006.pth.*.tmp")),
+             proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model_0000006.pth").exists()  # never renamed: no truncated checkpoint
+    resumed = train_process(config, run, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert_same_weights(final_weights(run), reference)
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_checkpoint_and_exits_cleanly(straight_run, tmp_path, signum, status):
+    config, reference = straight_run
+    run = tmp_path / "run"
+    proc = train_process(config, run)
+    wait_for(lambda: (run / "model_0000004.pth").exists(), proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("retina: stopped at iteration") and "--resume" in last
+    resumed = train_process(config, run, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert_same_weights(final_weights(run), reference)
