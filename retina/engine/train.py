@@ -127,8 +127,18 @@ class Trainer:
         self.skipped = int(ckpt.get("skipped_steps", 0))
         set_rng_state(ckpt["rng"])
 
+    def rank_fingerprints(self) -> Optional[list[list[float]]]:
+        """Per rank, the float64 sum of each parameter, gathered on rank 0 (``None`` elsewhere):
+        DDP keeps replicas identical, and a checkpoint records that they were."""
+        sums = [float(p.detach().double().sum()) for p in self.model.parameters()]
+        return dist.gather_to_main(sums)
+
     def save(self, name: Optional[str] = None) -> Path:
         path = self.run_dir / (name or f"model_{self.iteration:07d}.pth")
+        fingerprints = self.rank_fingerprints() if self.world_size > 1 else None
+        if fingerprints is not None and any(f != fingerprints[0] for f in fingerprints):
+            self.logger.write(f"warning: the {self.world_size} replicas' weights differ at iteration "
+                              f"{self.iteration}")
         if self.main:
             atomic_save({
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -136,6 +146,7 @@ class Trainer:
                 "iteration": self.iteration, "rng": rng_state(), "config": config_to_dict(self.cfg),
                 "class_names": list(self.train_set.class_names), "cat_ids": list(self.train_set.cat_ids),
                 "best_ap": self.best_ap, "skipped_steps": self.skipped,
+                "world_size": self.world_size, "rank_fingerprints": fingerprints,
             }, path)
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         dist.barrier()
