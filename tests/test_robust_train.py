@@ -211,3 +211,14 @@ def test_signal_saves_checkpoint_and_exits_cleanly(straight_run, tmp_path, signu
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert_same_weights(final_weights(run), reference)
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint(shapes_root, tmp_path, capsys):
+    cfg = short_config(shapes_root, max_iter=4)
+    Trainer(cfg, tmp_path / "run", device="cpu", quiet=True).train()
+    final = tmp_path / "run" / "model_final.pth"
+    final.write_bytes(final.read_bytes()[:1000])  # a disk fault truncated it
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", resume=True, quiet=True)
+    # periodic checkpoints are written before max_iter only: the one before the final is at 2
+    assert trainer.checkpoint_path.name == "model_0000002.pth" and trainer.iteration == 2
+    assert "skipping unreadable checkpoint" in capsys.readouterr().err

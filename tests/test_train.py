@@ -74,3 +74,20 @@ def test_refuses_to_overwrite_a_run(shapes_root, tmp_path):
     Trainer(cfg, tmp_path / "run", device="cpu", quiet=True).train()
     with pytest.raises(TrainingError, match="--resume"):
         Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+
+
+def test_periodic_evaluation_keeps_best_and_logs(shapes_root, tmp_path):
+    cfg = tiny_config(shapes_root, solver={"max_iter": 4, "warmup_iters": 0},
+                      train={"eval_period": 2, "log_period": 2, "eval_at_end": False, "tb_images": 2})
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+    trainer.train()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val/AP50" in r]
+    assert [r["iter"] for r in evals] == [2]  # at 2; the end (4) is not a periodic evaluation
+    train_rows = [r for r in records if "loss" in r]
+    for key in ("loss_cls", "loss_box", "grad_norm", "lr", "num_pos_per_image", "images_per_sec",
+                "time/data_per_iter", "time/step_per_iter"):
+        assert key in train_rows[-1], key
+    best = load_checkpoint(tmp_path / "run" / "model_best.pth")
+    assert best["iteration"] == 2 and best["best_ap"] == pytest.approx(evals[0]["val/AP"], abs=1e-9)
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))

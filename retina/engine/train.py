@@ -13,6 +13,7 @@ import dataclasses
 import math
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,8 +26,8 @@ from torch.utils.data import DataLoader
 from retina.config import Config, config_to_dict, dump_config, replace
 from retina.data import build_dataset, collate
 from retina.engine import dist
-from retina.engine.checkpoint import (atomic_save, last_checkpoint, load_checkpoint,
-                                      prune_checkpoints, rng_state, set_rng_state)
+from retina.engine.checkpoint import (CheckpointError, atomic_save, last_checkpoint, list_checkpoints,
+                                      load_checkpoint, prune_checkpoints, rng_state, set_rng_state)
 from retina.engine.logger import TrainLogger, format_seconds
 from retina.engine.optim import build_optimizer, build_scheduler
 from retina.engine.preflight import check_run_dir, worker_error_line
@@ -77,8 +78,7 @@ class Trainer:
         if cfg.solver.batch_size % self.world_size:
             raise TrainingError(f"solver.batch_size={cfg.solver.batch_size} is not divisible by the "
                                 f"{self.world_size} processes")
-        self.checkpoint_path = self._checkpoint_to_resume(resume)
-        ckpt = load_checkpoint(self.checkpoint_path) if self.checkpoint_path is not None else None
+        self.checkpoint_path, ckpt = self._checkpoint_to_resume(resume)
         seed_everything(cfg.train.seed + self.rank)
 
         if self.main:  # rank 0 generates the bundled dataset while the others wait
@@ -106,12 +106,23 @@ class Trainer:
         self._validator: Optional[Validator] = None
 
     # ------------------------------------------------------------------------- checkpoints
-    def _checkpoint_to_resume(self, resume: bool) -> Optional[Path]:
+    def _checkpoint_to_resume(self, resume: bool) -> tuple[Optional[Path], Optional[dict]]:
+        """The newest checkpoint that loads, newest first; an unreadable one (a disk fault; our own
+        writes are atomic) is reported and the one before it is used."""
         found = last_checkpoint(self.run_dir)
-        if found is not None and not resume:
+        if found is None:
+            return None, None
+        if not resume:
             raise TrainingError(f"{self.run_dir} already holds checkpoints ({found.name}); pass "
                                 f"--resume to continue that run or --out to start a new one")
-        return found
+        candidates = [found] + [p for _, p in reversed(list_checkpoints(self.run_dir)) if p != found]
+        for path in candidates:
+            try:
+                return path, load_checkpoint(path)
+            except CheckpointError as e:
+                if self.main:
+                    print(f"warning: skipping unreadable checkpoint: {e}", file=sys.stderr)
+        raise TrainingError(f"no readable checkpoint in {self.run_dir}; start a new run with --out")
 
     def _restore(self, ckpt: dict) -> None:
         try:
