@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,49 @@ def test_sharded_evaluation_equals_single_process(runs):
                       num_workers=0)
     for name in ("AP", "AP50", "AP75", "AR100"):
         assert ddp_metrics[name] == pytest.approx(single[name], abs=0.01), name
+
+
+def _empty_rank_worker(rank: int, port: int, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from retina.model import build_model
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    cfg = tiny_config(Path(out_dir), model={"num_classes": 3})
+    model = DistributedDataParallel(build_model(cfg).train())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    if rank == 0:
+        targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]]), "labels": torch.tensor([2])}] * 2
+    else:  # this rank's batch holds only empty images
+        targets = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}] * 2
+    for _ in range(2):
+        losses = model(images, targets)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    torch.save(sums, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_rank_with_only_empty_images_does_not_hang(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_empty_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):  # False while a process is still running
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP step with an all-empty rank did not finish in 240 s")
+    # Every parameter took part on both ranks (else DDP would have hung or raised), and the
+    # replicas stayed identical.
+    torch.testing.assert_close(torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt"),
+                               rtol=0, atol=0)
