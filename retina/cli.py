@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="predictions", help="output directory")
     p.add_argument("--score-thresh", type=float, default=0.3)
 
-    p = sub.add_parser("data", help="generate the bundled synthetic dataset")
-    p.add_argument("what", choices=["shapes"])
+    p = sub.add_parser("data", help="generate the bundled synthetic dataset, or check a dataset")
+    p.add_argument("what", choices=["shapes", "check"])
+    p.add_argument("--ann", help="check: COCO annotation json")
+    p.add_argument("--images", help="check: image directory")
     p.add_argument("--out", "-o", default="data/shapes", help="dataset directory")
     p.add_argument("--train", type=int, default=2000, help="number of training images")
     p.add_argument("--val", type=int, default=200, help="number of validation images")
@@ -126,6 +128,13 @@ def _predict(args: argparse.Namespace) -> int:
 def _data(args: argparse.Namespace) -> int:
     from retina.data import ensure_shapes
 
+    if args.what == "check":
+        from retina.data.check import data_check_cli
+
+        if not args.ann or not args.images:
+            raise ValueError("retina data check needs --ann A.json and --images DIR")
+        return data_check_cli(args.ann, args.images)
+
     root = ensure_shapes(args.out, args.train, args.val, args.size, args.seed)
     print(f"shapes dataset ready in {root}")
     return 0
@@ -135,6 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from retina.config import ConfigError
     from retina.engine.checkpoint import CheckpointError
+    from retina.data import BadImageError
     from retina.engine.preflight import PreflightError
     from retina.engine.train import Interrupted, TrainingError
     from retina.model.backbone import WeightsError
@@ -143,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return {"train": _train, "eval": _eval, "predict": _predict, "data": _data}[args.command](args)
     try:
         return {"train": _train, "eval": _eval, "predict": _predict, "data": _data}[args.command](args)
-    except (ConfigError, CheckpointError, TrainingError, PreflightError, WeightsError,
+    except (ConfigError, CheckpointError, TrainingError, PreflightError, WeightsError, BadImageError,
             FileNotFoundError, ValueError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"retina: error: {message}", file=sys.stderr)

@@ -67,6 +67,9 @@ class BackboneConfig:
     norm: Literal["auto", "bn", "frozen_bn"] = "auto"
     # Stages frozen when pretrained: 0 none, 1 stem, 2 stem + res2 (detectron2's FREEZE_AT).
     freeze_at: int = 2
+    # eps of every (Frozen)BatchNorm; torchvision's COCO weights of retinanet_resnet50_fpn (v1)
+    # were evaluated with FrozenBatchNorm eps 0.0 (torchvision's overwrite_eps).
+    norm_eps: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,15 @@ class AnchorConfig:
     scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))  # octave scales, Sec. 4
     ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
     offset: float = 0.0  # anchor centre = (index + offset) * stride
+    # Order of the A anchors of a cell: scale_major (scale outer, ratio inner: detectron2) or
+    # ratio_major (ratio outer, scale inner: torchvision's AnchorGenerator).
+    order: Literal["scale_major", "ratio_major"] = "scale_major"
+    truncate_sizes: bool = False  # side = int(size * scale): torchvision's 32, 40, 50 on P3
+    round_corners: bool = False  # cell-anchor corners rounded to whole pixels (torchvision)
+    # Stride that spaces the anchors of a level: "level": 2^level (paper); "image": padded
+    # image size // feature size per axis (torchvision; differs from 2^level on P6/P7 when the
+    # padded size is not a multiple of 128).
+    stride_from: Literal["level", "image"] = "level"
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,7 @@ class HeadConfig:
     num_convs: int = 4  # 4 x (3x3 conv, ReLU) before each predictor, Sec. 4
     norm: Literal["none", "gn"] = "none"  # GroupNorm(32) after each conv helps from-scratch runs
     prior_prob: float = 0.01  # class bias -log((1 - pi) / pi); 0 means bias 0 (no prior)
+    conv_bias: bool = True  # bias in the tower convs; torchvision v2's GN towers have none
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,10 @@ class InputConfig:
     pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, for [0, 1] input
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     size_divisibility: int = 128  # pad the batch to a multiple of the largest stride (P7)
+    # "round": resize (size rounded), then normalise; "torchvision": normalise, then
+    # interpolate by the scale factor with recompute_scale_factor=True (sizes floored), always,
+    # as torchvision's GeneralizedRCNNTransform.
+    resize: Literal["round", "torchvision"] = "round"
 
 
 @dataclass(frozen=True)
@@ -158,12 +175,39 @@ class DataConfig:
     val_images: str = "val2017"
     hflip_prob: float = 0.5  # random horizontal flip, Sec. 4.1
     num_workers: int = 4  # DataLoader workers
+    aspect_grouping: bool = True  # batches of one orientation (landscape / portrait): less padding
+    # A missing, corrupt or wrongly sized training image: "error" stops the run with one line
+    # naming the file and image id; "skip" logs it and trains on the next readable image instead
+    # (retina/data/robust.py). Validation images always stop evaluation.
+    on_bad_image: Literal["error", "skip"] = "error"
+    # With "skip": stop when more than this share of the images read so far was bad (counted per
+    # DataLoader worker, from its 100th read on).
+    max_bad_fraction: float = 0.01
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
 @dataclass(frozen=True)
+class OhemConfig:
+    """Online hard example mining over anchors (loss.type=ohem; paper Sec. 5.1, Table 1d)."""
+
+    nms: float = 0.7  # IoU of the NMS over anchor boxes ranked by loss (Table 1d: 0.7 or 0.5)
+    batch_size: int = 128  # anchors kept per image (Table 1d: 128, 256, 512)
+    ratio: Optional[float] = None  # share of positives, e.g. 0.25 = SSD's 1:3; null: pure top-loss
+
+
+@dataclass(frozen=True)
+class FocalStarConfig:
+    """FL* of appendix A: p_t* = sigmoid(gamma x_t + beta), FL* = -log(p_t*) / gamma."""
+
+    gamma: float = 2.0  # steepness (appendix A, Fig. 5 / Table 3: gamma 2, beta 1)
+    beta: float = 1.0  # shift
+
+
+@dataclass(frozen=True)
 class LossConfig:
-    type: Literal["focal", "ce"] = "focal"  # ce: alpha-balanced sigmoid CE (Table 1a)
+    # focal: FL (Sec. 3.2); ce: alpha-balanced sigmoid CE (Table 1a); ohem: sigmoid CE on the
+    # hardest anchors only (Table 1d); focal_star: FL* (appendix A). losses.py has the details.
+    type: Literal["focal", "ce", "ohem", "focal_star"] = "focal"
     alpha: Optional[float] = 0.25  # weight of positives; None: no weighting
     gamma: float = 2.0  # focusing parameter; 0 with alpha None is BCE
     box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
@@ -173,6 +217,8 @@ class LossConfig:
     # image: each image by its own positives, then averaged (torchvision).
     normalizer: Literal["batch", "ema", "image"] = "batch"
     ema_momentum: float = 0.9
+    ohem: OhemConfig = field(default_factory=OhemConfig)  # read when type is ohem
+    focal_star: FocalStarConfig = field(default_factory=FocalStarConfig)  # read when focal_star
 
 
 @dataclass(frozen=True)
@@ -199,12 +245,19 @@ class TrainConfig:
     log_period: int = 20  # iterations between logged scalars (and lines in non-tty logs)
     amp: Literal["off", "bf16", "fp16"] = "off"  # autocast dtype; fp16 adds a GradScaler
     eval_at_end: bool = True
+    eval_period: int = 0  # iterations between evaluations during training (0: only at the end);
+    # each one updates model_best.pth when AP improves
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient skipped before stopping
+    tb_images: int = 4  # validation images drawn with their detections in TensorBoard per eval
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 8  # images per inference step
     per_class: bool = True  # per-class AP in metrics.json
+    # COCO scorer: pycocotools (the reference) or faster_coco_eval (same 12 metrics, C++,
+    # several times faster; optional: pip install faster-coco-eval or retina[fast]).
+    backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
 
 
 @dataclass(frozen=True)
@@ -226,6 +279,11 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("loss.alpha", loss.alpha is None or 0 <= loss.alpha <= 1, "must be in [0, 1] or null"),
         ("loss.smooth_l1_beta", loss.smooth_l1_beta >= 0, "must be >= 0"),
         ("loss.ema_momentum", 0 <= loss.ema_momentum < 1, "must be in [0, 1)"),
+        ("loss.ohem.nms", 0 < loss.ohem.nms <= 1, "must be in (0, 1]"),
+        ("loss.ohem.batch_size", loss.ohem.batch_size >= 1, "must be >= 1"),
+        ("loss.ohem.ratio", loss.ohem.ratio is None or 0 < loss.ohem.ratio < 1,
+         "must be in (0, 1) or null"),
+        ("loss.focal_star.gamma", loss.focal_star.gamma > 0, "must be > 0"),
         ("model.num_classes", m.num_classes >= 1, "must be >= 1"),
         ("model.head.prior_prob", 0 <= m.head.prior_prob < 1, "must be in [0, 1)"),
         ("model.head.num_convs", m.head.num_convs >= 0, "must be >= 0"),
@@ -246,8 +304,10 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.input.size_divisibility", m.input.size_divisibility >= 1, "must be >= 1"),
         ("model.inference.nms_thresh", 0 <= m.inference.nms_thresh <= 1, "must be in [0, 1]"),
         ("model.backbone.freeze_at", 0 <= m.backbone.freeze_at <= 5, "must be in 0..5"),
+        ("model.backbone.norm_eps", m.backbone.norm_eps >= 0, "must be >= 0"),
         ("data.hflip_prob", 0 <= cfg.data.hflip_prob <= 1, "must be in [0, 1]"),
         ("data.num_workers", cfg.data.num_workers >= 0, "must be >= 0"),
+        ("data.max_bad_fraction", 0 <= cfg.data.max_bad_fraction <= 1, "must be in [0, 1]"),
         ("solver.lr", s.lr > 0, "must be > 0"),
         ("solver.batch_size", s.batch_size >= 1, "must be >= 1"),
         ("solver.max_iter", s.max_iter >= 1, "must be >= 1"),
@@ -256,6 +316,9 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("train.checkpoint_period", cfg.train.checkpoint_period >= 1, "must be >= 1"),
         ("train.log_period", cfg.train.log_period >= 1, "must be >= 1"),
         ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 0, "must be >= 0"),
+        ("train.eval_period", cfg.train.eval_period >= 0, "must be >= 0"),
+        ("train.skip_nonfinite", cfg.train.skip_nonfinite >= 0, "must be >= 0"),
+        ("train.tb_images", cfg.train.tb_images >= 0, "must be >= 0"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, "must be >= 1"),
     ]
 
@@ -366,6 +429,7 @@ def _read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level should be a mapping")
+    data.pop("ablate", None)  # a sweep's grid, read only by retina/ablate.py
     base = data.pop("base", None)
     if base is not None:
         base_path = (path.parent / str(base)).resolve()

@@ -10,17 +10,21 @@ from pathlib import Path
 from typing import Literal
 
 from retina.config import Config
-from retina.data.coco import CocoDetection, collate
+from retina.data.coco import BadImageError, CocoDetection, collate
+from retina.data.robust import SkipBadImages, TooManyBadImages
 from retina.data.shapes import ensure_shapes, generate_shapes
 from retina.data.transforms import build_transforms
 
 __all__ = [
+    "BadImageError",
     "CocoDetection",
     "build_dataset",
     "build_transforms",
     "collate",
     "ensure_shapes",
     "generate_shapes",
+    "SkipBadImages",
+    "TooManyBadImages",
 ]
 
 
@@ -44,12 +48,19 @@ def dataset_paths(cfg: Config, split: Literal["train", "val"]) -> tuple[Path, Pa
     raise ValueError(f"data.dataset={data.dataset!r} should be 'shapes' or 'coco'")
 
 
-def build_dataset(cfg: Config, split: Literal["train", "val"]) -> CocoDetection:
-    """The ``split`` dataset of ``cfg.data``, with training transforms when ``split == "train"``."""
+def build_dataset(cfg: Config, split: Literal["train", "val"]) -> CocoDetection | SkipBadImages:
+    """The ``split`` dataset of ``cfg.data``, with training transforms when ``split == "train"``.
+
+    With ``data.on_bad_image: skip`` the training set is wrapped in ``SkipBadImages`` (same
+    attributes); the validation set never is: a replaced image would skew its AP.
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r} should be 'train' or 'val'")
     ann_file, image_dir = dataset_paths(cfg, split)
     inp = cfg.model.input
     transforms = build_transforms(inp.min_size, inp.max_size, cfg.data.hflip_prob,
                                   train=split == "train")  # fmt: skip
-    return CocoDetection(ann_file, image_dir, transforms)
+    dataset = CocoDetection(ann_file, image_dir, transforms)
+    if split == "train" and cfg.data.on_bad_image == "skip":
+        return SkipBadImages(dataset, cfg.data.max_bad_fraction)
+    return dataset

@@ -6,7 +6,8 @@ dropped: those whose box, clipped to the image, has no area or holds a non-finit
 annotations are kept and flagged (``iscrowd``) so the assigner can ignore anchors on them.
 
 The annotations are converted once, at construction, for all images together; ``__getitem__``
-only slices them and decodes the image.
+only slices them and decodes the image. An image that is missing, cannot be decoded or is not
+the size the json says raises ``BadImageError`` (one line naming the file and the image id).
 
 Shape legend: M ground-truth boxes of one image, K classes.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -28,6 +30,35 @@ from torch.utils.data import Dataset
 
 Target = dict[str, Any]
 Transform = Callable[[Tensor, Target], tuple[Tensor, Target]]
+
+
+class BadImageError(RuntimeError):
+    """An image file that cannot be used: missing, corrupt or not the size the json says.
+
+    ``str(e)`` is one line, ``bad image PATH (image id ID): REASON``; ``path`` and ``image_id``
+    name the file. A DataLoader worker's exception reaches the main process rebuilt as
+    ``type(e)(formatted_traceback)``; ``__init__`` then recovers the one line (the traceback's
+    last) and ``path`` / ``image_id`` from it, so the main process sees the same error.
+    """
+
+    _FIELDS = re.compile(r"bad image (?P<path>.+?) \(image id (?P<image_id>-?\d+)\): ")
+
+    def __init__(self, message: str, path: str | Path | None = None,
+                 image_id: int | None = None) -> None:  # fmt: skip
+        if path is None:  # rebuilt from a worker's traceback: keep its last line
+            lines = [ln for ln in str(message).strip().splitlines() if ln.strip()] or [""]
+            message = lines[-1].split(f"{type(self).__name__}: ", 1)[-1]
+            found = self._FIELDS.search(message)
+            if found is not None:
+                path, image_id = found["path"], int(found["image_id"])
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+        self.image_id = image_id
+
+    @classmethod
+    def of(cls, path: Path, image_id: int, reason: str) -> "BadImageError":
+        reason = " ".join(reason.split())  # one line, whatever the decoder said
+        return cls(f"bad image {path} (image id {image_id}): {reason}", path, image_id)
 
 
 def _load_json(ann_file: Path) -> dict:
@@ -125,21 +156,23 @@ class CocoDetection(Dataset):
         return self.image_dir / self.coco.imgs[self.ids[index]]["file_name"]
 
     def _load_image(self, index: int) -> Tensor:
-        path = self.image_path(index)
+        path, image_id = self.image_path(index), self.ids[index]
         # PIL, not torchvision.io (its decoders are deprecated since torchvision 0.29). convert:
         # grayscale, palette, RGBA (alpha dropped) and CMYK all become RGB.
         try:
             with Image.open(path) as pil_image:
                 hwc = np.asarray(pil_image.convert("RGB"))  # (H, W, 3) uint8
+        except FileNotFoundError:
+            raise BadImageError.of(path, image_id, "file not found") from None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise RuntimeError(f"cannot read image {path}: {reason}") from e
+            reason = str(e).strip() or type(e).__name__
+            raise BadImageError.of(path, image_id, f"cannot read it: {reason}") from e
         # numpy makes the CHW copy: single-threaded, no intra-op thread pool for a tiny copy.
         image = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))  # (3, H, W)
         height, width = (int(v) for v in self._sizes[index])
         if tuple(image.shape[-2:]) != (height, width):
-            raise RuntimeError(f"image {path} is {image.shape[-2]}x{image.shape[-1]} but "
-                               f"{self.ann_file} says {height}x{width} (HxW)")  # fmt: skip
+            raise BadImageError.of(path, image_id, f"it is {image.shape[-2]}x{image.shape[-1]} "
+                                   f"but {self.ann_file} says {height}x{width} (HxW)")  # fmt: skip
         return image
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:

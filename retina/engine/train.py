@@ -10,6 +10,7 @@ all stop together. One host sync per step checks that the loss and gradient norm
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 import signal
@@ -63,6 +64,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class _LoggerHandler(logging.Handler):
+    """Routes ``logging`` records (the data pipeline's) into the run's log."""
+
+    def __init__(self, logger: TrainLogger) -> None:
+        super().__init__(logging.WARNING)
+        self.train_logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.train_logger.write(self.format(record))
 
 
 class Trainer:
@@ -233,12 +245,15 @@ class Trainer:
         self.logger.write(f"training {cfg.solver.max_iter - self.iteration} iterations from "
                           f"{self.iteration} on {self.device} x{self.world_size}; run dir {self.run_dir}")
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        data_log = _LoggerHandler(self.logger)  # skipped bad images (data.on_bad_image=skip)
+        logging.getLogger("retina.data").addHandler(data_log)
         start = time.perf_counter()
         try:
             self._loop(model)
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
+            logging.getLogger("retina.data").removeHandler(data_log)
         self.save("model_final.pth")
         self.logger.write(f"training done in {format_seconds(time.perf_counter() - start)}; "
                           f"weights: {self.run_dir / 'model_final.pth'}")

@@ -1,0 +1,332 @@
+"""``retina data check``: find what is wrong with a COCO-format dataset before training on it.
+
+This module owns the list of dataset problems and which of them are errors. The rule: an
+**error** stops training or silently corrupts it (the loader refuses the json, an image fails to
+load, annotations are lost or attached to the wrong thing); a **warning** is something the loader
+handles in a defined way (drops or clips the box, keeps the image as a negative) that is still
+worth a look.
+
+Errors:
+- ``bad_record``: an image without id, file_name or positive integer height / width; an
+  annotation without id, image_id, category_id or a 4-number bbox; a category without id
+- ``duplicate_image_id``, ``duplicate_annotation_id``, ``duplicate_category_id``: an id used by
+  several records (counted once per id)
+- ``unknown_image_id``: an annotation whose image_id no image has (the loader would drop it)
+- ``unknown_category``: an annotation whose category_id no category has (the loader refuses it)
+- ``missing_file``: no file at image_dir / file_name
+- ``unreadable_image``: the file does not decode (corrupt, truncated, not an image)
+- ``size_mismatch``: the file's width x height differs from the json's
+
+Warnings:
+- ``nonfinite_box``: NaN or infinity in bbox (dropped by the loader)
+- ``degenerate_box``: width or height <= 0 (dropped)
+- ``tiny_box``: width or height in (0, 1) px (dropped)
+- ``box_outside``: the box lies entirely outside its image (dropped)
+- ``box_partly_outside``: the box crosses the image border (clipped)
+- ``image_without_annotations``: kept as a negative example
+
+Box checks use the json numbers as written ([x, y, w, h]); one annotation may count under
+several kinds (a tiny box partly outside), except that non-finite and degenerate boxes are not
+checked further. Images are decoded completely, so a truncated file is found (JPEGs at 1/8
+scale: the whole stream is still read), on up to 8 threads: 5000 640x480 JPEGs take ~10 s on
+one core (1.2 s reading headers only, ``decode=False``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from PIL import Image
+
+from retina.data.coco import _load_json
+
+ERROR, WARNING = "error", "warning"
+
+# kind -> (severity, title), in report order
+KINDS: dict[str, tuple[str, str]] = {
+    "bad_record": (ERROR, "malformed image or annotation records"),
+    "duplicate_image_id": (ERROR, "duplicate image ids"),
+    "duplicate_annotation_id": (ERROR, "duplicate annotation ids"),
+    "duplicate_category_id": (ERROR, "duplicate category ids"),
+    "unknown_image_id": (ERROR, "annotations of unknown image ids"),
+    "unknown_category": (ERROR, "annotations of unknown category ids"),
+    "missing_file": (ERROR, "missing image files"),
+    "unreadable_image": (ERROR, "unreadable or corrupt images"),
+    "size_mismatch": (ERROR, "image sizes that disagree with the json"),
+    "nonfinite_box": (WARNING, "boxes with non-finite numbers"),
+    "degenerate_box": (WARNING, "boxes of zero or negative width or height"),
+    "tiny_box": (WARNING, "boxes under 1 px wide or high"),
+    "box_outside": (WARNING, "boxes entirely outside their image"),
+    "box_partly_outside": (WARNING, "boxes partly outside their image"),
+    "image_without_annotations": (WARNING, "images without annotations"),
+}
+
+
+@dataclass
+class Finding:
+    """One kind of problem: how many, and the first ``max_examples`` as one-line strings."""
+
+    kind: str
+    severity: str
+    title: str
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckReport:
+    ann_file: Path
+    image_dir: Path
+    num_images: int
+    num_annotations: int
+    num_categories: int
+    findings: dict[str, Finding]  # every kind of KINDS, in that order, count 0 included
+
+    def count(self, kind: str) -> int:
+        return self.findings[kind].count
+
+    def examples(self, kind: str) -> list[str]:
+        return self.findings[kind].examples
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings.values() if f.count and f.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings.values() if f.count and f.severity == WARNING]
+
+    @property
+    def exit_status(self) -> int:
+        """1 when there are errors, 0 for warnings only (or nothing)."""
+        return 1 if self.errors else 0
+
+
+class _Collector:
+    def __init__(self, max_examples: int) -> None:
+        self.max_examples = max_examples
+        self.findings = {k: Finding(k, sev, title) for k, (sev, title) in KINDS.items()}
+
+    def add(self, kind: str, example: str) -> None:
+        finding = self.findings[kind]
+        finding.count += 1
+        if len(finding.examples) < self.max_examples:
+            finding.examples.append(example)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_id(v: Any) -> bool:
+    return _is_int(v) or isinstance(v, str)
+
+
+def _has_size(img: dict) -> bool:
+    return all(_is_int(img.get(k)) and img[k] > 0 for k in ("height", "width"))
+
+
+def _records(data: dict, key: str, ann_file: Path) -> list:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise ValueError(f"{ann_file}: '{key}' should be a list")
+    return value
+
+
+def _duplicates(ids: Iterable[Any], kind: str, what: str, out: _Collector) -> None:
+    for value, n in Counter(ids).items():
+        if n > 1:
+            out.add(kind, f"{what} id {value!r}: {n} records")
+
+
+def _check_image_records(images: list, out: _Collector) -> dict[Any, dict]:
+    """Image records by id (the first of duplicates); reports malformed ones."""
+    by_id: dict[Any, dict] = {}
+    for i, img in enumerate(images):
+        if not isinstance(img, dict):
+            out.add("bad_record", f"images[{i}]: not an object")
+            continue
+        problems = [] if _is_id(img.get("id")) else ["id"]
+        problems += [] if isinstance(img.get("file_name"), str) else ["file_name"]
+        problems += [k for k in ("height", "width") if not (_is_int(img.get(k)) and img[k] > 0)]
+        if problems:
+            out.add("bad_record", f"images[{i}] (id {img.get('id')!r}): missing or invalid "
+                                  f"{', '.join(problems)}")  # fmt: skip
+        if _is_id(img.get("id")):
+            by_id.setdefault(img["id"], img)
+    _duplicates((img["id"] for img in images if isinstance(img, dict) and _is_id(img.get("id"))),
+                "duplicate_image_id", "image", out)  # fmt: skip
+    return by_id
+
+
+def _check_box(ann: dict, img: Optional[dict], out: _Collector) -> None:
+    x, y, w, h = ann["bbox"]
+    where = f"annotation {ann['id']!r} (image {ann['image_id']!r}): bbox {ann['bbox']}"
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        out.add("nonfinite_box", where)
+        return
+    if w <= 0 or h <= 0:
+        out.add("degenerate_box", where)
+        return
+    if w < 1 or h < 1:
+        out.add("tiny_box", where)
+    if img is None or not _has_size(img):
+        return
+    width, height = img["width"], img["height"]
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        out.add("box_outside", f"{where}, image {width}x{height} (WxH)")
+    elif x < 0 or y < 0 or x + w > width or y + h > height:
+        out.add("box_partly_outside", f"{where}, image {width}x{height} (WxH)")
+
+
+def _check_annotations(anns: list, images: dict, cat_ids: set, out: _Collector) -> set:
+    """Reports annotation problems; returns the image ids that have at least one annotation."""
+    annotated = set()
+    for i, ann in enumerate(anns):
+        if not isinstance(ann, dict):
+            out.add("bad_record", f"annotations[{i}]: not an object")
+            continue
+        bbox = ann.get("bbox")
+        problems = [k for k in ("id", "image_id", "category_id") if not _is_id(ann.get(k))]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+            problems.append("bbox (4 numbers)")
+        if problems:
+            out.add("bad_record", f"annotations[{i}] (id {ann.get('id')!r}): missing or invalid "
+                                  f"{', '.join(problems)}")  # fmt: skip
+            continue
+        img = images.get(ann["image_id"])
+        if img is None:
+            out.add("unknown_image_id", f"annotation {ann['id']!r}: image_id {ann['image_id']!r}")
+        else:
+            annotated.add(ann["image_id"])
+        if ann["category_id"] not in cat_ids:
+            out.add("unknown_category", f"annotation {ann['id']!r} (image {ann['image_id']!r}): "
+                                        f"category_id {ann['category_id']!r}")  # fmt: skip
+        _check_box(ann, img, out)
+    _duplicates((a["id"] for a in anns if isinstance(a, dict) and _is_id(a.get("id"))),
+                "duplicate_annotation_id", "annotation", out)  # fmt: skip
+    return annotated
+
+
+def inspect_image(path: Path, decode: bool = True) -> tuple[str, str, Optional[tuple[int, int]]]:
+    """(status, reason, (width, height)) of one file: status "ok", "missing" or "unreadable"."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if decode:
+                # JPEG: decoding at 1/8 scale still reads (and checks) the whole stream but
+                # skips most of the IDCT: 1.3x faster on noisy 640x480 files, more on photos.
+                im.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))
+                im.load()
+    except FileNotFoundError:
+        return "missing", "not found", None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return "unreadable", " ".join((str(e) or type(e).__name__).split()), None
+    return "ok", "", size
+
+
+def _check_files(images: list, image_dir: Path, out: _Collector, decode: bool,
+                 workers: int, progress: bool) -> None:  # fmt: skip
+    records = [img for img in images
+               if isinstance(img, dict) and isinstance(img.get("file_name"), str)]
+    paths = [image_dir / img["file_name"] for img in records]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL decodes without the GIL
+        results: Iterable = pool.map(lambda p: inspect_image(p, decode), paths)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(paths), desc="images", unit="img", file=sys.stderr)
+        for img, path, (status, reason, size) in zip(records, paths, results):
+            where = f"image {img.get('id')!r}: {path}"
+            if status == "missing":
+                out.add("missing_file", where)
+            elif status == "unreadable":
+                out.add("unreadable_image", f"{where}: {reason}")
+            elif _has_size(img) and size != (img["width"], img["height"]):
+                out.add("size_mismatch", f"{where} is {size[0]}x{size[1]} (WxH), the json says "
+                                         f"{img['width']}x{img['height']}")  # fmt: skip
+
+
+def check_dataset(ann_file: str | Path, image_dir: str | Path, max_examples: int = 5, *,
+                  decode: bool = True, workers: Optional[int] = None,
+                  progress: bool = False) -> CheckReport:  # fmt: skip
+    """Every problem of ``ann_file`` + ``image_dir`` (see the module table), counted.
+
+    Args:
+        decode: decode every image completely (finds truncated files); False reads headers only.
+        workers: threads reading images (default: up to 8, one per CPU).
+    Raises:
+        FileNotFoundError / ValueError: one line, when the json or the folder cannot be used.
+    """
+    ann_file, image_dir = Path(ann_file), Path(image_dir)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image directory not found: {image_dir}")
+    data = _load_json(ann_file)
+    if not isinstance(data.get("images"), list):
+        raise ValueError(f"{ann_file}: no 'images' list; is this a COCO annotation file?")
+    images = data["images"]
+    anns, cats = _records(data, "annotations", ann_file), _records(data, "categories", ann_file)
+    out = _Collector(max_examples)
+
+    by_id = _check_image_records(images, out)
+    for i, cat in enumerate(cats):
+        if not (isinstance(cat, dict) and _is_id(cat.get("id"))):
+            out.add("bad_record", f"categories[{i}]: missing or invalid id")
+    cat_ids = [c["id"] for c in cats if isinstance(c, dict) and _is_id(c.get("id"))]
+    _duplicates(cat_ids, "duplicate_category_id", "category", out)
+    annotated = _check_annotations(anns, by_id, set(cat_ids), out)
+    for image_id, img in by_id.items():
+        if image_id not in annotated:
+            out.add("image_without_annotations", f"image {image_id!r}: {img.get('file_name')}")
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    _check_files(images, image_dir, out, decode, workers, progress)
+    return CheckReport(ann_file, image_dir, len(images), len(anns), len(cats), out.findings)
+
+
+def format_report(report: CheckReport) -> str:
+    """Human-readable report: a summary line, then each kind found with its first examples."""
+    lines = [f"checked {report.ann_file} with images in {report.image_dir}: "
+             f"{report.num_images} images, {report.num_annotations} annotations, "
+             f"{report.num_categories} categories"]  # fmt: skip
+    for finding in report.errors + report.warnings:
+        lines.append(f"{finding.severity.upper():8s}{finding.count:>7d}  {finding.title} "
+                     f"[{finding.kind}]")  # fmt: skip
+        lines += [f"{'':17s}{example}" for example in finding.examples]
+        if finding.count > len(finding.examples):
+            lines.append(f"{'':17s}... and {finding.count - len(finding.examples)} more")
+    n_err = sum(f.count for f in report.errors)
+    n_warn = sum(f.count for f in report.warnings)
+    if not n_err and not n_warn:
+        lines.append("no problems found")
+    else:
+        lines.append(f"{n_err} errors, {n_warn} warnings"
+                     + ("" if n_err else " (warnings only: the dataset can be trained on)"))
+    return "\n".join(lines)
+
+
+def data_check_cli(ann: str | Path, images: str | Path) -> int:
+    """``retina data check --ann A.json --images DIR``: print the report; the exit status.
+
+    1 when errors were found, 0 for warnings only or none; 2 (with one line on stderr) when the
+    json or the image folder cannot be read at all.
+    """
+    try:
+        report = check_dataset(ann, images, progress=sys.stderr.isatty())
+    except (FileNotFoundError, ValueError) as e:
+        print(f"retina: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return report.exit_status
