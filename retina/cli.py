@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="predictions", help="output directory")
     p.add_argument("--score-thresh", type=float, default=0.3)
 
+    p = sub.add_parser("convert", help="convert another framework's weights into a retina checkpoint")
+    p.add_argument("source", choices=["torchvision"])
+    p.add_argument("--in", dest="in_path", required=True, help="torchvision RetinaNet state dict (.pth)")
+    p.add_argument("--out", "-o", required=True, help="retina checkpoint to write")
+    p.add_argument("--variant", choices=["v1", "v2"], default="v1",
+                   help="v1: retinanet_resnet50_fpn; v2: retinanet_resnet50_fpn_v2")
+    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides stored in the checkpoint, e.g. data.root=/data/coco")
+
     p = sub.add_parser("data", help="generate the bundled synthetic dataset, or check a dataset")
     p.add_argument("what", choices=["shapes", "check"])
     p.add_argument("--ann", help="check: COCO annotation json")
@@ -125,6 +134,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from retina.convert import convert_cli
+
+    print(convert_cli(args.in_path, args.out, args.variant, args.set))
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from retina.data import ensure_shapes
 
@@ -140,6 +156,9 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "convert": _convert, "data": _data}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from retina.config import ConfigError
@@ -150,9 +169,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from retina.model.backbone import WeightsError
 
     if os.environ.get("RETINA_DEBUG"):  # full tracebacks for developers
-        return {"train": _train, "eval": _eval, "predict": _predict, "data": _data}[args.command](args)
+        return COMMANDS[args.command](args)
     try:
-        return {"train": _train, "eval": _eval, "predict": _predict, "data": _data}[args.command](args)
+        return COMMANDS[args.command](args)
     except (ConfigError, CheckpointError, TrainingError, PreflightError, WeightsError, BadImageError,
             FileNotFoundError, ValueError) as e:
         message = " ".join(str(e).split()) or type(e).__name__

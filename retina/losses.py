@@ -1,8 +1,20 @@
-"""Every loss and its normalisation: sigmoid focal loss (Sec. 3.2), its CE baseline, box loss.
+"""Every loss and its normalisation: sigmoid focal loss (Sec. 3.2), its baselines, box loss.
 
 The classification loss is summed over all non-ignored anchors and divided by the number of
 anchors assigned to a ground-truth box (Sec. 4); with DDP that count is averaged over ranks so all
 ranks share one normaliser. Losses are computed in fp32 whatever the autocast dtype.
+
+``type`` picks the classification loss of the paper's ablations:
+
+- ``focal``: FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t) (Sec. 3.2, Table 1b).
+- ``ce``: alpha-balanced sigmoid cross-entropy, i.e. FL with gamma 0 (Table 1a).
+- ``focal_star``: FL* = -log(sigmoid(gamma x_t + beta)) / gamma with x_t = +x for a positive,
+  -x for a negative (appendix A, Eq. 6-7), alpha_t-weighted like FL when ``alpha`` is set.
+- ``ohem``: sigmoid CE (alpha_t-weighted when set) on the anchors ``ohem_select`` keeps per
+  image: ranked by loss, NMS over the anchor boxes, the top ``batch_size`` (Sec. 5.1, Table 1d,
+  after Shrivastava et al. 2016). Its classification loss is the mean over the selected anchors,
+  as OHEM [31] and Fast R-CNN average over their minibatch of B RoIs; the box loss stays on all
+  positives, divided by their count like every type, so only the classification term differs.
 """
 
 from __future__ import annotations
@@ -13,8 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import nms
 
 from retina.assigner import AssignedTargets
+from retina.config import FocalStarConfig, OhemConfig
 from retina.matcher import FOREGROUND, IGNORE
 
 
@@ -45,6 +59,61 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: Optional[float] =
     return loss
 
 
+def focal_star_loss(logits: Tensor, targets: Tensor, gamma: float = 2.0, beta: float = 1.0,
+                    alpha: Optional[float] = None) -> Tensor:
+    """FL* = -log(p_t*) / gamma, p_t* = sigmoid(gamma x_t + beta) (appendix A, Eq. 6-7), elementwise.
+
+    x_t = x for targets 1 and -x for targets 0. -log(sigmoid(z)) = softplus(-z), which never
+    overflows. ``alpha`` weights like FL (alpha for targets 1, 1 - alpha for 0); None: off.
+    """
+    x, t = logits.float(), targets.float()
+    x_t = x * (2 * t - 1)  # y x with y in {+1, -1}
+    loss = F.softplus(-(gamma * x_t + beta)) / gamma
+    if alpha is not None:
+        loss = loss * (alpha * t + (1 - alpha) * (1 - t))
+    return loss
+
+
+def ohem_select(loss: Tensor, boxes: Tensor, fg: Tensor, valid: Tensor, batch_size: int,
+                nms_thresh: float, ratio: Optional[float] = None) -> Tensor:
+    """Indices of the anchors OHEM trains on in one image (Sec. 5.1, Table 1d).
+
+    loss (R,) per-anchor loss; boxes (R, 4) XYXY anchor boxes; fg, valid (R,) bool. Valid
+    anchors are ranked by loss, NMS at ``nms_thresh`` drops an anchor that overlaps a
+    higher-loss one (OHEM's NMS runs on the RoIs, whose analogue here is the anchor), and the
+    ``batch_size`` highest-loss survivors are kept. With ``ratio`` r (SSD's 1:3 is r = 0.25)
+    positives and negatives are taken separately from the survivors, each by loss: up to
+    floor(r B) positives, then negatives up to B minus those and up to (1 - r) / r times the
+    positives kept, so the minibatch holds r : (1 - r) (an image with no positive keeps nothing).
+
+    Greedy NMS keeps a box only by looking at higher-loss boxes, so NMS over the top-m prefix of
+    the ranking gives exactly the survivors within it; the prefix grows x4 until it holds enough
+    survivors, which avoids an R x R NMS on big images. Returns selected indices (S,), S <= B,
+    positives first when ``ratio`` is set, each part in decreasing loss. Unlike the other losses
+    this waits on the device once or more per image (NMS output sizes): a baseline, not a default.
+    """
+    cand = valid.nonzero().squeeze(1)  # (V,)
+    order = cand[torch.argsort(loss[cand], descending=True, stable=True)]  # (V,) by loss
+    num_fg_quota = int(ratio * batch_size) if ratio is not None else 0
+    m = min(len(order), 8 * batch_size)
+    while True:
+        prefix = order[:m]
+        kept = prefix[nms(boxes[prefix].float(), loss[prefix].float(), nms_thresh)]  # by loss
+        fg_kept, bg_kept = kept[fg[kept]], kept[~fg[kept]]
+        if ratio is None:
+            enough = len(kept) >= batch_size
+        else:
+            enough = len(fg_kept) >= num_fg_quota and len(bg_kept) >= batch_size - num_fg_quota
+        if enough or m == len(order):
+            break
+        m = min(len(order), 4 * m)
+    if ratio is None:
+        return kept[:batch_size]
+    num_fg = min(len(fg_kept), num_fg_quota)
+    num_bg = min(len(bg_kept), batch_size - num_fg, int(num_fg * (1 - ratio) / ratio + 1e-6))
+    return torch.cat([fg_kept[:num_fg], bg_kept[:num_bg]])
+
+
 def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
     """Elementwise smooth L1 (beta) or L1 loss in fp32, shape of ``pred``."""
     pred, target = pred.float(), target.float()
@@ -64,15 +133,19 @@ def _mean_over_ranks(x: Tensor) -> Tensor:
 class RetinaNetLoss(nn.Module):
     """Classification + box loss of a batch from head outputs and assigned targets."""
 
-    def __init__(self, num_classes: int, type: Literal["focal", "ce"] = "focal",
+    def __init__(self, num_classes: int, type: Literal["focal", "ce", "ohem", "focal_star"] = "focal",
                  alpha: Optional[float] = 0.25, gamma: float = 2.0,
                  box_loss: Literal["smooth_l1", "l1"] = "smooth_l1", smooth_l1_beta: float = 0.1,
                  box_weight: float = 1.0, normalizer: Literal["batch", "ema", "image"] = "batch",
-                 ema_momentum: float = 0.9) -> None:
+                 ema_momentum: float = 0.9, ohem: OhemConfig = OhemConfig(),
+                 focal_star: FocalStarConfig = FocalStarConfig()) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.type = type
         self.alpha = alpha
-        self.gamma = gamma if type == "focal" else 0.0  # ce: alpha-balanced BCE, Table 1a
+        self.gamma = gamma if type == "focal" else 0.0  # ce, ohem: alpha-balanced BCE, Table 1a
+        self.ohem = ohem
+        self.focal_star = focal_star
         self.box_loss = box_loss
         self.beta = smooth_l1_beta
         self.box_weight = box_weight
@@ -81,14 +154,21 @@ class RetinaNetLoss(nn.Module):
         # detectron2 starts its running positive count at 100; kept in the state dict.
         self.register_buffer("num_pos_ema", torch.tensor(100.0))
 
-    def forward(self, pred_logits: Tensor, pred_deltas: Tensor,
-                targets: AssignedTargets) -> dict[str, Tensor]:
-        """pred_logits (N, R, K), pred_deltas (N, R, 4) -> scalar ``loss_cls``, ``loss_box``."""
+    def forward(self, pred_logits: Tensor, pred_deltas: Tensor, targets: AssignedTargets,
+                anchors: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """pred_logits (N, R, K), pred_deltas (N, R, 4) -> scalar ``loss_cls``, ``loss_box``.
+
+        ``anchors`` (R, 4) XYXY: needed by ``ohem`` only, for its NMS.
+        """
         fg = targets.labels == FOREGROUND  # (N, R)
         valid = targets.labels != IGNORE  # (N, R)
         k = torch.arange(self.num_classes, device=pred_logits.device)
         onehot = targets.classes[..., None] == k  # (N, R, K) bool; background class K never hits
-        cls = sigmoid_focal_loss(pred_logits, onehot, self.alpha, self.gamma)
+        if self.type == "focal_star":
+            cls = focal_star_loss(pred_logits, onehot, self.focal_star.gamma, self.focal_star.beta,
+                                  self.alpha)
+        else:
+            cls = sigmoid_focal_loss(pred_logits, onehot, self.alpha, self.gamma)
         cls_per_image = (cls.sum(-1) * valid).sum(-1)  # (N,)
         box = box_regression_loss(pred_deltas, targets.box_deltas, self.box_loss, self.beta)
         box_per_image = (box.sum(-1) * fg).sum(-1)  # (N,)
@@ -108,5 +188,21 @@ class RetinaNetLoss(nn.Module):
             norm = num_pos.clamp(min=1)
             loss_cls = cls_per_image.sum() / norm
             loss_box = box_per_image.sum() / norm
+        if self.type == "ohem":
+            loss_cls = self._ohem_cls_loss(cls.sum(-1), fg, valid, anchors)
         self.last_num_pos = pos_per_image.sum().detach()  # read by the trainer when it logs
         return {"loss_cls": loss_cls, "loss_box": self.box_weight * loss_box}
+
+    def _ohem_cls_loss(self, cls_per_anchor: Tensor, fg: Tensor, valid: Tensor,
+                       anchors: Optional[Tensor]) -> Tensor:
+        """Mean CE over the anchors ``ohem_select`` keeps; cls_per_anchor, fg, valid (N, R)."""
+        if anchors is None:
+            raise ValueError("loss.type=ohem needs the anchors (R, 4) for its NMS")
+        o = self.ohem
+        scores = cls_per_anchor.detach()  # (N, R): selection is not differentiated
+        selected = torch.zeros_like(valid)  # (N, R) bool
+        for i in range(cls_per_anchor.shape[0]):  # per image: NMS and the quota are per image
+            keep = ohem_select(scores[i], anchors, fg[i], valid[i], o.batch_size, o.nms, o.ratio)
+            selected[i, keep] = True
+        num_selected = _mean_over_ranks(selected.sum().float())
+        return (cls_per_anchor * selected).sum() / num_selected.clamp(min=1)

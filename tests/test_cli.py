@@ -73,3 +73,19 @@ def test_eval_corrupt_checkpoint(capsys, tmp_path):
     code, err = run_cli(capsys, "eval", "--weights", str(path))
     assert code == 2
     assert_one_line_error(err, "model_final.pth")
+
+
+def test_convert_missing_input(capsys, tmp_path):
+    code, err = run_cli(capsys, "convert", "torchvision", "--in", str(tmp_path / "tv.pth"),
+                        "--out", str(tmp_path / "out.pth"))
+    assert code == 2
+    assert_one_line_error(err, "tv.pth", "not found")
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_data_check_cli(capsys, tiny_coco):
+    ann, images = tiny_coco
+    # the hand-made set has degenerate boxes and an empty image: warnings only -> exit 0
+    code = main(["data", "check", "--ann", str(ann), "--images", str(images)])
+    out = capsys.readouterr().out
+    assert code == 0 and "warnings" in out

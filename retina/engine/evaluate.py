@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+
+EvalBackend = Literal["pycocotools", "faster_coco_eval"]
 
 # The 12 COCO box metrics, in the order of ``COCOeval.stats``.
 METRIC_NAMES = (
@@ -108,14 +110,41 @@ def _empty_metrics(class_names: Sequence[str]) -> dict:
     return metrics
 
 
+class EvalBackendError(ValueError):
+    """The selected COCO evaluation backend cannot be used; one line saying how to install it."""
+
+
+def _coco_classes(backend: EvalBackend) -> tuple[type, type]:
+    """(COCO, COCOeval) classes of ``backend``; faster-coco-eval is an optional dependency."""
+    if backend == "pycocotools":
+        return COCO, COCOeval
+    if backend == "faster_coco_eval":
+        try:
+            from faster_coco_eval import COCO as FastCOCO, COCOeval_faster
+        except ImportError:
+            raise EvalBackendError("eval.backend=faster_coco_eval needs the faster-coco-eval "
+                                   "package: pip install faster-coco-eval") from None
+        return FastCOCO, COCOeval_faster
+    raise EvalBackendError(f"unknown eval backend {backend!r}; choose pycocotools | faster_coco_eval")
+
+
+def check_backend(backend: EvalBackend) -> None:
+    """Raise ``EvalBackendError`` now, before hours of training, if ``backend`` is unusable."""
+    _coco_classes(backend)
+
+
 def evaluate_detections(
     coco_gt: COCO,
     results: list[dict],
     class_names: list[str] | None = None,
     cat_ids: list[int] | None = None,
     image_ids: list[int] | None = None,
+    backend: EvalBackend = "pycocotools",
 ) -> dict:
-    """Score COCO results against ``coco_gt`` with pycocotools (bbox), silencing its prints.
+    """Score COCO results against ``coco_gt`` (bbox), silencing the evaluator's prints.
+
+    ``backend`` "pycocotools" is the reference; "faster_coco_eval" (optional package, C++
+    evaluate/accumulate) gives the same 12 metrics and per-class AP several times faster.
 
     Args:
         coco_gt: ground truth; every image in it is evaluated (images without detections count).
@@ -141,10 +170,15 @@ def evaluate_detections(
     if len(results) == 0:
         return _empty_metrics(class_names)
 
+    coco_cls, cocoeval_cls = _coco_classes(backend)
     with contextlib.redirect_stdout(io.StringIO()):
+        gt = coco_gt
+        if not isinstance(coco_gt, coco_cls):  # faster-coco-eval indexes the same dataset dict
+            gt = coco_cls(coco_gt.dataset, print_function=lambda *a, **k: None)
         # loadRes adds keys (area, id, segmentation) to each dict in place: give it copies.
-        coco_dt = coco_gt.loadRes([dict(r) for r in results])
-        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_dt = gt.loadRes([dict(r) for r in results])
+        kwargs = {"print_function": lambda *a, **k: None} if backend != "pycocotools" else {}
+        coco_eval = cocoeval_cls(gt, coco_dt, iouType="bbox", **kwargs)
         coco_eval.params.catIds = cat_ids
         if image_ids is not None:
             coco_eval.params.imgIds = [int(i) for i in image_ids]
@@ -152,7 +186,7 @@ def evaluate_detections(
         coco_eval.accumulate()
         coco_eval.summarize()
 
-    metrics: dict[str, Any] = {
+    metrics: dict[str, Any] = {  # faster-coco-eval appends AR50, AR75 after the 12: zip drops them
         name: float(v) * 100 if v >= 0 else float("nan")
         for name, v in zip(METRIC_NAMES, coco_eval.stats)
     }
@@ -260,9 +294,10 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
     num_workers: int = 2,
+    backend: EvalBackend = "pycocotools",
 ) -> dict:
     """``inference`` + ``to_coco_results`` + ``evaluate_detections`` on a ``CocoDetection``-like
-    dataset (attributes ``coco``, ``cat_ids``, ``class_names``).
+    dataset (attributes ``coco``, ``cat_ids``, ``class_names``); ``backend`` as there.
 
     When ``out_dir`` is given, writes ``out_dir/detections.json`` (COCO results) and
     ``out_dir/metrics.json`` (the returned dict, NaN as null).
@@ -273,7 +308,7 @@ def evaluate(
     cat_ids = list(dataset.cat_ids)
     results = to_coco_results(outputs, image_ids, cat_ids)
     metrics = evaluate_detections(
-        dataset.coco, results, list(dataset.class_names), cat_ids, image_ids
+        dataset.coco, results, list(dataset.class_names), cat_ids, image_ids, backend
     )
     if out_dir is not None:
         out_dir = Path(out_dir)

@@ -20,24 +20,27 @@ __all__ = ["build_model", "RetinaNet"]
 
 def build_model(cfg: Config) -> RetinaNet:
     m = cfg.model
-    backbone = ResNetBackbone(m.backbone.depth, m.backbone.weights, m.backbone.norm, m.backbone.freeze_at)
+    backbone = ResNetBackbone(m.backbone.depth, m.backbone.weights, m.backbone.norm, m.backbone.freeze_at,
+                              m.backbone.norm_eps)
     fpn = FPN(backbone.out_channels, m.fpn.channels, m.fpn.min_level, m.fpn.max_level, m.fpn.p6_from)
     levels = range(m.fpn.min_level, m.fpn.max_level + 1)
     sizes = m.anchors.sizes or default_sizes(m.fpn.min_level, m.fpn.max_level)
     anchors = AnchorGenerator([2**lvl for lvl in levels], sizes, m.anchors.scales, m.anchors.ratios,
-                              m.anchors.offset)
+                              m.anchors.offset, m.anchors.stride_from, order=m.anchors.order,
+                              truncate_sizes=m.anchors.truncate_sizes,
+                              round_corners=m.anchors.round_corners)
     head = RetinaHead(m.fpn.channels, anchors.num_anchors, m.num_classes, m.head.num_convs,
-                      m.head.norm, m.head.prior_prob)
+                      m.head.norm, m.head.prior_prob, m.head.conv_bias)
     box_coder = BoxCoder(m.box_coder.weights, m.box_coder.scale_clamp)
     matcher = Matcher(m.matcher.fg_iou_thresh, m.matcher.bg_iou_thresh, m.matcher.allow_low_quality)
     loss_cfg = cfg.loss
     loss = RetinaNetLoss(m.num_classes, loss_cfg.type, loss_cfg.alpha, loss_cfg.gamma, loss_cfg.box_loss,
                          loss_cfg.smooth_l1_beta, loss_cfg.box_weight, loss_cfg.normalizer,
-                         loss_cfg.ema_momentum)
+                         loss_cfg.ema_momentum, loss_cfg.ohem, loss_cfg.focal_star)
     post = PostProcessor(box_coder, m.inference.score_thresh, m.inference.topk_candidates,
                          m.inference.nms_thresh, m.inference.detections_per_image)
     spec = InputSpec(m.input.min_size, m.input.max_size, m.input.pixel_mean, m.input.pixel_std,
-                     m.input.size_divisibility)
+                     m.input.size_divisibility, m.input.resize)
     model = RetinaNet(backbone, fpn, head, anchors, TargetAssigner(matcher, box_coder, m.num_classes),
                       loss, post, spec, m.channels_last)
     if m.channels_last:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,14 +46,20 @@ class ResNetBackbone(nn.Module):
     """Returns C3, C4, C5 of a torchvision ResNet."""
 
     def __init__(self, depth: int, weights: str | None = None, norm: str = "auto",
-                 freeze_at: int = 2) -> None:
+                 freeze_at: int = 2, norm_eps: float = 1e-5) -> None:
         super().__init__()
         frozen = norm == "frozen_bn" or (norm == "auto" and weights is not None)
-        norm_layer = FrozenBatchNorm2d if frozen else nn.BatchNorm2d
+        norm_layer = partial(FrozenBatchNorm2d if frozen else nn.BatchNorm2d, eps=norm_eps)
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm_layer)
         if weights is not None:
             state = _load_state_dict(depth, weights)
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            shapes = net.state_dict()
+            wrong = [k for k, v in state.items() if k in shapes and shapes[k].shape != v.shape]
+            if wrong:  # load_state_dict would raise a multi-line RuntimeError
+                raise WeightsError(f"backbone weights {weights} do not fit resnet{depth}: "
+                                   f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, "
+                                   f"resnet{depth} needs {tuple(shapes[wrong[0]].shape)}")
             missing, unexpected = net.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith("fc.")]
             if missing or unexpected:

@@ -16,10 +16,10 @@ def to_n_hwa_c(x: Tensor, c: int) -> Tensor:
     return x.view(n, -1, c, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, c)
 
 
-def _tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
+def _tower(channels: int, num_convs: int, norm: str, bias: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(num_convs):
-        layers.append(nn.Conv2d(channels, channels, 3, padding=1))
+        layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=bias))
         if norm == "gn":
             # 32 groups (GN paper); fewer when 32 does not divide the width, e.g. 48 -> 16
             layers.append(nn.GroupNorm(math.gcd(32, channels), channels))
@@ -31,17 +31,18 @@ class RetinaHead(nn.Module):
     """Two towers of ``num_convs`` 3x3 convs, then K*A class logits and 4*A box deltas."""
 
     def __init__(self, channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
-                 norm: str = "none", prior_prob: float = 0.01) -> None:
+                 norm: str = "none", prior_prob: float = 0.01, conv_bias: bool = True) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.cls_tower = _tower(channels, num_convs, norm)
-        self.box_tower = _tower(channels, num_convs, norm)
+        self.cls_tower = _tower(channels, num_convs, norm, conv_bias)
+        self.box_tower = _tower(channels, num_convs, norm, conv_bias)
         self.cls_logits = nn.Conv2d(channels, num_anchors * num_classes, 3, padding=1)
         self.box_deltas = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)  # Sec. 4.1: Gaussian sigma = 0.01, bias 0
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         # pi = 0.01 prior, Sec. 4.1: keeps early CE from being swamped by background.
         nn.init.constant_(self.cls_logits.bias, prior_bias(prior_prob))
 

@@ -33,6 +33,7 @@ class InputSpec:
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     size_divisibility: int
+    resize: str = "round"  # "round" | "torchvision", see InputConfig.resize
 
 
 def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
@@ -89,12 +90,15 @@ class RetinaNet(nn.Module):
         for i, img in enumerate(images):
             h, w = img.shape[-2:]
             scale = resize_scale(h, w, self._target_size(h, w), spec.max_size)
-            if abs(scale - 1) > 1e-3:
-                size = (round(h * scale), round(w * scale))
-                img = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+            if spec.resize == "torchvision":
+                img = self._resize_torchvision(img, scale)
             else:
-                scale = 1.0
-            img = (img.float() - self.pixel_mean) / self.pixel_std
+                if abs(scale - 1) > 1e-3:
+                    size = (round(h * scale), round(w * scale))
+                    img = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+                else:
+                    scale = 1.0
+                img = (img.float() - self.pixel_mean) / self.pixel_std
             resized.append(img)
             sizes.append((img.shape[-2], img.shape[-1]))
             scales.append(scale)
@@ -113,6 +117,13 @@ class RetinaNet(nn.Module):
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch, sizes, scales, new_targets
 
+    def _resize_torchvision(self, img: Tensor, scale: float) -> Tensor:
+        """GeneralizedRCNNTransform's arithmetic: normalise first, then always interpolate by
+        ``scale`` with recompute_scale_factor=True, so each side becomes floor(side * scale)."""
+        img = (img.float() - self.pixel_mean) / self.pixel_std
+        return F.interpolate(img[None], scale_factor=scale, mode="bilinear",
+                             recompute_scale_factor=True, align_corners=False)[0]
+
     # ----------------------------------------------------------------------------- forward
     def forward(self, images: Sequence[Tensor], targets: Optional[list[dict]] = None):
         if self.training and targets is None:
@@ -121,10 +132,10 @@ class RetinaNet(nn.Module):
         features = list(self.fpn(self.backbone(batch)).values())
         pred_logits, pred_deltas = self.head(features)  # (N, R, K), (N, R, 4)
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
-        anchors = self.anchor_generator(feature_sizes, batch.device)  # (R, 4)
+        anchors = self.anchor_generator(feature_sizes, batch.device, tuple(batch.shape[-2:]))  # (R, 4)
         if self.training:
             assigned = self.assigner(pad_targets(targets, batch.device), anchors)
-            return self.loss(pred_logits, pred_deltas, assigned)
+            return self.loss(pred_logits, pred_deltas, assigned, anchors)  # anchors: OHEM's NMS
         detections = self.postprocessor(pred_logits, pred_deltas, anchors,
                                         self.anchor_generator.num_anchors_per_level(feature_sizes), sizes)
         for det, size, img in zip(detections, sizes, images):

@@ -1,0 +1,384 @@
+"""``retina ablate``: train every combination of a grid of config overrides, then tabulate.
+
+A grid is ``key=v1,v2,...``: the values are split on commas outside brackets, braces and quotes,
+and each is a YAML value read as ``--set`` reads it (YAML 1.2: ``null``, ``0.25``, ``ohem``,
+``[96]``). So a list-valued key takes bracketed values: ``model.input.min_size=[96],[128]`` is
+two runs, ``model.input.min_size=[96,128],[128]`` is two runs as well (the first multi-scale).
+Several grids multiply, the first varying slowest. A config may also hold the grid, in an
+``ablate:`` section that training ignores (``retina/config.py`` drops it)::
+
+    ablate:
+      grids:   # each entry one product of keys; the sweep is their union, in this order
+        - {loss.gamma: [0, 1, 2], loss.alpha: [0.25, 0.75]}
+        - {loss.type: [ohem], loss.alpha: [null]}
+
+``--grid`` on the command line replaces the file's grids. Each combination trains in
+``OUT/<name>/`` (name: ``gamma=0.5,alpha=0.25``, from the grid's keys and values), with its
+resolved ``config.yaml``, ``metrics.jsonl``, ``metrics.json`` and ``ablate_run.json`` (the
+overrides, wall time and status). Re-running skips runs that have ``metrics.json`` and resumes
+those that have a checkpoint; a run that failed (e.g. diverged) is tried again. The tables and
+the plot come from ``retina/ablate_report.py`` and are rebuilt from the run directories alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from retina.ablate_report import build_report, short_keys
+from retina.config import ConfigError, _yaml_load, load_config
+
+__all__ = ["expand_grid", "run_name", "plan_sweep", "run_sweep", "build_report", "ablate_cli"]
+
+RUN_FILE = "ablate_run.json"  # per run: overrides, wall time, status
+
+
+# ------------------------------------------------------------------------------------- grids
+def split_values(raw: str) -> list[str]:
+    """``"0,[96,128],'a,b'"`` -> ``["0", "[96,128]", "'a,b'"]``: commas at depth 0 split."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(raw):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(raw[start:i])
+            start = i + 1
+    parts.append(raw[start:])
+    return [p.strip() for p in parts]
+
+
+def parse_grid(item: str) -> tuple[str, list[str]]:
+    """``"loss.gamma=0,0.5"`` -> ``("loss.gamma", ["0", "0.5"])``; values checked as YAML."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or not raw.strip():
+        raise ConfigError(f"--grid {item}: expected key=v1,v2,..., e.g. loss.gamma=0,0.5,1,2")
+    values = split_values(raw)
+    for v in values:
+        if not v:
+            raise ConfigError(f"--grid {item}: empty value")
+        try:
+            _yaml_load(v)
+        except yaml.YAMLError:
+            raise ConfigError(f"--grid {item}: value {v!r} is not valid YAML") from None
+    return key, values
+
+
+def expand_grid(grids: Sequence[str]) -> list[list[str]]:
+    """Every combination of the grids as ``--set`` overrides; no grid: one run, no override.
+
+    ``["loss.gamma=0,1", "loss.alpha=0.25,0.75"]`` -> ``[["loss.gamma=0", "loss.alpha=0.25"],
+    ["loss.gamma=0", "loss.alpha=0.75"], ["loss.gamma=1", "loss.alpha=0.25"], ...]``.
+    """
+    parsed = [parse_grid(g) for g in grids]
+    keys = [k for k, _ in parsed]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ConfigError(f"--grid: key '{repeated[0]}' given twice; list its values once")
+    return [[f"{k}={v}" for k, v in zip(keys, combo)]
+            for combo in itertools.product(*(values for _, values in parsed))]
+
+
+def _yaml_value_text(value: Any) -> str:
+    """A value of an ``ablate:`` section back to ``--set`` text (JSON is YAML)."""
+    if isinstance(value, str) and _yaml_load(value) == value:
+        return value
+    return json.dumps(value)
+
+
+def grids_from_config(path: str | Path) -> list[list[str]]:
+    """The ``ablate: grids:`` of a config file (its own text, not its base's) as lists of
+    ``--grid`` items, one list per product; [] when it has none."""
+    data = _yaml_load(Path(path).read_text()) or {}
+    section = data.get("ablate") if isinstance(data, dict) else None
+    if section is None:
+        return []
+    grids = section.get("grids") if isinstance(section, dict) else None
+    if not isinstance(grids, list) or not all(isinstance(g, dict) and g for g in grids):
+        raise ConfigError(f"{path}: ablate.grids should be a list of mappings key: [values]")
+    out = []
+    for g in grids:
+        items = []
+        for key, values in g.items():
+            values = values if isinstance(values, list) else [values]
+            items.append(f"{key}=" + ",".join(_yaml_value_text(v) for v in values))
+        out.append(items)
+    return out
+
+
+# ------------------------------------------------------------------------------------ naming
+def _clean_value(raw: str) -> str:
+    v = raw.strip().strip("'\"")
+    v = re.sub(r"[\[\]{}'\" ]", "", v).replace(",", "-")
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", v) or "_"
+
+
+def run_name(overrides: Sequence[str]) -> str:
+    """``["loss.gamma=0.5", "loss.alpha=0.25"]`` -> ``"gamma=0.5,alpha=0.25"``, a directory name.
+
+    Keys shortened to their shortest unambiguous suffix, values stripped of brackets and quotes
+    (list items joined by ``-``), any other character outside ``[A-Za-z0-9._+-]`` -> ``_``.
+    No override: ``"default"``.
+    """
+    if not overrides:
+        return "default"
+    pairs = [o.split("=", 1) for o in overrides]
+    keys = short_keys([k.strip() for k, _ in pairs])
+    name = ",".join(f"{re.sub(r'[^A-Za-z0-9._+-]', '_', k)}={_clean_value(v)}"
+                    for k, (_, v) in zip(keys, pairs))
+    return name if len(name) <= 200 else name[:200]
+
+
+# ------------------------------------------------------------------------------------ sweeps
+@dataclass(frozen=True)
+class SweepRun:
+    name: str
+    overrides: tuple[str, ...]  # the grid's, after the sweep's --set overrides
+    run_dir: Path
+
+
+def plan_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str],
+               out_dir: str | Path) -> list[SweepRun]:
+    """The runs of a sweep, each config checked now so a typo stops it before any training.
+
+    ``grids`` empty: the config's ``ablate: grids:`` (several products, concatenated).
+    """
+    products = [list(grids)] if grids else grids_from_config(config_path)
+    combos = [c for product in (products or [[]]) for c in expand_grid(product)]
+    runs, seen = [], {}
+    for overrides in combos:
+        cfg = load_config(config_path, [*sets, *overrides])
+        if not cfg.train.eval_at_end:
+            raise ConfigError(f"{config_path}: ablate needs train.eval_at_end=true (the table "
+                              f"reads each run's metrics.json)")
+        name = run_name(overrides)
+        if name in seen and seen[name] != overrides:
+            raise ConfigError(f"--grid: {seen[name]} and {overrides} give the same run name {name!r}")
+        if name not in seen:
+            seen[name] = overrides
+            runs.append(SweepRun(name, tuple(overrides), Path(out_dir) / name))
+    return runs
+
+
+def _read_run_file(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_run_file(run: SweepRun, sets: Sequence[str], wall_s: float, status: str,
+                    error: Optional[str] = None) -> None:
+    previous = _read_run_file(run.run_dir).get("wall_s", 0.0)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"name": run.name, "overrides": list(run.overrides), "sets": list(sets),
+              "wall_s": round(previous + wall_s, 1), "status": status, "error": error}
+    (run.run_dir / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _is_finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").is_file()
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    from retina.engine.checkpoint import last_checkpoint
+
+    return run_dir.is_dir() and last_checkpoint(run_dir) is not None
+
+
+def _fmt_time(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class _Progress:
+    """One line per finished run: ``[k/n] name: AP 41.2 in 1:52 (sweep ETA 7:30)``."""
+
+    def __init__(self, total: int, jobs: int) -> None:
+        self.total, self.jobs, self.done = total, jobs, 0
+        self.start, self.trained = time.perf_counter(), 0
+
+    def line(self, name: str, status: str, trained: bool) -> None:
+        self.done += 1
+        self.trained += trained
+        left = self.total - self.done
+        eta = ""
+        if left and self.trained:
+            per_run = (time.perf_counter() - self.start) / self.trained
+            eta = f" (sweep ETA {_fmt_time(per_run * left / self.jobs)})"
+        print(f"[{self.done}/{self.total}] {name}: {status}{eta}", flush=True)
+
+
+def _status_text(run_dir: Path, wall_s: float) -> str:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    ap = metrics.get("AP")
+    return f"AP {ap:.1f} in {_fmt_time(wall_s)}" if isinstance(ap, (int, float)) else "done"
+
+
+def _train_in_process(run: SweepRun, config_path: Path, sets: Sequence[str], device: str,
+                      resume: bool) -> Optional[str]:
+    """Train one run here; the error line when it fails (e.g. the loss diverged)."""
+    from retina.engine.train import Trainer, TrainingError
+
+    cfg = load_config(config_path, [*sets, *run.overrides])
+    try:
+        Trainer(cfg, run.run_dir, device, resume=resume, quiet=True).train()
+    except TrainingError as e:
+        return " ".join(str(e).split())
+    return None
+
+
+def _child_env(slot: int, jobs: int, device: str) -> tuple[dict, str]:
+    """Environment and --device of the subprocess in ``slot``: CPU threads divided by ``jobs``;
+    with GPUs, one per slot (round robin)."""
+    env = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
+            device = "cuda"
+    return env, device
+
+
+def _start_child(run: SweepRun, config_path: Path, sets: Sequence[str], device: str,
+                 slot: int, jobs: int, resume: bool) -> subprocess.Popen:
+    env, device = _child_env(slot, jobs, device)
+    cmd = [sys.executable, "-m", "retina", "train", "--config", str(config_path),
+           "--out", str(run.run_dir), "--device", device]
+    if resume:
+        cmd.append("--resume")
+    if sets or run.overrides:
+        cmd += ["--set", *sets, *run.overrides]
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run.run_dir / "train.log", "a")
+    try:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    finally:
+        log.close()  # the child holds its own descriptor
+
+
+def _child_error(run_dir: Path, returncode: int) -> str:
+    lines = [ln for ln in (run_dir / "train.log").read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else f"exit status {returncode}"
+
+
+def run_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str],
+              out_dir: str | Path, jobs: int = 1, device: str = "auto") -> list[dict]:
+    """Train every combination not finished yet into ``out_dir/<name>/``.
+
+    ``jobs`` 1 trains in this process; more start ``python -m retina train`` subprocesses, that
+    many at once (logs in ``<run>/train.log``), each with ``cpu_count // jobs`` torch threads or,
+    with CUDA, its own GPU. Returns one dict per run: ``name``, ``run_dir``, ``overrides``,
+    ``status`` (skipped | done | failed) and ``error``.
+    """
+    config_path, out_dir = Path(config_path), Path(out_dir)
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: must be >= 1")
+    runs = plan_sweep(config_path, grids, sets, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = _Progress(len(runs), jobs)
+    results: dict[str, dict] = {}
+    todo: deque[SweepRun] = deque()
+    for run in runs:
+        if _is_finished(run.run_dir):
+            results[run.name] = {"status": "skipped", "error": None}
+            progress.line(run.name, "finished before, skipped", trained=False)
+        else:
+            todo.append(run)
+
+    def finish(run: SweepRun, wall: float, error: Optional[str]) -> None:
+        status = "failed" if error else "done"
+        _write_run_file(run, sets, wall, status, error)
+        results[run.name] = {"status": status, "error": error}
+        total_wall = _read_run_file(run.run_dir).get("wall_s", wall)
+        text = f"failed: {error}" if error else _status_text(run.run_dir, total_wall)
+        progress.line(run.name, text, trained=True)
+
+    if jobs == 1:
+        while todo:
+            run = todo.popleft()
+            resume = _has_checkpoint(run.run_dir)
+            print(f"training {run.name}{' (resuming)' if resume else ''} -> {run.run_dir}", flush=True)
+            _write_run_file(run, sets, 0.0, "running")
+            t0 = time.perf_counter()
+            try:
+                error = _train_in_process(run, config_path, sets, device, resume)
+            except BaseException as e:  # keep the time spent; on Ctrl-C the trainer saved a checkpoint
+                stopped = isinstance(e, KeyboardInterrupt) or type(e).__name__ == "Interrupted"
+                _write_run_file(run, sets, time.perf_counter() - t0, "interrupted" if stopped else "failed",
+                                None if stopped else f"{type(e).__name__}: {' '.join(str(e).split())}")
+                raise
+            finish(run, time.perf_counter() - t0, error)
+    else:
+        running: dict[int, tuple[subprocess.Popen, SweepRun, float]] = {}
+        try:
+            while todo or running:
+                for slot in range(jobs):
+                    if slot not in running and todo:
+                        run = todo.popleft()
+                        resume = _has_checkpoint(run.run_dir)
+                        _write_run_file(run, sets, 0.0, "running")
+                        print(f"training {run.name}{' (resuming)' if resume else ''} -> "
+                              f"{run.run_dir} (log: train.log)", flush=True)
+                        proc = _start_child(run, config_path, sets, device, slot, jobs, resume)
+                        running[slot] = (proc, run, time.perf_counter())
+                time.sleep(0.5)
+                for slot, (proc, run, t0) in list(running.items()):
+                    if proc.poll() is not None:
+                        del running[slot]
+                        error = None if proc.returncode == 0 else _child_error(run.run_dir, proc.returncode)
+                        finish(run, time.perf_counter() - t0, error)
+        except BaseException:  # Ctrl-C reached the children too: let them save, keep the times
+            for proc, run, t0 in running.values():
+                proc.wait()
+                _write_run_file(run, sets, time.perf_counter() - t0, "interrupted")
+            raise
+    return [{"name": r.name, "run_dir": str(r.run_dir), "overrides": list(r.overrides), **results[r.name]}
+            for r in runs]
+
+
+# --------------------------------------------------------------------------------------- CLI
+def ablate_cli(config: Optional[str], grids: Sequence[str] = (), sets: Sequence[str] = (),
+               out: Optional[str] = None, jobs: int = 1, device: str = "auto",
+               report_only: Optional[str] = None) -> int:
+    """``retina ablate --config C --grid k=v1,v2 [--grid ...] [--set k=v ...] [--out DIR]
+    [--jobs J]`` (default out: runs/ablate/<config name>), or ``retina ablate --report DIR``.
+    Errors are ConfigError / TrainingError for the CLI to print; returns the exit status."""
+    if report_only is not None:
+        paths = build_report(report_only)
+        print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+        return 0
+    if config is None:
+        raise ConfigError("retina ablate needs --config (or --report DIR)")
+    from retina.cli import find_config
+
+    config_path = find_config(config)
+    out_dir = Path(out) if out else Path("runs") / "ablate" / config_path.stem
+    t0 = time.perf_counter()
+    results = run_sweep(config_path, grids, sets, out_dir, jobs, device)
+    paths = build_report(out_dir)
+    failed = [r["name"] for r in results if r["status"] == "failed"]
+    print(f"sweep of {len(results)} runs done in {_fmt_time(time.perf_counter() - t0)}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0

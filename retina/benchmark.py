@@ -1,0 +1,372 @@
+"""Side-by-side speed of ``retina`` and torchvision's ``retinanet_resnet50_fpn`` in one process.
+
+Both models get the same batch (and the same weights when ``retina/convert.py`` can copy them);
+each timed part alternates ours, theirs, ours, theirs... after a warmup, and reports the median of
+each and the ratio ours / theirs. Parts:
+
+- ``train``: forward, backward and an SGD step on ``batch_size`` images of ``image_size``;
+- ``infer``: eval-mode forward including post-processing;
+- ``loss``: target assignment + loss (forward and backward to the head outputs) from the same
+  head outputs and anchors: torchvision's ``model.compute_loss`` against retina's assigner + loss;
+- ``post``: post-processing alone from the same head outputs: torchvision's
+  ``model.postprocess_detections`` against retina's ``PostProcessor``.
+
+Shape legend: N images, R anchors per image, M ground-truth boxes, K classes.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import re
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from retina.assigner import pad_targets
+from retina.config import load_config
+from retina.model import RetinaNet, build_model
+
+Part = Literal["train", "infer", "loss", "post"]
+PARTS: tuple[Part, ...] = ("train", "infer", "loss", "post")
+
+PAPER_CONFIG = "configs/retinanet_r50_fpn_1x_coco.yaml"
+PARITY_CONFIG = "configs/torchvision_retinanet_r50_fpn.yaml"
+# Without the parity config, these turn the paper config into torchvision's architecture with
+# weights_backbone=None: trainable BatchNorm, P6 from P5 (LastLevelP6P7(256, 256)), padding to
+# 32, L1 box loss, each image normalised by its own positives.
+PARITY_OVERRIDES = ("model.backbone.weights=null", "model.backbone.norm=bn", "model.fpn.p6_from=p5",
+                    "model.input.size_divisibility=32", "loss.box_loss=l1", "loss.normalizer=image")
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    device: str = "cpu"
+    batch_size: int = 2  # N of the train / infer parts
+    image_size: tuple[int, int] = (800, 1056)  # H, W of the train / infer parts
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    repeats: int = 5  # timed calls of each model per part
+    warmup: int = 1  # untimed calls of each model per part first
+    parts: tuple[Part, ...] = PARTS
+    depth: int = 50  # ResNet depth of both models (torchvision's builder is R50; others built alike)
+    part_batch_size: int = 8  # N of the loss / post parts
+    part_image_size: tuple[int, int] = (800, 1333)  # H, W whose anchors the loss / post parts use
+    num_gt: int = 50  # M ground-truth boxes per image
+    config: Optional[str] = None  # retina config; default: parity config if present, else paper
+    overrides: tuple[str, ...] = ()  # extra dotted overrides of the retina config
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------- memory
+def _proc_status_kib(key: str) -> Optional[int]:
+    try:
+        m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+class PeakMemory:
+    """Peak memory of one call, in MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, after a reset). CPU on Linux: the
+    process's peak resident set size during the call above its RSS at the start (VmHWM after
+    resetting it through /proc/self/clear_refs); memory freed earlier and kept by the allocator is
+    reused without counting, so this is a lower bound on what the call needs. Elsewhere: growth of
+    ``ru_maxrss``, which only sees a new process-wide peak.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = "cuda.max_memory_allocated"
+        if device.type != "cuda":
+            self.method = "VmHWM-VmRSS" if self._reset_hwm() else "ru_maxrss delta"
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return _proc_status_kib("VmHWM") is not None
+        except OSError:
+            return False
+
+    def measure(self, fn: Callable[[], object]) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            fn()
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+        if self.method == "VmHWM-VmRSS":
+            self._reset_hwm()
+            base = _proc_status_kib("VmRSS") or 0
+            fn()
+            return ((_proc_status_kib("VmHWM") or 0) - base) / 1024
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+# ---------------------------------------------------------------------------------- models
+def build_models(spec: BenchSpec, image_size: tuple[int, int]) -> tuple[RetinaNet, nn.Module, str, str]:
+    """Retina and torchvision models of the same architecture; returns (ours, theirs, config
+    description, how the weights were made equal)."""
+    h, w = image_size
+    parity = Path(PARITY_CONFIG)
+    if spec.config is not None:
+        config, extra = spec.config, ()
+    elif parity.is_file():
+        config, extra = str(parity), ()
+    else:
+        config, extra = PAPER_CONFIG, PARITY_OVERRIDES
+    sizes = (f"model.input.min_size=[{min(h, w)}]", f"model.input.max_size={max(h, w)}",
+             f"model.backbone.depth={spec.depth}", "model.backbone.weights=null")
+    overrides = tuple(extra) + sizes + tuple(spec.overrides)
+    cfg = load_config(config, overrides)
+    torch.manual_seed(spec.seed)
+    ours = build_model(cfg)
+    torch.manual_seed(spec.seed)
+    theirs = torchvision_retinanet(spec.depth, cfg.model.num_classes, min(h, w), max(h, w),
+                                   cfg.model.inference.detections_per_image)
+    weights = "same seed (retina/convert.py not found)"
+    try:
+        from retina import convert  # written alongside the torchvision-parity config
+    except ImportError:
+        convert = None
+    if convert is not None and hasattr(convert, "from_torchvision"):
+        ours.load_state_dict(convert.from_torchvision(theirs.state_dict()), strict=False)
+        weights = "torchvision's random init copied through retina.convert.from_torchvision"
+    description = f"{config} " + " ".join(overrides)
+    return ours, theirs, description, weights
+
+
+def torchvision_retinanet(depth: int, num_classes: int, min_size: int, max_size: int,
+                          detections_per_img: int) -> nn.Module:
+    """``retinanet_resnet50_fpn(weights=None, weights_backbone=None)``, or the same builder's
+    architecture on another ResNet depth (for quick runs)."""
+    from torchvision.models.detection import RetinaNet as TVRetinaNet, retinanet_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    kwargs = dict(min_size=min_size, max_size=max_size, detections_per_img=detections_per_img)
+    if depth == 50:
+        return retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
+                                      **kwargs)
+    trunk = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=nn.BatchNorm2d)
+    backbone = _resnet_fpn_extractor(trunk, 5, returned_layers=[2, 3, 4],
+                                     extra_blocks=LastLevelP6P7(256, 256))
+    return TVRetinaNet(backbone, num_classes, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ data
+def make_batch(n: int, image_size: tuple[int, int], num_gt: int, num_classes: int,
+               device: torch.device, seed: int) -> tuple[list[Tensor], list[dict]]:
+    """N random images (3, H, W) in [0, 1] and M random boxes of 16..H/2 px per image."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = image_size
+    images, targets = [], []
+    for _ in range(n):
+        images.append(torch.rand(3, h, w, generator=g).to(device))
+        wh = 16 + torch.rand(num_gt, 2, generator=g) * (min(h, w) / 2 - 16)  # (M, 2)
+        xy = torch.rand(num_gt, 2, generator=g) * (torch.tensor([w, h]) - wh)  # (M, 2)
+        boxes = torch.cat([xy, xy + wh], dim=1)  # (M, 4)
+        labels = torch.randint(0, num_classes, (num_gt,), generator=g)
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+    return images, targets
+
+
+def feature_sizes(image_size: tuple[int, int], divisibility: int, levels: range) -> list[tuple[int, int]]:
+    """(H_l, W_l) of each pyramid level of a padded image: every stride-2 layer maps s -> ceil(s/2)."""
+    h, w = (int(math.ceil(s / divisibility) * divisibility) for s in image_size)
+    sizes = []
+    for level in range(1, max(levels) + 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+        if level in levels:
+            sizes.append((h, w))
+    return sizes
+
+
+def head_outputs(n: int, r: int, k: int, dtype: torch.dtype, device: torch.device,
+                 seed: int) -> tuple[Tensor, Tensor]:
+    """Random (N, R, K) logits and (N, R, 4) deltas. Logits ~ N(-7, 1.5): about 0.35% of scores
+    pass the 0.05 threshold, an assumption for a trained detector (an untrained one at the
+    prior, logit -4.6, passes none)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, r, k, generator=g) * 1.5 - 7.0).to(device, dtype)  # (N, R, K)
+    deltas = (torch.randn(n, r, 4, generator=g) * 0.1).to(device, dtype)  # (N, R, 4)
+    return logits, deltas
+
+
+# ----------------------------------------------------------------------------------- parts
+def _autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def train_step(model: nn.Module, images: list[Tensor], targets: list[dict], device: torch.device,
+               dtype: str) -> Callable[[], None]:
+    # A small lr keeps random-init weights from diverging over the repeats.
+    opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> None:
+        model.train()
+        with _autocast(device, dtype):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def infer_step(model: nn.Module, images: list[Tensor], device: torch.device, dtype: str) -> Callable[[], None]:
+    def step() -> None:
+        model.eval()
+        with torch.inference_mode(), _autocast(device, dtype):
+            model(images)
+
+    return step
+
+
+def loss_steps(ours: RetinaNet, theirs: nn.Module, spec: BenchSpec, device: torch.device,
+               dtype: torch.dtype) -> tuple[Callable[[], None], Callable[[], None], str]:
+    """Assignment + loss, forward and backward to the head outputs, from identical inputs."""
+    n, k = spec.part_batch_size, ours.num_classes
+    levels = range(ours.fpn.min_level, ours.fpn.max_level + 1)
+    sizes = feature_sizes(spec.part_image_size, ours.input_spec.size_divisibility, levels)
+    anchors = ours.anchor_generator(sizes, device)  # (R, 4)
+    logits, deltas = head_outputs(n, anchors.shape[0], k, dtype, device, spec.seed)
+    logits.requires_grad_(True)
+    deltas.requires_grad_(True)
+    _, targets = make_batch(n, spec.part_image_size, spec.num_gt, k, torch.device("cpu"), spec.seed)
+    targets = [{key: v.to(device) for key, v in t.items()} for t in targets]
+    theirs_anchors = [anchors] * n
+
+    def ours_step() -> None:
+        assigned = ours.assigner(pad_targets(targets, device), anchors)
+        losses = ours.loss(logits, deltas, assigned)
+        torch.autograd.grad(sum(losses.values()), [logits, deltas])
+
+    def theirs_step() -> None:
+        losses = theirs.compute_loss(targets, {"cls_logits": logits, "bbox_regression": deltas},
+                                     theirs_anchors)
+        torch.autograd.grad(sum(losses.values()), [logits, deltas])
+
+    shape = f"N={n} R={anchors.shape[0]} M={spec.num_gt} K={k}"
+    return ours_step, theirs_step, shape
+
+
+def post_steps(ours: RetinaNet, theirs: nn.Module, spec: BenchSpec, device: torch.device,
+               dtype: torch.dtype) -> tuple[Callable[[], None], Callable[[], None], str]:
+    n, k = spec.part_batch_size, ours.num_classes
+    levels = range(ours.fpn.min_level, ours.fpn.max_level + 1)
+    sizes = feature_sizes(spec.part_image_size, ours.input_spec.size_divisibility, levels)
+    anchors = ours.anchor_generator(sizes, device)  # (R, 4)
+    per_level = ours.anchor_generator.num_anchors_per_level(sizes)
+    logits, deltas = head_outputs(n, anchors.shape[0], k, dtype, device, spec.seed)
+    image_sizes = [tuple(spec.part_image_size)] * n
+    split = {"cls_logits": list(logits.split(per_level, dim=1)),
+             "bbox_regression": list(deltas.split(per_level, dim=1))}
+    split_anchors = [list(anchors.split(per_level))] * n
+
+    def ours_step() -> None:
+        with torch.inference_mode():
+            ours.postprocessor(logits, deltas, anchors, per_level, image_sizes)
+
+    def theirs_step() -> None:
+        with torch.inference_mode():
+            theirs.postprocess_detections(split, split_anchors, image_sizes)
+
+    return ours_step, theirs_step, f"N={n} R={anchors.shape[0]} K={k}"
+
+
+# ---------------------------------------------------------------------------------- timing
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def compare(ours: Callable[[], None], theirs: Callable[[], None], spec: BenchSpec,
+            device: torch.device, memory: PeakMemory) -> dict:
+    """Warmup, then ours, theirs, ours, theirs...; medians, ratio, and one peak-memory call each."""
+    for _ in range(spec.warmup):
+        ours()
+        theirs()
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for _ in range(spec.repeats):
+        times["ours"].append(_timed(ours, device))
+        times["theirs"].append(_timed(theirs, device))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"ours_s": med["ours"], "theirs_s": med["theirs"], "ratio": med["ours"] / med["theirs"],
+            "ours_times_s": times["ours"], "theirs_times_s": times["theirs"],
+            "ours_peak_mib": memory.measure(ours), "theirs_peak_mib": memory.measure(theirs)}
+
+
+def run(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
+    """Run the selected parts; returns the JSON-ready result."""
+    device = torch.device(spec.device)
+    dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    memory = PeakMemory(device)
+    result: dict = {"spec": asdict(spec), "device": _device_name(device), "torch": torch.__version__,
+                    "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
+                    "memory_measure": memory.method, "parts": {}}
+    model_parts = [p for p in spec.parts if p in ("train", "infer")]
+    if model_parts:
+        ours, theirs, result["config"], result["weights"] = build_models(spec, spec.image_size)
+        ours.to(device)
+        theirs.to(device)
+        images, targets = make_batch(spec.batch_size, spec.image_size, spec.num_gt, ours.num_classes,
+                                     device, spec.seed)
+        shape = f"N={spec.batch_size} {spec.image_size[0]}x{spec.image_size[1]}"
+        for part in model_parts:
+            log(f"{part} ...")
+            if part == "train":
+                a = train_step(ours, images, targets, device, spec.dtype)
+                b = train_step(theirs, images, targets, device, spec.dtype)
+            else:
+                a = infer_step(ours, images, device, spec.dtype)
+                b = infer_step(theirs, images, device, spec.dtype)
+            result["parts"][part] = {"shape": shape, **compare(a, b, spec, device, memory)}
+        del ours, theirs
+    for part in (p for p in spec.parts if p in ("loss", "post")):
+        log(f"{part} ...")
+        ours, theirs, result["config"], result["weights"] = build_models(spec, spec.part_image_size)
+        ours.to(device)
+        theirs.to(device)
+        make = loss_steps if part == "loss" else post_steps
+        a, b, shape = make(ours, theirs, spec, device, dtype)
+        result["parts"][part] = {"shape": shape, **compare(a, b, spec, device, memory)}
+    return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def format_table(result: dict) -> str:
+    lines = [f"device: {result['device']}, torch {result['torch']}, torchvision {result['torchvision']}",
+             f"peak memory: {result['memory_measure']} (MiB)",
+             f"{'part':<6} {'shape':<30} {'ours s':>9} {'tv s':>9} {'ours/tv':>8} {'tv/ours':>8}"
+             f" {'ours MiB':>9} {'tv MiB':>9}"]
+    for part, r in result["parts"].items():
+        lines.append(f"{part:<6} {r['shape']:<30} {r['ours_s']:>9.4f} {r['theirs_s']:>9.4f}"
+                     f" {r['ratio']:>8.3f} {1 / r['ratio']:>8.2f} {r['ours_peak_mib']:>9.0f}"
+                     f" {r['theirs_peak_mib']:>9.0f}")
+    return "\n".join(lines)
