@@ -76,6 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="predictions", help="output directory")
     p.add_argument("--score-thresh", type=float, default=0.3)
 
+    p = sub.add_parser("ablate", help="train + evaluate a grid of configs; tables and plots")
+    p.add_argument("--config", "-c", help="base config (a path or a name in configs/)")
+    p.add_argument("--grid", "-g", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a swept key; several --grid multiply (default: the config's ablate.grids)")
+    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides shared by every run")
+    p.add_argument("--out", "-o", help="sweep directory (default: runs/ablate/<config name>)")
+    p.add_argument("--jobs", "-j", type=int, default=1, help="runs at once")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--report", metavar="DIR", help="only rebuild table.md/.csv and ablation.png")
+
+    p = sub.add_parser("analyze", help="analyses of a trained model (loss-cdf: paper Fig. 4)")
+    p.add_argument("kind", choices=["loss-cdf"])
+    p.add_argument("--weights", "-w", required=True, help="checkpoint file or run directory")
+    p.add_argument("--config", "-c", help="config instead of the checkpoint's")
+    p.add_argument("--gammas", default="0,0.5,1,2", help="comma-separated gammas")
+    p.add_argument("--num-images", type=int, default=100, help="val images to sample")
+    p.add_argument("--out", "-o", help="output directory (default: <run dir>/analysis)")
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("convert", help="convert another framework's weights into a retina checkpoint")
     p.add_argument("source", choices=["torchvision"])
     p.add_argument("--in", dest="in_path", required=True, help="torchvision RetinaNet state dict (.pth)")
@@ -134,6 +154,19 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from retina.ablate import ablate_cli
+
+    return ablate_cli(args.config, args.grid, args.set, args.out, args.jobs, args.device, args.report)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from retina.analyze import analyze_cli
+
+    return analyze_cli(args.kind, args.config, args.weights, args.gammas, args.out, args.device,
+                       args.num_images)
+
+
 def _convert(args: argparse.Namespace) -> int:
     from retina.convert import convert_cli
 
@@ -156,7 +189,8 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "convert": _convert, "data": _data}
+COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "ablate": _ablate,
+            "analyze": _analyze, "convert": _convert, "data": _data}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
