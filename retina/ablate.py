@@ -211,8 +211,8 @@ def _fmt_time(seconds: float) -> str:
 class _Progress:
     """One line per finished run: ``[k/n] name: AP 41.2 in 1:52 (sweep ETA 7:30)``."""
 
-    def __init__(self, total: int, jobs: int) -> None:
-        self.total, self.jobs, self.done = total, jobs, 0
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
         self.start, self.trained = time.perf_counter(), 0
 
     def line(self, name: str, status: str, trained: bool) -> None:
@@ -220,9 +220,9 @@ class _Progress:
         self.trained += trained
         left = self.total - self.done
         eta = ""
-        if left and self.trained:
+        if left and self.trained:  # with --jobs J, runs finish J times as often: no / J here
             per_run = (time.perf_counter() - self.start) / self.trained
-            eta = f" (sweep ETA {_fmt_time(per_run * left / self.jobs)})"
+            eta = f" (sweep ETA {_fmt_time(per_run * left)})"
         print(f"[{self.done}/{self.total}] {name}: {status}{eta}", flush=True)
 
 
@@ -296,7 +296,7 @@ def run_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str]
         raise ConfigError(f"--jobs {jobs}: must be >= 1")
     runs = plan_sweep(config_path, grids, sets, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress = _Progress(len(runs), jobs)
+    progress = _Progress(len(runs))
     results: dict[str, dict] = {}
     todo: deque[SweepRun] = deque()
     for run in runs:

@@ -38,8 +38,9 @@ Part = Literal["train", "infer", "loss", "post"]
 PARTS: tuple[Part, ...] = ("train", "infer", "loss", "post")
 
 PAPER_CONFIG = "configs/retinanet_r50_fpn_1x_coco.yaml"
-PARITY_CONFIG = "configs/torchvision_retinanet_r50_fpn.yaml"
-# Without the parity config, these turn the paper config into torchvision's architecture with
+# torchvision's builder with weights_backbone=None uses trainable BatchNorm2d (eps 1e-5) everywhere.
+TV_RANDOM_INIT = ("model.backbone.norm=bn", "model.backbone.norm_eps=1e-5")
+# Without retina/convert.py, these turn the paper config into torchvision's architecture with
 # weights_backbone=None: trainable BatchNorm, P6 from P5 (LastLevelP6P7(256, 256)), padding to
 # 32, L1 box loss, each image normalised by its own positives.
 PARITY_OVERRIDES = ("model.backbone.weights=null", "model.backbone.norm=bn", "model.fpn.p6_from=p5",
@@ -62,6 +63,9 @@ class BenchSpec:
     config: Optional[str] = None  # retina config; default: parity config if present, else paper
     overrides: tuple[str, ...] = ()  # extra dotted overrides of the retina config
     seed: int = 0
+    # retina's model.channels_last (NHWC activations and weights; off in the configs by default).
+    # torchvision's model runs as its builder makes it (NCHW).
+    channels_last: bool = True
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -118,17 +122,29 @@ class PeakMemory:
 # ---------------------------------------------------------------------------------- models
 def build_models(spec: BenchSpec, image_size: tuple[int, int]) -> tuple[RetinaNet, nn.Module, str, str]:
     """Retina and torchvision models of the same architecture; returns (ours, theirs, config
-    description, how the weights were made equal)."""
+    description, how the weights were made equal).
+
+    Default: ``retina.convert`` builds retina's torchvision-parity model (the model section of
+    ``configs/torchvision_retinanet_r50_fpn.yaml``) from torchvision's random-init state dict, so
+    both hold the same weights; with trainable BatchNorm, as torchvision has without pretrained
+    weights. With ``spec.config`` (or without ``retina/convert.py``) both are built from one seed.
+    """
     h, w = image_size
-    parity = Path(PARITY_CONFIG)
-    if spec.config is not None:
-        config, extra = spec.config, ()
-    elif parity.is_file():
-        config, extra = str(parity), ()
-    else:
-        config, extra = PAPER_CONFIG, PARITY_OVERRIDES
     sizes = (f"model.input.min_size=[{min(h, w)}]", f"model.input.max_size={max(h, w)}",
-             f"model.backbone.depth={spec.depth}", "model.backbone.weights=null")
+             f"model.backbone.depth={spec.depth}", "model.backbone.weights=null",
+             f"model.channels_last={str(spec.channels_last).lower()}")
+    try:
+        from retina import convert  # the torchvision-parity converter
+    except ImportError:
+        convert = None
+    if spec.config is None and convert is not None:
+        overrides = TV_RANDOM_INIT + sizes + tuple(spec.overrides)
+        torch.manual_seed(spec.seed)
+        theirs = torchvision_retinanet(spec.depth, 80, min(h, w), max(h, w), 300)
+        ours, _, _, _ = convert.convert_to_model(theirs.state_dict(), "v1", overrides=overrides)
+        return (ours, theirs, "retina.convert.torchvision_config('v1') " + " ".join(overrides),
+                "torchvision's random init copied into retina by retina.convert")
+    config, extra = (spec.config, ()) if spec.config is not None else (PAPER_CONFIG, PARITY_OVERRIDES)
     overrides = tuple(extra) + sizes + tuple(spec.overrides)
     cfg = load_config(config, overrides)
     torch.manual_seed(spec.seed)
@@ -136,16 +152,7 @@ def build_models(spec: BenchSpec, image_size: tuple[int, int]) -> tuple[RetinaNe
     torch.manual_seed(spec.seed)
     theirs = torchvision_retinanet(spec.depth, cfg.model.num_classes, min(h, w), max(h, w),
                                    cfg.model.inference.detections_per_image)
-    weights = "same seed (retina/convert.py not found)"
-    try:
-        from retina import convert  # written alongside the torchvision-parity config
-    except ImportError:
-        convert = None
-    if convert is not None and hasattr(convert, "from_torchvision"):
-        ours.load_state_dict(convert.from_torchvision(theirs.state_dict()), strict=False)
-        weights = "torchvision's random init copied through retina.convert.from_torchvision"
-    description = f"{config} " + " ".join(overrides)
-    return ours, theirs, description, weights
+    return ours, theirs, f"{config} " + " ".join(overrides), "same seed, different weights"
 
 
 def torchvision_retinanet(depth: int, num_classes: int, min_size: int, max_size: int,
@@ -183,15 +190,21 @@ def make_batch(n: int, image_size: tuple[int, int], num_gt: int, num_classes: in
     return images, targets
 
 
-def feature_sizes(image_size: tuple[int, int], divisibility: int, levels: range) -> list[tuple[int, int]]:
-    """(H_l, W_l) of each pyramid level of a padded image: every stride-2 layer maps s -> ceil(s/2)."""
-    h, w = (int(math.ceil(s / divisibility) * divisibility) for s in image_size)
+def part_anchors(model: RetinaNet, image_size: tuple[int, int], device: torch.device
+                 ) -> tuple[Tensor, list[int]]:
+    """(R, 4) anchors of ``model`` for a padded image of ``image_size`` and R split by level; every
+    stride-2 layer maps a side s to ceil(s / 2)."""
+    d = model.input_spec.size_divisibility
+    padded = tuple(int(math.ceil(s / d) * d) for s in image_size)
+    h, w = padded
+    levels = range(model.fpn.min_level, model.fpn.max_level + 1)
     sizes = []
     for level in range(1, max(levels) + 1):
         h, w = (h + 1) // 2, (w + 1) // 2
         if level in levels:
             sizes.append((h, w))
-    return sizes
+    anchors = model.anchor_generator(sizes, device, padded)  # (R, 4)
+    return anchors, model.anchor_generator.num_anchors_per_level(sizes)
 
 
 def head_outputs(n: int, r: int, k: int, dtype: torch.dtype, device: torch.device,
@@ -240,9 +253,7 @@ def loss_steps(ours: RetinaNet, theirs: nn.Module, spec: BenchSpec, device: torc
                dtype: torch.dtype) -> tuple[Callable[[], None], Callable[[], None], str]:
     """Assignment + loss, forward and backward to the head outputs, from identical inputs."""
     n, k = spec.part_batch_size, ours.num_classes
-    levels = range(ours.fpn.min_level, ours.fpn.max_level + 1)
-    sizes = feature_sizes(spec.part_image_size, ours.input_spec.size_divisibility, levels)
-    anchors = ours.anchor_generator(sizes, device)  # (R, 4)
+    anchors, _ = part_anchors(ours, spec.part_image_size, device)  # (R, 4)
     logits, deltas = head_outputs(n, anchors.shape[0], k, dtype, device, spec.seed)
     logits.requires_grad_(True)
     deltas.requires_grad_(True)
@@ -267,10 +278,7 @@ def loss_steps(ours: RetinaNet, theirs: nn.Module, spec: BenchSpec, device: torc
 def post_steps(ours: RetinaNet, theirs: nn.Module, spec: BenchSpec, device: torch.device,
                dtype: torch.dtype) -> tuple[Callable[[], None], Callable[[], None], str]:
     n, k = spec.part_batch_size, ours.num_classes
-    levels = range(ours.fpn.min_level, ours.fpn.max_level + 1)
-    sizes = feature_sizes(spec.part_image_size, ours.input_spec.size_divisibility, levels)
-    anchors = ours.anchor_generator(sizes, device)  # (R, 4)
-    per_level = ours.anchor_generator.num_anchors_per_level(sizes)
+    anchors, per_level = part_anchors(ours, spec.part_image_size, device)  # (R, 4)
     logits, deltas = head_outputs(n, anchors.shape[0], k, dtype, device, spec.seed)
     image_sizes = [tuple(spec.part_image_size)] * n
     split = {"cls_logits": list(logits.split(per_level, dim=1)),
@@ -289,29 +297,41 @@ def post_steps(ours: RetinaNet, theirs: nn.Module, spec: BenchSpec, device: torc
 
 
 # ---------------------------------------------------------------------------------- timing
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def _timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def compare(ours: Callable[[], None], theirs: Callable[[], None], spec: BenchSpec,
             device: torch.device, memory: PeakMemory) -> dict:
-    """Warmup, then ours, theirs, ours, theirs...; medians, ratio, and one peak-memory call each."""
+    """Warmup, then ours, theirs, ours, theirs...; medians, ratio, and one peak-memory call each.
+
+    Besides wall time, the process's CPU time (all threads) of each call: on a shared CPU the
+    wall time also counts waiting for cores that other processes hold.
+    """
     for _ in range(spec.warmup):
         ours()
         theirs()
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    wall: dict[str, list[float]] = {"ours": [], "theirs": []}
+    cpu: dict[str, list[float]] = {"ours": [], "theirs": []}
     for _ in range(spec.repeats):
-        times["ours"].append(_timed(ours, device))
-        times["theirs"].append(_timed(theirs, device))
-    med = {k: statistics.median(v) for k, v in times.items()}
+        for name, fn in (("ours", ours), ("theirs", theirs)):
+            w, c = _timed(fn, device)
+            wall[name].append(w)
+            cpu[name].append(c)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {"ours_s": med["ours"], "theirs_s": med["theirs"], "ratio": med["ours"] / med["theirs"],
-            "ours_times_s": times["ours"], "theirs_times_s": times["theirs"],
+            "ours_cpu_s": med_cpu["ours"], "theirs_cpu_s": med_cpu["theirs"],
+            "cpu_ratio": med_cpu["ours"] / max(med_cpu["theirs"], 1e-9),
+            "ours_times_s": wall["ours"], "theirs_times_s": wall["theirs"],
+            "ours_cpu_times_s": cpu["ours"], "theirs_cpu_times_s": cpu["theirs"],
             "ours_peak_mib": memory.measure(ours), "theirs_peak_mib": memory.measure(theirs)}
 
 
@@ -343,11 +363,13 @@ def run(spec: BenchSpec, log: Callable[[str], None] = print) -> dict:
                 b = infer_step(theirs, images, device, spec.dtype)
             result["parts"][part] = {"shape": shape, **compare(a, b, spec, device, memory)}
         del ours, theirs
-    for part in (p for p in spec.parts if p in ("loss", "post")):
-        log(f"{part} ...")
+    head_parts = [p for p in spec.parts if p in ("loss", "post")]
+    if head_parts:
         ours, theirs, result["config"], result["weights"] = build_models(spec, spec.part_image_size)
         ours.to(device)
         theirs.to(device)
+    for part in head_parts:
+        log(f"{part} ...")
         make = loss_steps if part == "loss" else post_steps
         a, b, shape = make(ours, theirs, spec, device, dtype)
         result["parts"][part] = {"shape": shape, **compare(a, b, spec, device, memory)}
@@ -363,10 +385,10 @@ def _device_name(device: torch.device) -> str:
 def format_table(result: dict) -> str:
     lines = [f"device: {result['device']}, torch {result['torch']}, torchvision {result['torchvision']}",
              f"peak memory: {result['memory_measure']} (MiB)",
-             f"{'part':<6} {'shape':<30} {'ours s':>9} {'tv s':>9} {'ours/tv':>8} {'tv/ours':>8}"
-             f" {'ours MiB':>9} {'tv MiB':>9}"]
+             f"{'part':<6} {'shape':<26} {'ours s':>8} {'tv s':>8} {'ours/tv':>7} {'tv/ours':>7}"
+             f" {'cpu o/tv':>8} {'ours MiB':>8} {'tv MiB':>8}"]
     for part, r in result["parts"].items():
-        lines.append(f"{part:<6} {r['shape']:<30} {r['ours_s']:>9.4f} {r['theirs_s']:>9.4f}"
-                     f" {r['ratio']:>8.3f} {1 / r['ratio']:>8.2f} {r['ours_peak_mib']:>9.0f}"
-                     f" {r['theirs_peak_mib']:>9.0f}")
+        lines.append(f"{part:<6} {r['shape']:<26} {r['ours_s']:>8.4f} {r['theirs_s']:>8.4f}"
+                     f" {r['ratio']:>7.3f} {1 / r['ratio']:>7.2f} {r['cpu_ratio']:>8.3f}"
+                     f" {r['ours_peak_mib']:>8.0f} {r['theirs_peak_mib']:>8.0f}")
     return "\n".join(lines)

@@ -34,10 +34,17 @@ class PostProcessor:
         boxes_all, scores_all, labels_all = [], [], []
         start = 0
         for count in num_anchors_per_level:  # one top-k per level for the whole batch
-            logits = pred_logits[:, start:start + count].float().reshape(n, -1)  # (N, R_l * K)
-            num = min(self.topk_candidates, logits.shape[1])
-            top_logits, flat_idx = logits.topk(num, dim=1)  # (N, num)
-            anchor_idx = flat_idx // k + start  # (N, num)
+            logits = pred_logits[:, start:start + count]  # (N, R_l, K)
+            # Two-stage top-k, the same set as one top-k over R_l * K: each of the top
+            # ``topk_candidates`` (anchor, class) pairs lies in an anchor whose best class is among
+            # the top ``topk_candidates`` anchors. A max over K and two small top-ks cost less
+            # than a top-k over the whole level.
+            num_anchors = min(self.topk_candidates, count)
+            top_anchor = logits.amax(dim=2).topk(num_anchors, dim=1).indices  # (N, A')
+            cand = torch.gather(logits, 1, top_anchor[..., None].expand(-1, -1, k))  # (N, A', K)
+            num = min(self.topk_candidates, num_anchors * k)
+            top_logits, flat_idx = cand.float().reshape(n, -1).topk(num, dim=1)  # (N, num)
+            anchor_idx = torch.gather(top_anchor, 1, flat_idx // k) + start  # (N, num)
             deltas = torch.gather(pred_deltas, 1, anchor_idx[..., None].expand(-1, -1, 4))
             boxes_all.append(self.box_coder.decode(deltas, anchors[anchor_idx]))  # (N, num, 4)
             scores_all.append(torch.sigmoid(top_logits))

@@ -97,7 +97,7 @@ def test_wrong_type():
 
 def test_literal_choice():
     msg = config_error(None, ["loss.type=focall"])
-    assert "loss.type='focall'" in msg and "should be one of ['focal', 'ce']" in msg
+    assert "loss.type='focall'" in msg and "should be one of ['focal', 'ce', 'ohem', 'focal_star']" in msg
     msg = config_error(None, ["model.backbone.depth=42"])
     assert "should be one of [18, 34, 50, 101]" in msg
     assert load_config(None, ["model.backbone.depth=18"]).model.backbone.depth == 18

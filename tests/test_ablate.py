@@ -1,0 +1,366 @@
+"""The ablation studio: grid expansion and run names, skip/resume of a sweep, tables from fake
+finished runs, the paper's baselines as loss types (OHEM selection, FL*), the loss-CDF maths."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from retina import ablate
+from retina.ablate import expand_grid, grids_from_config, plan_sweep, run_name, run_sweep
+from retina.ablate_report import build_report, collect_runs
+from retina.analyze import focal_loss_of_margin, loss_cdf, normalized_cdf, sample_curve
+from retina.assigner import AssignedTargets
+from retina.config import ConfigError, OhemConfig, config_from_dict, load_config
+from retina.losses import RetinaNetLoss, focal_star_loss, ohem_select
+from retina.model import build_model
+
+SHAPES = str(Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml")
+
+
+# ------------------------------------------------------------------------------- grid, names
+def test_expand_grid_multiplies_first_slowest():
+    assert expand_grid(["loss.gamma=0,0.5,1"]) == [["loss.gamma=0"], ["loss.gamma=0.5"], ["loss.gamma=1"]]
+    assert expand_grid(["loss.gamma=0,2", "loss.alpha=0.25,null"]) == [
+        ["loss.gamma=0", "loss.alpha=0.25"], ["loss.gamma=0", "loss.alpha=null"],
+        ["loss.gamma=2", "loss.alpha=0.25"], ["loss.gamma=2", "loss.alpha=null"]]
+    assert expand_grid([]) == [[]]  # no grid: one run with the config as it is
+
+
+def test_expand_grid_list_values_and_quotes():
+    # Commas inside brackets or quotes do not split: two runs, the first multi-scale.
+    combos = expand_grid(["model.input.min_size=[96,128],[128]"])
+    assert combos == [["model.input.min_size=[96,128]"], ["model.input.min_size=[128]"]]
+    assert [load_config(None, c).model.input.min_size for c in combos] == [(96, 128), (128,)]
+    assert expand_grid(["data.root='a,b',c"]) == [["data.root='a,b'"], ["data.root=c"]]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("loss.gamma", "expected key=v1,v2"), ("loss.gamma=", "expected key=v1,v2"),
+    ("loss.gamma=0,,1", "empty value"), ("loss.gamma=[0", "not valid YAML")])
+def test_expand_grid_errors(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        expand_grid([bad])
+    with pytest.raises(ConfigError, match="given twice"):
+        expand_grid(["loss.gamma=0", "loss.gamma=1"])
+
+
+def test_run_name():
+    assert run_name(["loss.gamma=0.5", "loss.alpha=0.25"]) == "gamma=0.5,alpha=0.25"
+    assert run_name(["loss.alpha=null"]) == "alpha=null"
+    assert run_name(["model.input.min_size=[96,128]"]) == "min_size=96-128"
+    # gamma is ambiguous between the two keys: each gets its shortest unique suffix
+    assert run_name(["loss.gamma=1", "loss.focal_star.gamma=2"]) == "loss.gamma=1,focal_star.gamma=2"
+    assert run_name(["data.root=/tmp/a b"]) == "root=_tmp_ab"
+    assert run_name([]) == "default"
+
+
+def test_ablate_section_is_read_by_ablate_and_ignored_by_training(tmp_path):
+    (tmp_path / "base.yaml").write_text("loss: {gamma: 1.5}\n")
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("base: base.yaml\nsolver: {max_iter: 7}\nablate:\n  grids:\n"
+                      "    - {loss.gamma: [0, 2], loss.alpha: [0.25, null]}\n"
+                      "    - {loss.type: [ohem], model.input.min_size: [[96]]}\n")
+    cfg = load_config(preset)  # the ablate section is no config key
+    assert cfg.solver.max_iter == 7 and cfg.loss.gamma == 1.5
+    assert grids_from_config(preset) == [["loss.gamma=0,2", "loss.alpha=0.25,null"],
+                                         ["loss.type=ohem", "model.input.min_size=[96]"]]
+    runs = plan_sweep(preset, [], [], tmp_path / "out")  # 2 x 2 + 1 runs
+    assert [r.name for r in runs] == ["gamma=0,alpha=0.25", "gamma=0,alpha=null", "gamma=2,alpha=0.25",
+                                      "gamma=2,alpha=null", "type=ohem,min_size=96"]
+    assert [r.name for r in plan_sweep(preset, ["loss.gamma=5"], [], tmp_path)] == ["gamma=5"]  # --grid wins
+    with pytest.raises(ConfigError, match="unknown key 'loss.gama'"):  # checked before any training
+        plan_sweep(preset, ["loss.gama=0,1"], [], tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------ skip / resume
+def test_sweep_skips_finished_and_resumes_interrupted(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    (out / "gamma=0").mkdir(parents=True)
+    (out / "gamma=0" / "metrics.json").write_text(json.dumps({"AP": 30.0}))  # finished
+    (out / "gamma=1").mkdir()
+    (out / "gamma=1" / "model_0000002.pth").write_bytes(b"")  # interrupted after a checkpoint
+    calls = []
+
+    def fake_train(run, config_path, sets, device, resume):
+        calls.append((run.name, resume, run.overrides, tuple(sets)))
+        (run.run_dir / "metrics.json").write_text(json.dumps({"AP": 40.0 + len(calls)}))
+        return None
+
+    monkeypatch.setattr(ablate, "_train_in_process", fake_train)
+    results = run_sweep(SHAPES, ["loss.gamma=0,1,2"], ["solver.max_iter=3"], out)
+    assert calls == [("gamma=1", True, ("loss.gamma=1",), ("solver.max_iter=3",)),
+                     ("gamma=2", False, ("loss.gamma=2",), ("solver.max_iter=3",))]
+    assert [(r["name"], r["status"]) for r in results] == [
+        ("gamma=0", "skipped"), ("gamma=1", "done"), ("gamma=2", "done")]
+    record = json.loads((out / "gamma=2" / "ablate_run.json").read_text())
+    assert record["overrides"] == ["loss.gamma=2"] and record["status"] == "done" and record["wall_s"] >= 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
+    assert lines[0] == "[1/3] gamma=0: finished before, skipped"
+    assert lines[1].startswith("[2/3] gamma=1: AP 41.0 in 0:00 (sweep ETA")
+    assert lines[2].startswith("[3/3] gamma=2: AP 42.0")
+    # Everything finished now: a second call trains nothing.
+    calls.clear()
+    assert [r["status"] for r in run_sweep(SHAPES, ["loss.gamma=0,1,2"], [], out)] == ["skipped"] * 3
+    assert calls == []
+
+
+def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    def fake_train(run, config_path, sets, device, resume):
+        if run.name == "gamma=0":
+            return "non-finite loss or gradient at iteration 3"
+        (run.run_dir / "metrics.json").write_text(json.dumps({"AP": 12.5}))
+        return None
+
+    monkeypatch.setattr(ablate, "_train_in_process", fake_train)
+    results = run_sweep(SHAPES, ["loss.gamma=0,2"], [], tmp_path)
+    assert [r["status"] for r in results] == ["failed", "done"]
+    _, rows = collect_runs(tmp_path)
+    assert [(r.name, r.status, r.error, r.ap) for r in rows] == [
+        ("gamma=0", "failed", "non-finite loss or gradient at iteration 3", None),
+        ("gamma=2", "done", None, 12.5)]
+
+
+def test_parallel_sweep_starts_train_subprocesses(tmp_path, monkeypatch):
+    """--jobs 2: `python -m retina train` children with the threads divided; a failing child's
+    last log line becomes the run's error."""
+    started = []
+
+    class FakeProc:
+        def __init__(self, cmd, stdout, stderr, env):
+            out = Path(cmd[cmd.index("--out") + 1])
+            started.append((cmd[1:], env["OMP_NUM_THREADS"]))
+            self.returncode = 0 if "loss.gamma=2" in cmd else 2
+            if self.returncode == 0:
+                (out / "metrics.json").write_text(json.dumps({"AP": 50.0}))
+            else:
+                stdout.write("retina: error: boom\n")
+
+        def poll(self):
+            return self.returncode
+
+        def wait(self):
+            return self.returncode
+
+    monkeypatch.setattr(ablate.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(ablate.os, "cpu_count", lambda: 4)
+    (tmp_path / "gamma=0").mkdir()
+    (tmp_path / "gamma=0" / "model_0000002.pth").write_bytes(b"")
+    results = run_sweep(SHAPES, ["loss.gamma=0,2"], ["solver.max_iter=3"], tmp_path, jobs=2, device="cpu")
+    threads = "2"  # 4 cores / 2 jobs
+    assert started == [
+        (["-m", "retina", "train", "--config", SHAPES, "--out", str(tmp_path / "gamma=0"), "--device", "cpu",
+          "--resume", "--set", "solver.max_iter=3", "loss.gamma=0"], threads),
+        (["-m", "retina", "train", "--config", SHAPES, "--out", str(tmp_path / "gamma=2"), "--device", "cpu",
+          "--set", "solver.max_iter=3", "loss.gamma=2"], threads)]
+    assert [(r["status"], r["error"]) for r in results] == [("failed", "retina: error: boom"), ("done", None)]
+
+
+def test_one_tiny_real_sweep_run(tiny_shapes_overrides, tmp_path):
+    """A real Trainer through run_sweep: 3 iterations of OHEM on the tiny set, then skipped."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {backbone: {depth: 18}, fpn: {channels: 16, max_level: 5}, "
+                      "anchors: {sizes: [8, 16, 32]}, head: {num_convs: 1, norm: gn}, "
+                      "input: {min_size: [64], max_size: 64, size_divisibility: 32}}\n"
+                      "data: {num_workers: 0}\nsolver: {batch_size: 4, max_iter: 3, warmup_iters: 1}\n"
+                      "train: {log_period: 1, tb_images: 0}\neval: {batch_size: 8}\n")
+    out, grid = tmp_path / "out", ["loss.type=ohem"]
+    results = run_sweep(config, grid, tiny_shapes_overrides, out, device="cpu")
+    run_dir = out / "type=ohem"
+    assert results[0]["status"] == "done" and (run_dir / "metrics.json").is_file()
+    keys, rows = collect_runs(out)
+    assert rows[0].values["loss.type"] == "ohem" and math.isfinite(rows[0].loss_cls)
+    assert run_sweep(config, grid, tiny_shapes_overrides, out, device="cpu")[0]["status"] == "skipped"
+    # Figure 4 of the trained weights: 1001 points per gamma, each curve ending at (1, 1)
+    res = loss_cdf(None, run_dir, [0, 2], tmp_path / "cdf", num_images=4, device="cpu")
+    with open(res["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 1001 and res["num_pos"] > 0 and res["num_neg"] > res["num_pos"]
+    ends = [(r["gamma"], r["fraction"], float(r["cdf_pos"]), float(r["cdf_neg"])) for r in (rows[1000], rows[-1])]
+    assert ends == [("0", "1.000", 1.0, 1.0), ("2", "1.000", 1.0, 1.0)]
+    assert res["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------- the report
+def _fake_run(out: Path, overrides: list[str], ap: tuple, losses=(0.5, 0.2), wall=75.0):
+    """A finished run as a sweep leaves it, without config.yaml (values: overrides, else defaults)."""
+    d = out / run_name(overrides)
+    d.mkdir(parents=True)
+    (d / "ablate_run.json").write_text(json.dumps({"overrides": overrides, "wall_s": wall, "status": "done"}))
+    metrics = dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), ap), per_class={})
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    (d / "metrics.jsonl").write_text(
+        json.dumps({"iter": 50, "loss_cls": 9.0, "loss_box": 9.0}) + "\n"
+        + json.dumps({"iter": 100, "loss_cls": losses[0], "loss_box": losses[1]}) + "\n"
+        + json.dumps({"iter": 100, "AP": ap[0]}) + "\n")  # an eval record: no loss in it
+
+
+def test_report_from_fake_finished_runs(tmp_path):
+    out = tmp_path / "sweep"
+    _fake_run(out, ["loss.gamma=0", "loss.alpha=0.25"], (28.0, 50.0, 27.0, 10.0, 30.0, 40.0))
+    _fake_run(out, ["loss.gamma=0", "loss.alpha=0.75"], (31.0, 51.0, 30.0, 11.0, 31.0, 41.0))
+    _fake_run(out, ["loss.gamma=2", "loss.alpha=0.25"], (34.0, 52.0, 36.0, 12.0, 33.0, 45.0),
+              losses=(0.125, 0.0625), wall=125.0)
+    _fake_run(out, ["loss.gamma=2", "loss.alpha=0.75"], (33.0, 53.0, 35.0, 12.0, 33.0, 44.0))
+    _fake_run(out, ["loss.type=ohem"], (30.5, 49.0, 31.0, 9.0, 30.0, 40.0))
+    paths = build_report(out)
+
+    with open(paths["table.csv"]) as f:
+        rows = list(csv.DictReader(f))
+    # Sorted by the swept values (gamma, alpha, type); ohem keeps the default gamma 2, alpha 0.25.
+    assert [r["run"] for r in rows] == ["gamma=0,alpha=0.25", "gamma=0,alpha=0.75", "gamma=2,alpha=0.25",
+                                        "type=ohem", "gamma=2,alpha=0.75"]
+    assert list(rows[0])[:5] == ["run", "status", "loss.gamma", "loss.alpha", "loss.type"]
+    r = rows[2]
+    assert (r["loss.gamma"], r["loss.alpha"], r["loss.type"]) == ("2", "0.25", "focal")
+    assert (r["AP"], r["AP75"]) == ("34.000", "36.000")
+    assert (r["loss_cls"], r["loss_box"], r["wall_s"]) == ("0.125", "0.0625", "125.0")  # the last loss record
+
+    md = paths["table.md"].read_text()
+    assert ("| gamma=2,alpha=0.25 | 2 | 0.25 | focal | 34.0 | 52.0 | 36.0 | 12.0 | 33.0 | 45.0 "
+            "| 0.1250 | 0.0625 | 2:05 |") in md
+    assert "| type=ohem | - | 0.25 | ohem | 30.5 |" in md  # OHEM's CE does not read loss.gamma
+    # gamma x alpha grid of AP (ohem is not in it) and, per gamma, the best alpha (Table 1a/1b)
+    assert "| gamma \\ alpha | 0.25 | 0.75 |\n| --- | ---: | ---: |\n| 0 | 28.0 | 31.0 |\n| 2 | 34.0 | 33.0 |" in md
+    assert "| 0 | 0.75 | 31.0 | 51.0 | 30.0 |\n| 2 | 0.25 | 34.0 | 52.0 | 36.0 |" in md
+    # best of each family, ordered by AP: FL 34.0 > CE 31.0 > OHEM 30.5
+    assert ("| FL (gamma > 0) | gamma=2,alpha=0.25 | 34.0 | 52.0 | 36.0 |\n"
+            "| alpha-balanced CE (gamma 0) | gamma=0,alpha=0.75 | 31.0 | 51.0 | 30.0 |\n"
+            "| OHEM | type=ohem | 30.5 | 49.0 | 31.0 |") in md
+    assert paths["ablation.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_marks_unfinished_runs_and_needs_runs(tmp_path):
+    _fake_run(tmp_path, ["loss.gamma=1"], (20.0, 40.0, 18.0, 5.0, 20.0, 30.0))
+    (tmp_path / "gamma=3").mkdir()
+    running = {"overrides": ["loss.gamma=3"], "status": "running"}
+    (tmp_path / "gamma=3" / "ablate_run.json").write_text(json.dumps(running))
+    md = build_report(tmp_path)["table.md"].read_text()
+    assert "| gamma=3 | running | 3 |  |  |  |  |  |  |  |  |  |" in md
+    with pytest.raises(FileNotFoundError, match="no run directories"):
+        build_report(tmp_path / "gamma=3")
+
+
+# ------------------------------------------------------------------------------------ OHEM
+# Seven 10 x 10 anchors on a row; a1 is a0 shifted by 1 px: IoU = 90 / (100 + 100 - 90) = 0.818.
+BOXES = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [20, 0, 30, 10], [40, 0, 50, 10],
+                      [60, 0, 70, 10], [80, 0, 90, 10], [100, 0, 110, 10]], dtype=torch.float32)
+LOSS = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 6.0, 0.5])
+FG = torch.tensor([True, False, False, True, False, False, False])
+VALID = torch.tensor([True, True, True, True, True, False, True])  # a5 (highest loss) is ignored
+
+
+def select(batch_size, nms, ratio=None, fg=FG):
+    return ohem_select(LOSS, BOXES, fg, VALID, batch_size, nms, ratio).tolist()
+
+
+def test_ohem_selection_by_hand():
+    # NMS 0.7: a1 (0.818 with a0) goes; by loss a0 5, a2 3, a3 2, a4 1, a6 0.5; ignored a5 never.
+    assert select(3, 0.7) == [0, 2, 3]
+    assert select(3, 0.9) == [0, 1, 2]  # 0.818 < 0.9: a1 stays
+    assert select(10, 0.7) == [0, 2, 3, 4, 6]  # fewer survivors than the batch
+    # ratio 0.5, B 4: floor(0.5 * 4) = 2 positives (a0, a3), then min(3 negatives, 4 - 2, 2 * 1) = 2
+    assert select(4, 0.7, 0.5) == [0, 3, 2, 4]
+    # ratio 0.25 (1:3), B 4: 1 positive (a0), then min(3, 4 - 1, 1 * 3) = 3 negatives
+    assert select(4, 0.7, 0.25) == [0, 2, 4, 6]
+    # ratio 0.25, B 8: 2 positives, then min(3, 6, 2 * 3) = 3 negatives
+    assert select(8, 0.7, 0.25) == [0, 3, 2, 4, 6]
+    # 1:3 with no positive in the image: no negative either (SSD's rule)
+    assert select(4, 0.7, 0.25, fg=torch.zeros(7, dtype=torch.bool)) == []
+    assert select(4, 0.7, None, fg=torch.zeros(7, dtype=torch.bool)) == [0, 2, 3, 4]
+
+
+def test_ohem_prefix_grows_until_enough_survive():
+    # 17 anchors: the 16 hardest are one box (NMS keeps only the first), the 17th lies apart.
+    # B = 2 starts from the top 8 * B = 16: one survivor, so the prefix grows to take anchor 16.
+    boxes = torch.tensor([[0.0, 0, 10, 10]] * 16 + [[50.0, 50, 60, 60]])
+    loss = torch.arange(17, 0, -1).float()  # 17, 16, ..., 1
+    keep = ohem_select(loss, boxes, torch.zeros(17, dtype=torch.bool), torch.ones(17, dtype=torch.bool), 2, 0.7)
+    assert keep.tolist() == [0, 16]
+
+
+def _targets(labels, classes):
+    n, r = len(labels), len(labels[0])
+    return AssignedTargets(torch.tensor(labels, dtype=torch.int8), torch.tensor(classes),
+                           torch.zeros(n, r, 4), torch.zeros(n, r, 4))
+
+
+def test_focal_star_by_hand():
+    # x_t = 0, gamma 2, beta 1: p* = sigmoid(1), FL* = -log(sigmoid(1)) / 2 = log(1 + e^-1) / 2
+    at_zero = math.log(1 + math.exp(-1)) / 2  # 0.15663
+    got = focal_star_loss(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0]), 2.0, 1.0)
+    torch.testing.assert_close(got, torch.tensor([at_zero, at_zero]))
+    # a negative with x = 1: x_t = -1, FL* = -log(sigmoid(-2 + 1)) / 2 = log(1 + e) / 2
+    torch.testing.assert_close(focal_star_loss(torch.tensor([1.0]), torch.tensor([0.0]), 2.0, 1.0),
+                               torch.tensor([math.log(1 + math.e) / 2]))
+    # gamma 4, beta 0, a positive with x = 0.5: -log(sigmoid(2)) / 4; alpha 0.25 scales it
+    value = math.log(1 + math.exp(-2)) / 4
+    torch.testing.assert_close(focal_star_loss(torch.tensor([0.5]), torch.tensor([1.0]), 4.0, 0.0, alpha=0.25),
+                               torch.tensor([0.25 * value]))
+    # gamma 1, beta 0 is plain CE; a huge margin stays finite (softplus form)
+    x = torch.tensor([-3.0, 0.5, 200.0])
+    t = torch.tensor([1.0, 0.0, 0.0])
+    torch.testing.assert_close(focal_star_loss(x, t, 1.0, 0.0),
+                               torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none"))
+
+
+def test_focal_star_in_retinanet_loss_is_normalised_by_positives():
+    # 2 anchors, K = 1, logits 0: a0 positive, a1 negative; each FL* = log(1 + e^-1) / 2; 1 positive
+    loss = RetinaNetLoss(1, "focal_star", alpha=None)
+    out = loss(torch.zeros(1, 2, 1), torch.zeros(1, 2, 4), _targets([[1, 0]], [[0, 1]]))
+    torch.testing.assert_close(out["loss_cls"], torch.tensor(2 * math.log(1 + math.exp(-1)) / 2))
+
+
+# ---------------------------------------------------------------------- loss types train a step
+TINY_MODEL = ["model.backbone.depth=18", "model.fpn.channels=16", "model.fpn.max_level=5",
+              "model.anchors.sizes=[8,16,32]", "model.head.num_convs=1", "model.head.norm=gn",
+              "model.input.min_size=[64]", "model.input.max_size=64", "model.input.size_divisibility=32",
+              "model.num_classes=3"]
+
+
+@pytest.mark.parametrize("loss_type", ["ce", "ohem", "focal_star"])
+def test_loss_types_train_a_step(loss_type, tiny_shapes_overrides):
+    from retina.data import build_dataset
+
+    torch.manual_seed(0)
+    cfg = config_from_dict({}, [*TINY_MODEL, *tiny_shapes_overrides, f"loss.type={loss_type}",
+                                "loss.ohem.batch_size=16", "loss.ohem.ratio=0.25"])
+    model = build_model(cfg).train()
+    data = build_dataset(cfg, "train")
+    images, targets = zip(*(data[i] for i in range(2)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = model.head.cls_logits.weight.detach().clone()
+    losses = model([img.float() / 255 for img in images], list(targets))
+    total = sum(losses.values())
+    assert torch.isfinite(total) and losses["loss_cls"] > 0
+    total.backward()
+    opt.step()
+    assert not torch.equal(before, model.head.cls_logits.weight)
+
+
+def test_prior_prob_zero_means_zero_bias():
+    # pi = 0 sweeps "no prior" (Sec. 4.1 / 5.1: CE without the prior diverges); bias 0 means p = 0.5
+    model = build_model(config_from_dict({}, [*TINY_MODEL, "model.head.prior_prob=0"]))
+    assert torch.equal(model.head.cls_logits.bias, torch.zeros_like(model.head.cls_logits.bias))
+    with pytest.raises(ConfigError, match="loss.ohem.ratio"):
+        config_from_dict({}, ["loss.ohem.ratio=1"])
+    with pytest.raises(ConfigError, match="loss.focal_star.gamma"):
+        config_from_dict({}, ["loss.focal_star.gamma=0"])
+
+
+# ----------------------------------------------------------------------------- loss-CDF maths
+def test_normalized_cdf_by_hand():
+    # losses 3, 1 -> sorted 1, 3; cumulative 1, 4 of 4 -> 0.25, 1 at fractions 0.5, 1
+    fraction, cum = normalized_cdf(torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(fraction, torch.tensor([0.5, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(cum, torch.tensor([0.25, 1.0], dtype=torch.float64))
+    grid, y = sample_curve(fraction, cum, points=5)  # fractions 0, .25, .5, .75, 1
+    torch.testing.assert_close(y, torch.tensor([0.0, 0.25, 0.25, 1.0, 1.0], dtype=torch.float64))
+    # margin x_t = 0: CE = log 2, FL(gamma 2) = 0.5^2 log 2
+    torch.testing.assert_close(focal_loss_of_margin(torch.tensor([0.0]), 2.0),
+                               torch.tensor([0.25 * math.log(2)], dtype=torch.float64))

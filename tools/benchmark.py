@@ -1,0 +1,68 @@
+"""retina vs torchvision RetinaNet, side by side in one process (see retina/benchmark.py).
+
+    python tools/benchmark.py --device cpu --batch-size 2 --image-size 800x1056 --repeats 5 \
+        --json runs/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from retina.benchmark import PARTS, BenchSpec, format_table, run  # noqa: E402
+
+
+def size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 800x1056, got {text!r}") from None
+    return h, w
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=2, help="images per train / infer step")
+    p.add_argument("--image-size", type=size, default=(800, 1056), help="HxW of train / infer")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls of each model per part")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="parts to run")
+    p.add_argument("--depth", type=int, choices=[18, 34, 50, 101], default=50)
+    p.add_argument("--part-batch-size", type=int, default=8, help="images of the loss / post parts")
+    p.add_argument("--part-image-size", type=size, default=(800, 1333),
+                   help="HxW whose anchors the loss / post parts use")
+    p.add_argument("--num-gt", type=int, default=50, help="ground-truth boxes per image")
+    p.add_argument("--config", default=None, help="retina config (default: the torchvision-parity "
+                   "config if present, else the paper config with parity overrides)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="retina config overrides")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="run retina with model.channels_last=false (default: true)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    spec = BenchSpec(device=a.device, batch_size=a.batch_size, image_size=a.image_size, dtype=a.dtype,
+                     repeats=a.repeats, warmup=a.warmup, parts=tuple(a.only), depth=a.depth,
+                     part_batch_size=a.part_batch_size, part_image_size=a.part_image_size,
+                     num_gt=a.num_gt, config=a.config, overrides=tuple(a.set),
+                     channels_last=not a.no_channels_last)
+    result = run(spec, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"config: {result.get('config')}\nweights: {result.get('weights')}")
+    print(format_table(result))
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
