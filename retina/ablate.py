@@ -29,6 +29,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,14 +235,20 @@ def _status_text(run_dir: Path, wall_s: float) -> str:
 
 def _train_in_process(run: SweepRun, config_path: Path, sets: Sequence[str], device: str,
                       resume: bool) -> Optional[str]:
-    """Train one run here; the error line when it fails (e.g. the loss diverged)."""
-    from retina.engine.train import Trainer, TrainingError
+    """Train one run here; the error line when it fails (e.g. the loss diverged), so the sweep
+    goes on as it does when a subprocess fails. Ctrl-C / SIGTERM (``Interrupted``) stops it."""
+    from retina.engine.train import Interrupted, Trainer, TrainingError
 
     cfg = load_config(config_path, [*sets, *run.overrides])
     try:
         Trainer(cfg, run.run_dir, device, resume=resume, quiet=True).train()
+    except Interrupted:
+        raise
     except TrainingError as e:
         return " ".join(str(e).split())
+    except Exception as e:  # a crash of one run (e.g. a killed DataLoader worker): on to the next
+        traceback.print_exc()
+        return f"{type(e).__name__}: {' '.join(str(e).split())}"
     return None
 
 
