@@ -130,14 +130,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from retina.data import build_dataset
-    from retina.engine.evaluate import evaluate, format_metrics_table
+    from retina.engine.evaluate import check_backend, evaluate, format_metrics_table
 
     model, cfg, _, _, device = _load(args)
+    check_backend(cfg.eval.backend)
     weights = Path(args.weights)
     out = Path(args.out) if args.out else (weights if weights.is_dir() else weights.parent) / "eval"
     dataset = build_dataset(cfg, "val")
     metrics = evaluate(model, dataset, cfg.eval.batch_size, device, out_dir=out,
-                       progress=sys.stderr.isatty(), num_workers=cfg.data.num_workers)
+                       progress=sys.stderr.isatty(), num_workers=cfg.data.num_workers,
+                       backend=cfg.eval.backend)
     print(format_metrics_table(metrics))
     print(f"metrics: {out / 'metrics.json'}")
     return 0

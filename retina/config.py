@@ -193,6 +193,10 @@ class OhemConfig:
     nms: float = 0.7  # IoU of the NMS over anchor boxes ranked by loss (Table 1d: 0.7 or 0.5)
     batch_size: int = 128  # anchors kept per image (Table 1d: 128, 256, 512)
     ratio: Optional[float] = None  # share of positives, e.g. 0.25 = SSD's 1:3; null: pure top-loss
+    # What the kept anchors' summed CE is divided by: "positives", the anchors assigned to a box
+    # (as FL and every other type: only the selection differs), or "selected", their own count
+    # (the mean over the minibatch, as Fast R-CNN's OHEM; ~10x weaker beside the box loss here).
+    normalizer: Literal["positives", "selected"] = "positives"
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ ranks share one normaliser. Losses are computed in fp32 whatever the autocast dt
   -x for a negative (appendix A, Eq. 6-7), alpha_t-weighted like FL when ``alpha`` is set.
 - ``ohem``: sigmoid CE (alpha_t-weighted when set) on the anchors ``ohem_select`` keeps per
   image: ranked by loss, NMS over the anchor boxes, the top ``batch_size`` (Sec. 5.1, Table 1d,
-  after Shrivastava et al. 2016). Its classification loss is the mean over the selected anchors,
-  as OHEM [31] and Fast R-CNN average over their minibatch of B RoIs; the box loss stays on all
-  positives, divided by their count like every type, so only the classification term differs.
+  after Shrivastava et al. 2016). The kept anchors' summed CE is divided by the number of
+  positives like every type (``ohem.normalizer`` positives), so only the selection differs, or by
+  the number kept (``selected``: the mean over the minibatch, as OHEM [31] and Fast R-CNN average
+  over their B RoIs). The box loss stays on all positives, divided by their count.
 """
 
 from __future__ import annotations
@@ -259,7 +260,8 @@ class RetinaNetLoss(nn.Module):
                                       self.focal_star.beta, self.alpha)
             else:
                 cls = sigmoid_focal_loss(pred_logits, onehot, self.alpha, self.gamma)
-            cls_per_image = (cls.sum(-1) * valid).sum(-1)  # (N,)
+            kept = valid if self.type != "ohem" else self._ohem_selected(cls.sum(-1), fg, valid, anchors)
+            cls_per_image = (cls.sum(-1) * kept).sum(-1)  # (N,)
         box = box_regression_loss(pred_deltas, targets.box_deltas, self.box_loss, self.beta)
         box_per_image = (box.sum(-1) * fg).sum(-1)  # (N,)
         pos_per_image = fg.sum(-1).float()  # (N,)
@@ -278,14 +280,15 @@ class RetinaNetLoss(nn.Module):
             norm = num_pos.clamp(min=1)
             loss_cls = cls_per_image.sum() / norm
             loss_box = box_per_image.sum() / norm
-        if self.type == "ohem":
-            loss_cls = self._ohem_cls_loss(cls.sum(-1), fg, valid, anchors)
+        if self.type == "ohem" and self.ohem.normalizer == "selected":  # mean over the kept
+            loss_cls = cls_per_image.sum() / _mean_over_ranks(kept.sum().float()).clamp(min=1)
         self.last_num_pos = pos_per_image.sum().detach()  # read by the trainer when it logs
         return {"loss_cls": loss_cls, "loss_box": self.box_weight * loss_box}
 
-    def _ohem_cls_loss(self, cls_per_anchor: Tensor, fg: Tensor, valid: Tensor,
+    def _ohem_selected(self, cls_per_anchor: Tensor, fg: Tensor, valid: Tensor,
                        anchors: Optional[Tensor]) -> Tensor:
-        """Mean CE over the anchors ``ohem_select`` keeps; cls_per_anchor, fg, valid (N, R)."""
+        """(N, R) bool: the anchors ``ohem_select`` keeps in each image; cls_per_anchor, fg,
+        valid (N, R)."""
         if anchors is None:
             raise ValueError("loss.type=ohem needs the anchors (R, 4) for its NMS")
         o = self.ohem
@@ -294,5 +297,4 @@ class RetinaNetLoss(nn.Module):
         for i in range(cls_per_anchor.shape[0]):  # per image: NMS and the quota are per image
             keep = ohem_select(scores[i], anchors, fg[i], valid[i], o.batch_size, o.nms, o.ratio)
             selected[i, keep] = True
-        num_selected = _mean_over_ranks(selected.sum().float())
-        return (cls_per_anchor * selected).sum() / num_selected.clamp(min=1)
+        return selected

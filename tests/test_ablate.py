@@ -316,6 +316,19 @@ def test_focal_star_in_retinanet_loss_is_normalised_by_positives():
     torch.testing.assert_close(out["loss_cls"], torch.tensor(2 * math.log(1 + math.exp(-1)) / 2))
 
 
+@pytest.mark.parametrize("normalizer, divisor", [("positives", 1.0), ("selected", 2.0)])
+def test_ohem_loss_normalizers_by_hand(normalizer, divisor):
+    # 3 far-apart anchors, K = 1, unweighted CE. Logits 0, 0, -10: a0 positive (CE log 2), a1
+    # negative (log 2), a2 negative (softplus(-10) = 4.5e-5). B = 2 keeps a0 and a1: summed CE
+    # 2 log 2, divided by the 1 positive, or by the 2 kept (the minibatch mean).
+    anchors = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]])
+    loss = RetinaNetLoss(1, "ohem", alpha=None, ohem=OhemConfig(nms=0.5, batch_size=2, normalizer=normalizer))
+    out = loss(torch.tensor([[[0.0], [0.0], [-10.0]]]), torch.zeros(1, 3, 4),
+               _targets([[1, 0, 0]], [[0, 1, 1]]), anchors)
+    torch.testing.assert_close(out["loss_cls"], torch.tensor(2 * math.log(2) / divisor))
+    torch.testing.assert_close(out["loss_box"], torch.tensor(0.0))
+
+
 # ---------------------------------------------------------------------- loss types train a step
 TINY_MODEL = ["model.backbone.depth=18", "model.fpn.channels=16", "model.fpn.max_level=5",
               "model.anchors.sizes=[8,16,32]", "model.head.num_convs=1", "model.head.norm=gn",

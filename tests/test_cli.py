@@ -67,6 +67,17 @@ def test_eval_missing_checkpoint(capsys, tmp_path):
     assert_one_line_error(err, "model_final.pth", "not found")
 
 
+def test_missing_eval_backend_fails_before_training(capsys, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # as if not installed: import fails
+    code, err = run_cli(capsys, "train", "--set", "eval.backend=faster_coco_eval", f"data.root={tmp_path}/shapes",
+                        "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert_one_line_error(err, "eval.backend=faster_coco_eval", "pip install faster-coco-eval")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "shapes").exists()  # nothing done
+
+
 def test_eval_corrupt_checkpoint(capsys, tmp_path):
     path = tmp_path / "model_final.pth"
     path.write_bytes(b"not a checkpoint")

@@ -29,6 +29,7 @@ from retina.data import build_dataset, collate
 from retina.engine import dist
 from retina.engine.checkpoint import (CheckpointError, atomic_save, last_checkpoint, list_checkpoints,
                                       load_checkpoint, prune_checkpoints, rng_state, set_rng_state)
+from retina.engine.evaluate import check_backend
 from retina.engine.logger import TrainLogger, format_seconds
 from retina.engine.optim import build_optimizer, build_scheduler
 from retina.engine.preflight import check_run_dir, worker_error_line
@@ -81,6 +82,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, device: str = "auto", resume: bool = False,
                  quiet: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        check_backend(cfg.eval.backend)  # an evaluator that is not installed fails now, not after training
         device_ = resolve_device(device)
         if dist.init_distributed(device_.type) and device_.type == "cuda":
             device_ = torch.device("cuda", torch.cuda.current_device())
@@ -332,7 +334,7 @@ class Trainer:
             cfg = self.cfg
             self._validator = Validator(build_dataset(cfg, "val"), cfg.eval.batch_size, self.device,
                                         self.amp_dtype, cfg.data.num_workers, self.logger,
-                                        cfg.train.tb_images, getattr(cfg.eval, "backend", "pycocotools"))
+                                        cfg.train.tb_images, cfg.eval.backend)
         metrics = self._validator(self.model, self.iteration, self.run_dir if final else None)
         ap = metrics.get("AP", float("nan"))
         if not final and math.isfinite(ap) and ap > self.best_ap:

@@ -52,9 +52,8 @@ class Validator:
             outputs, image_ids = result
             cat_ids = list(self.dataset.cat_ids)
             detections = to_coco_results(outputs, image_ids, cat_ids)
-            kwargs = {"backend": self.backend} if self.backend != "pycocotools" else {}
             metrics = evaluate_detections(self.dataset.coco, detections, list(self.dataset.class_names),
-                                          cat_ids, image_ids, **kwargs)
+                                          cat_ids, image_ids, self.backend)
             if out_dir is not None:
                 write_json(Path(out_dir) / "detections.json", detections)
                 write_json(Path(out_dir) / "metrics.json", metrics)
