@@ -5,9 +5,37 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from retina.box_coder import BoxCoder
+
+# torchvision's batched_nms switches from one NMS over offset boxes to one NMS per group above
+# this many boxes on the CPU (its own threshold, 4000 coordinates); so does ``grouped_nms``.
+CPU_OFFSET_TRICK_MAX_BOXES = 1000
+
+
+def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float) -> Tensor:
+    """``torchvision.ops.batched_nms`` with the same result (indices kept, by decreasing score),
+    faster for many boxes on the CPU.
+
+    There torchvision runs one NMS per group, finding each group's boxes with a full-length
+    comparison and ``nonzero`` (two passes over all boxes per group: N images x K classes
+    groups). Here the boxes are sorted by group once (stable, so each group's boxes keep their
+    order and each NMS sees exactly torchvision's input) and each group is a slice. Elsewhere
+    (CUDA, few boxes) it is ``batched_nms``.
+    """
+    if boxes.device.type != "cpu" or len(boxes) <= CPU_OFFSET_TRICK_MAX_BOXES:
+        return batched_nms(boxes, scores, groups, iou_thresh)
+    order = torch.argsort(groups, stable=True)  # (B,)
+    counts = torch.bincount(groups[order]).tolist()  # boxes per group id; one host read
+    kept, start = [], 0
+    for count in counts:  # one NMS per (image, class) group, as torchvision's CPU path
+        if count:
+            idx = order[start:start + count]
+            kept.append(idx[nms(boxes[idx], scores[idx], iou_thresh)])
+        start += count
+    keep = torch.cat(kept).sort().values  # ascending index, then by score as torchvision orders
+    return keep[scores[keep].sort(descending=True)[1]]
 
 
 class PostProcessor:
@@ -64,7 +92,7 @@ class PostProcessor:
         image_idx = torch.arange(n, device=boxes.device)[:, None].expand_as(labels)
         flat_boxes, flat_scores = boxes[keep_mask], scores[keep_mask]
         flat_labels, flat_images = labels[keep_mask], image_idx[keep_mask]
-        keep = batched_nms(flat_boxes, flat_scores, flat_images * k + flat_labels, self.nms_thresh)
+        keep = grouped_nms(flat_boxes, flat_scores, flat_images * k + flat_labels, self.nms_thresh)
         # keep is sorted by score; split it by image and cap the count.
         kept_images = flat_images[keep]
         results = []

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 from torch.testing import assert_close
+from torchvision.ops import batched_nms
 
 from retina.box_coder import BoxCoder
-from retina.postprocess import PostProcessor
+from retina.postprocess import PostProcessor, grouped_nms
 
 NEG = -20.0  # sigmoid(-20) ~ 2e-9: far below any threshold
 
@@ -147,3 +148,17 @@ def test_low_precision_inputs(dtype):
     assert det["boxes"].dtype == torch.float32 and det["scores"].dtype == torch.float32
     assert_close(det["boxes"], torch.tensor([[5.0, 5.0, 15.0, 15.0]]))  # shifted by half a side
     assert_close(det["scores"], torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("num_boxes", [300, 5000])  # below and above torchvision's per-group switch
+def test_grouped_nms_equals_torchvision_batched_nms(num_boxes):
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(num_boxes, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 5 + torch.rand(num_boxes, 2, generator=g) * 60], dim=1)
+    scores = (torch.rand(num_boxes, generator=g) * 20).round() / 20  # many exact ties
+    groups = torch.randint(0, 37, (num_boxes,), generator=g)
+    keep = grouped_nms(boxes, scores, groups, 0.5)
+    expected = batched_nms(boxes, scores, groups, 0.5)
+    assert len(keep) < num_boxes  # something was suppressed
+    assert torch.equal(keep, expected)
+    assert torch.equal(grouped_nms(boxes[:0], scores[:0], groups[:0], 0.5), expected[:0])

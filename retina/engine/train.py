@@ -87,6 +87,8 @@ class Trainer:
         if dist.init_distributed(device_.type) and device_.type == "cuda":
             device_ = torch.device("cuda", torch.cuda.current_device())
         self.device = device_
+        if device_.type == "cuda":  # input sizes repeat (fixed sizes or a few aspect groups)
+            torch.backends.cudnn.benchmark = True
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self.main = self.rank == 0
         if cfg.solver.batch_size % self.world_size:
