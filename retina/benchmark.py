@@ -30,6 +30,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from retina import convert
 from retina.assigner import pad_targets
 from retina.config import load_config
 from retina.model import RetinaNet, build_model
@@ -37,14 +38,8 @@ from retina.model import RetinaNet, build_model
 Part = Literal["train", "infer", "loss", "post"]
 PARTS: tuple[Part, ...] = ("train", "infer", "loss", "post")
 
-PAPER_CONFIG = "configs/retinanet_r50_fpn_1x_coco.yaml"
 # torchvision's builder with weights_backbone=None uses trainable BatchNorm2d (eps 1e-5) everywhere.
 TV_RANDOM_INIT = ("model.backbone.norm=bn", "model.backbone.norm_eps=1e-5")
-# Without retina/convert.py, these turn the paper config into torchvision's architecture with
-# weights_backbone=None: trainable BatchNorm, P6 from P5 (LastLevelP6P7(256, 256)), padding to
-# 32, L1 box loss, each image normalised by its own positives.
-PARITY_OVERRIDES = ("model.backbone.weights=null", "model.backbone.norm=bn", "model.fpn.p6_from=p5",
-                    "model.input.size_divisibility=32", "loss.box_loss=l1", "loss.normalizer=image")
 
 
 @dataclass(frozen=True)
@@ -60,7 +55,7 @@ class BenchSpec:
     part_batch_size: int = 8  # N of the loss / post parts
     part_image_size: tuple[int, int] = (800, 1333)  # H, W whose anchors the loss / post parts use
     num_gt: int = 50  # M ground-truth boxes per image
-    config: Optional[str] = None  # retina config; default: parity config if present, else paper
+    config: Optional[str] = None  # retina config; default: torchvision's, through retina.convert
     overrides: tuple[str, ...] = ()  # extra dotted overrides of the retina config
     seed: int = 0
     # retina's model.channels_last (NHWC activations and weights; off in the configs by default).
@@ -127,25 +122,20 @@ def build_models(spec: BenchSpec, image_size: tuple[int, int]) -> tuple[RetinaNe
     Default: ``retina.convert`` builds retina's torchvision-parity model (the model section of
     ``configs/torchvision_retinanet_r50_fpn.yaml``) from torchvision's random-init state dict, so
     both hold the same weights; with trainable BatchNorm, as torchvision has without pretrained
-    weights. With ``spec.config`` (or without ``retina/convert.py``) both are built from one seed.
+    weights. With ``spec.config`` both are built from one seed.
     """
     h, w = image_size
     sizes = (f"model.input.min_size=[{min(h, w)}]", f"model.input.max_size={max(h, w)}",
              f"model.backbone.depth={spec.depth}", "model.backbone.weights=null",
              f"model.channels_last={str(spec.channels_last).lower()}")
-    try:
-        from retina import convert  # the torchvision-parity converter
-    except ImportError:
-        convert = None
-    if spec.config is None and convert is not None:
+    if spec.config is None:
         overrides = TV_RANDOM_INIT + sizes + tuple(spec.overrides)
         torch.manual_seed(spec.seed)
         theirs = torchvision_retinanet(spec.depth, 80, min(h, w), max(h, w), 300)
         ours, _, _, _ = convert.convert_to_model(theirs.state_dict(), "v1", overrides=overrides)
         return (ours, theirs, "retina.convert.torchvision_config('v1') " + " ".join(overrides),
                 "torchvision's random init copied into retina by retina.convert")
-    config, extra = (spec.config, ()) if spec.config is not None else (PAPER_CONFIG, PARITY_OVERRIDES)
-    overrides = tuple(extra) + sizes + tuple(spec.overrides)
+    config, overrides = spec.config, sizes + tuple(spec.overrides)
     cfg = load_config(config, overrides)
     torch.manual_seed(spec.seed)
     ours = build_model(cfg)

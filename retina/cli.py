@@ -130,10 +130,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from retina.data import build_dataset
-    from retina.engine.evaluate import check_backend, evaluate, format_metrics_table
+    from retina.engine.evaluate import evaluate, format_metrics_table
 
     model, cfg, _, _, device = _load(args)
-    check_backend(cfg.eval.backend)
     weights = Path(args.weights)
     out = Path(args.out) if args.out else (weights if weights.is_dir() else weights.parent) / "eval"
     dataset = build_dataset(cfg, "val")

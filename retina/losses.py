@@ -99,7 +99,8 @@ class _FocalLossPerImage(torch.autograd.Function):
         n, r, k = logits.shape
         a_pos, a_neg = (alpha, 1 - alpha) if alpha is not None else (1.0, 1.0)
         rows = logits.reshape(n * r, k)  # (N*R, K)
-        w_rows = (a_neg * weights).reshape(n * r)  # (N*R,)
+        w_neg = a_neg * weights  # (N, R)
+        w_rows = w_neg.reshape(n * r)  # (N*R,)
         grad = torch.empty_like(rows)  # (N*R, K), logits' dtype
         row_loss = rows.new_empty(n * r, dtype=torch.float32)  # (N*R,)
         step = min(max(1, CPU_BLOCK // k), n * r) if logits.device.type == "cpu" else n * r
@@ -108,7 +109,7 @@ class _FocalLossPerImage(torch.autograd.Function):
             j = min(i + step, n * r)
             _negative_focal_(rows[i:j].float(), gamma, row_loss[i:j], grad[i:j], w_rows[i:j],
                              scratch)
-        per_image = (row_loss.view(n, r) * (a_neg * weights)).sum(-1)  # (N,)
+        per_image = (row_loss.view(n, r) * w_neg).sum(-1)  # (N,)
         # Foreground entries (n, r, classes[n, r]): replace the negative term by the positive
         # a_pos (1 - p)^g softplus(-x), derivative -a_pos (1 - p)^g (g p softplus(-x) + 1 - p).
         fg = classes < k  # (N, R); background anchors carry class K
@@ -117,9 +118,10 @@ class _FocalLossPerImage(torch.autograd.Function):
         pc, qc = torch.sigmoid(xc), torch.sigmoid(-xc)  # p, 1 - p without cancellation
         spn, spp = F.softplus(xc), F.softplus(-xc)  # -log(1 - p), -log(p)
         wf = (weights * fg)[..., None]  # (N, R, 1)
-        neg_loss, pos_loss = a_neg * pc.pow(gamma) * spn, a_pos * qc.pow(gamma) * spp
-        neg_grad = a_neg * pc.pow(gamma) * (gamma * qc * spn + pc)
-        pos_grad = -a_pos * qc.pow(gamma) * (gamma * pc * spp + qc)
+        neg_w, pos_w = a_neg * pc.pow(gamma), a_pos * qc.pow(gamma)  # alpha_t (1 - p_t)^g
+        neg_loss, pos_loss = neg_w * spn, pos_w * spp
+        neg_grad = neg_w * (gamma * qc * spn + pc)
+        pos_grad = -pos_w * (gamma * pc * spp + qc)
         per_image = per_image + ((pos_loss - neg_loss) * wf).sum((1, 2))
         grad = grad.view(n, r, k)
         grad.scatter_add_(-1, idx, ((pos_grad - neg_grad) * wf).to(grad.dtype))
@@ -260,8 +262,9 @@ class RetinaNetLoss(nn.Module):
                                       self.focal_star.beta, self.alpha)
             else:
                 cls = sigmoid_focal_loss(pred_logits, onehot, self.alpha, self.gamma)
-            kept = valid if self.type != "ohem" else self._ohem_selected(cls.sum(-1), fg, valid, anchors)
-            cls_per_image = (cls.sum(-1) * kept).sum(-1)  # (N,)
+            cls_per_anchor = cls.sum(-1)  # (N, R)
+            kept = valid if self.type != "ohem" else self._ohem_selected(cls_per_anchor, fg, valid, anchors)
+            cls_per_image = (cls_per_anchor * kept).sum(-1)  # (N,)
         box = box_regression_loss(pred_deltas, targets.box_deltas, self.box_loss, self.beta)
         box_per_image = (box.sum(-1) * fg).sum(-1)  # (N,)
         pos_per_image = fg.sum(-1).float()  # (N,)

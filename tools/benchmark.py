@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retina.benchmark import PARTS, BenchSpec, format_table, run  # noqa: E402
+from retina.engine.evaluate import write_json  # noqa: E402
 
 
 def size(text: str) -> tuple[int, int]:
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part-image-size", type=size, default=(800, 1333),
                    help="HxW whose anchors the loss / post parts use")
     p.add_argument("--num-gt", type=int, default=50, help="ground-truth boxes per image")
-    p.add_argument("--config", default=None, help="retina config (default: the torchvision-parity "
-                   "config if present, else the paper config with parity overrides)")
+    p.add_argument("--config", default=None, help="retina config, both models from one seed "
+                   "(default: torchvision's architecture and weights, through retina.convert)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="retina config overrides")
     p.add_argument("--no-channels-last", action="store_true",
                    help="run retina with model.channels_last=false (default: true)")
@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config: {result.get('config')}\nweights: {result.get('weights')}")
     print(format_table(result))
     if a.json is not None:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=1))
+        write_json(a.json, result)
     return 0
 
 

@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retina.benchmark_eval import compare_backends  # noqa: E402
+from retina.engine.evaluate import write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speedup          {r['speedup']:8.2f} x   (largest metric difference "
           f"{r['max_metric_diff']:.3g}, per class {r['max_per_class_diff']:.3g})")
     if a.json is not None:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(r, indent=1))
+        write_json(a.json, r)
     return 0
 
 

@@ -302,6 +302,7 @@ def evaluate(
     When ``out_dir`` is given, writes ``out_dir/detections.json`` (COCO results) and
     ``out_dir/metrics.json`` (the returned dict, NaN as null).
     """
+    check_backend(backend)  # before inference, not after it
     outputs, image_ids = inference(
         model, dataset, batch_size, device, amp_dtype, progress, num_workers
     )
