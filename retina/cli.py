@@ -13,19 +13,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from retina.config import find_config
+
 DEFAULT_CONFIG = "shapes.yaml"
-
-
-def find_config(name: str) -> Path:
-    """A path as given, else a file of the bundled ``configs/`` directory (``.yaml`` optional)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    return path  # load_config reports it as missing
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: Optional[str]) -> None:
@@ -156,20 +146,20 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from retina.ablate import ablate_cli
+    from retina.studies.ablate import ablate_cli
 
     return ablate_cli(args.config, args.grid, args.set, args.out, args.jobs, args.device, args.report)
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from retina.analyze import analyze_cli
+    from retina.studies.loss_cdf import analyze_cli
 
     return analyze_cli(args.kind, args.config, args.weights, args.gammas, args.out, args.device,
                        args.num_images)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from retina.convert import convert_cli
+    from retina.deploy.convert import convert_cli
 
     print(convert_cli(args.in_path, args.out, args.variant, args.set))
     return 0

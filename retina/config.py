@@ -477,6 +477,23 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), source: str = "<
     return validate(_build(Config, data, "", source), source)
 
 
+# The configs shipped inside the package (package data), so an installed wheel finds them.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def find_config(name: str | Path) -> Path:
+    """A path as given, else a bundled config: ``shapes``, ``shapes.yaml``, ``ablations/shapes_focal``
+    or ``configs/shapes.yaml`` (the repository's old layout) all name ``retina/configs/shapes.yaml``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    rel = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else path
+    for candidate in (CONFIG_DIR / rel, CONFIG_DIR / f"{rel}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return path  # load_config reports it as missing
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (and its base), apply ``key=value`` overrides, type-check, validate."""
     data = _read_yaml(Path(path)) if path is not None else {}

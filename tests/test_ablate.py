@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from retina import ablate
-from retina.ablate import expand_grid, grids_from_config, plan_sweep, run_name, run_sweep
-from retina.ablate_report import build_report, collect_runs
-from retina.analyze import focal_loss_of_margin, loss_cdf, normalized_cdf, sample_curve
-from retina.assigner import AssignedTargets
+from retina.studies import ablate
+from retina.studies.ablate import expand_grid, grids_from_config, plan_sweep, run_name, run_sweep
+from retina.studies.report import build_report, collect_runs
+from retina.studies.loss_cdf import focal_loss_of_margin, loss_cdf, normalized_cdf, sample_curve
+from retina.model.assigner import AssignedTargets
 from retina.config import ConfigError, OhemConfig, config_from_dict, load_config
-from retina.losses import RetinaNetLoss, focal_star_loss, ohem_select
+from retina.model.losses import RetinaNetLoss, focal_star_loss, ohem_select
 from retina.model import build_model
 
-SHAPES = str(Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml")
+SHAPES = str(Path(__file__).resolve().parents[1] / "retina" / "configs" / "shapes.yaml")
 
 
 # ------------------------------------------------------------------------------- grid, names

@@ -1,4 +1,4 @@
-"""Tests for retina.assigner: padding, classes K off the foreground, encoded deltas, no leaks."""
+"""Tests for retina.model.assigner: padding, classes K off the foreground, encoded deltas, no leaks."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import torch
 from torch.testing import assert_close
 
-from retina.assigner import TargetAssigner, pad_targets
-from retina.box_coder import BoxCoder
-from retina.matcher import FOREGROUND, Matcher
+from retina.model.assigner import TargetAssigner, pad_targets
+from retina.model.box_coder import BoxCoder
+from retina.model.matcher import FOREGROUND, Matcher
 
 K = 3
 CPU = torch.device("cpu")

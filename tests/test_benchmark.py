@@ -31,14 +31,14 @@ def test_model_benchmark_tiny_run_writes_table_and_json(tmp_path):
         assert part["ours_s"] > 0 and part["theirs_s"] > 0
         assert part["ratio"] == pytest.approx(part["ours_s"] / part["theirs_s"])
     assert result["spec"]["image_size"] == [64, 64] and result["spec"]["depth"] == 18
-    assert "retina.convert" in result["weights"]  # both models hold torchvision's random init
+    assert "retina.deploy.convert" in result["weights"]  # both models hold torchvision's random init
     assert {"device", "torch", "torchvision", "config", "memory_measure"} <= set(result)
     for part in ("train", "infer", "loss", "post"):  # one table row per part
         assert any(line.startswith(part) for line in proc.stdout.splitlines()), proc.stdout
 
 
 def test_only_selects_parts():
-    from retina.benchmark import BenchSpec, run
+    from retina.bench.detector import BenchSpec, run
 
     spec = BenchSpec(depth=18, parts=("post",), repeats=1, warmup=0, part_batch_size=1,
                      part_image_size=(64, 64))

@@ -1,4 +1,4 @@
-"""Tests for retina.box_coder: hand-computed deltas, weights, the dw/dh clamp, round trip, dtypes."""
+"""Tests for retina.model.box_coder: hand-computed deltas, weights, the dw/dh clamp, round trip, dtypes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from retina.box_coder import BoxCoder
+from retina.model.box_coder import BoxCoder
 
 LOG2 = math.log(2.0)
 

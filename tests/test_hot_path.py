@@ -10,12 +10,12 @@ import torch
 from torch.testing import assert_close
 from torchvision.ops import box_iou
 
-import retina.losses as losses
-import retina.matcher as matcher
-from retina.box_coder import BoxCoder
-from retina.losses import focal_loss_per_image, sigmoid_focal_loss
-from retina.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
-from retina.postprocess import PostProcessor
+import retina.model.losses as losses
+import retina.model.matcher as matcher
+from retina.model.box_coder import BoxCoder
+from retina.model.losses import focal_loss_per_image, sigmoid_focal_loss
+from retina.model.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
+from retina.model.postprocess import PostProcessor
 
 
 def reference_per_image(logits, classes, weights, alpha, gamma):
@@ -81,7 +81,7 @@ def test_fused_focal_second_backward_raises():
 
 @pytest.mark.parametrize("normalizer", ["batch", "image"])
 def test_retinanet_loss_focal_path_equals_plain_expression(normalizer):
-    from retina.assigner import AssignedTargets
+    from retina.model.assigner import AssignedTargets
 
     g = torch.Generator().manual_seed(2)
     n, r, k = 2, 30, 4

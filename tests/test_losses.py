@@ -1,4 +1,4 @@
-"""Tests for retina.losses: sigmoid focal loss (hand values, BCE laws, torchvision parity, dtypes)
+"""Tests for retina.model.losses: sigmoid focal loss (hand values, BCE laws, torchvision parity, dtypes)
 and RetinaNetLoss normalisation (batch, image, ema), ignored anchors, empty images, ce type."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from retina.assigner import AssignedTargets
-from retina.losses import RetinaNetLoss, box_regression_loss, sigmoid_focal_loss
+from retina.model.assigner import AssignedTargets
+from retina.model.losses import RetinaNetLoss, box_regression_loss, sigmoid_focal_loss
 
 LOG2 = math.log(2.0)
 K = 2

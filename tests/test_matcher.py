@@ -1,11 +1,11 @@
-"""Tests for retina.matcher: thresholds, ties, low-quality matches, empty and crowd ground truth,
+"""Tests for retina.model.matcher: thresholds, ties, low-quality matches, empty and crowd ground truth,
 batched == per-image."""
 
 from __future__ import annotations
 
 import torch
 
-from retina.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
+from retina.model.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
 
 
 def boxes(*rows):

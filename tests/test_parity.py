@@ -24,8 +24,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import _default_anchorgen
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from retina.config import load_config
-from retina.convert import convert_to_model, convert_torchvision, torchvision_config
+from retina.config import find_config, load_config
+from retina.deploy.convert import convert_to_model, convert_torchvision, torchvision_config
 from retina.engine.checkpoint import load_model
 from retina.model import build_model
 from retina.model.anchors import AnchorGenerator, cell_anchors
@@ -109,7 +109,7 @@ def assert_same_detections(ref: list[dict], out: list[dict], cat_ids: list[int])
 @pytest.fixture(scope="module")
 def v1():
     """torchvision's COCO layout: 91 slots, background and the 10 unused ids never positive."""
-    from retina.convert import _coco_classes
+    from retina.deploy.convert import _coco_classes
 
     real = set(_coco_classes()[0])
     tv = torchvision_model("v1", 91, off_slots=tuple(s for s in range(91) if s not in real))
@@ -238,7 +238,7 @@ def test_convert_errors_name_the_file(tmp_path, v2):
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_config_files_hold_the_parity_model(variant):
     name = "torchvision_retinanet_r50_fpn" + ("_v2" if variant == "v2" else "")
-    cfg = load_config(f"configs/{name}.yaml")
+    cfg = load_config(find_config(name))
     parity = torchvision_config(variant)
     # the file trains from ImageNet weights; the converted checkpoint needs none
     backbone = dataclasses.replace(cfg.model.backbone, weights=None)

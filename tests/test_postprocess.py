@@ -1,4 +1,4 @@
-"""Tests for retina.postprocess: threshold, per-level top-k, decoding, clipping, class-wise NMS,
+"""Tests for retina.model.postprocess: threshold, per-level top-k, decoding, clipping, class-wise NMS,
 the per-image cap, batched == per-image and empty outputs."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from torch.testing import assert_close
 from torchvision.ops import batched_nms
 
-from retina.box_coder import BoxCoder
-from retina.postprocess import PostProcessor, grouped_nms
+from retina.model.box_coder import BoxCoder
+from retina.model.postprocess import PostProcessor, grouped_nms
 
 NEG = -20.0  # sigmoid(-20) ~ 2e-9: far below any threshold
 

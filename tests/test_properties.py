@@ -18,8 +18,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retina.box_coder import BoxCoder
-from retina.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
+from retina.model.box_coder import BoxCoder
+from retina.model.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
 
 EPS32 = float(np.finfo(np.float32).eps)  # 1.19e-7
 MAX_RATIO = 1000.0 / 16  # exp(scale_clamp)

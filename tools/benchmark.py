@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retina.benchmark import PARTS, BenchSpec, format_table, run  # noqa: E402
+from retina.bench.detector import PARTS, BenchSpec, format_table, run  # noqa: E402
 from retina.engine.evaluate import write_json  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="HxW whose anchors the loss / post parts use")
     p.add_argument("--num-gt", type=int, default=50, help="ground-truth boxes per image")
     p.add_argument("--config", default=None, help="retina config, both models from one seed "
-                   "(default: torchvision's architecture and weights, through retina.convert)")
+                   "(default: torchvision's architecture and weights, through retina.deploy.convert)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="retina config overrides")
     p.add_argument("--no-channels-last", action="store_true",
                    help="run retina with model.channels_last=false (default: true)")

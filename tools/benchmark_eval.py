@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retina.benchmark_eval import compare_backends  # noqa: E402
+from retina.bench.eval_backends import compare_backends  # noqa: E402
 from retina.engine.evaluate import write_json  # noqa: E402
 
 

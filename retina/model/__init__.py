@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from retina.assigner import TargetAssigner
-from retina.box_coder import BoxCoder
+from retina.model.assigner import TargetAssigner
+from retina.model.box_coder import BoxCoder
 from retina.config import Config
-from retina.losses import RetinaNetLoss
-from retina.matcher import Matcher
+from retina.model.losses import RetinaNetLoss
+from retina.model.matcher import Matcher
 from retina.model.anchors import AnchorGenerator, default_sizes
 from retina.model.backbone import FPN, ResNetBackbone
 from retina.model.head import RetinaHead
 from retina.model.retinanet import InputSpec, RetinaNet
-from retina.postprocess import PostProcessor
+from retina.model.postprocess import PostProcessor
 
 __all__ = ["build_model", "RetinaNet"]
 

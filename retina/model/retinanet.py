@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retina.assigner import TargetAssigner, pad_targets
-from retina.losses import RetinaNetLoss
+from retina.model.assigner import TargetAssigner, pad_targets
+from retina.model.losses import RetinaNetLoss
 from retina.model.anchors import AnchorGenerator
 from retina.model.backbone import FPN, ResNetBackbone
 from retina.model.head import RetinaHead
-from retina.postprocess import PostProcessor
+from retina.model.postprocess import PostProcessor
 
 
 @dataclass(frozen=True)

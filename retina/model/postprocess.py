@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, nms
 
-from retina.box_coder import BoxCoder
+from retina.model.box_coder import BoxCoder
 
 # torchvision's batched_nms switches from one NMS over offset boxes to one NMS per group above
 # this many boxes on the CPU (its own threshold, 4000 coordinates); so does ``grouped_nms``.

@@ -37,7 +37,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from retina.ablate_report import build_report, short_keys
+from retina.studies.report import build_report, short_keys
 from retina.config import ConfigError, _yaml_load, load_config
 
 __all__ = ["expand_grid", "run_name", "plan_sweep", "run_sweep", "build_report", "ablate_cli"]
@@ -377,7 +377,7 @@ def ablate_cli(config: Optional[str], grids: Sequence[str] = (), sets: Sequence[
         return 0
     if config is None:
         raise ConfigError("retina ablate needs --config (or --report DIR)")
-    from retina.cli import find_config
+    from retina.config import find_config
 
     config_path = find_config(config)
     out_dir = Path(out) if out else Path("runs") / "ablate" / config_path.stem

@@ -30,8 +30,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from retina import convert
-from retina.assigner import pad_targets
+from retina.deploy import convert
+from retina.model.assigner import pad_targets
 from retina.config import load_config
 from retina.model import RetinaNet, build_model
 
@@ -55,7 +55,7 @@ class BenchSpec:
     part_batch_size: int = 8  # N of the loss / post parts
     part_image_size: tuple[int, int] = (800, 1333)  # H, W whose anchors the loss / post parts use
     num_gt: int = 50  # M ground-truth boxes per image
-    config: Optional[str] = None  # retina config; default: torchvision's, through retina.convert
+    config: Optional[str] = None  # retina config; default: torchvision's, through retina.deploy.convert
     overrides: tuple[str, ...] = ()  # extra dotted overrides of the retina config
     seed: int = 0
     # retina's model.channels_last (NHWC activations and weights; off in the configs by default).
@@ -119,7 +119,7 @@ def build_models(spec: BenchSpec, image_size: tuple[int, int]) -> tuple[RetinaNe
     """Retina and torchvision models of the same architecture; returns (ours, theirs, config
     description, how the weights were made equal).
 
-    Default: ``retina.convert`` builds retina's torchvision-parity model (the model section of
+    Default: ``retina.deploy.convert`` builds retina's torchvision-parity model (the model section of
     ``configs/torchvision_retinanet_r50_fpn.yaml``) from torchvision's random-init state dict, so
     both hold the same weights; with trainable BatchNorm, as torchvision has without pretrained
     weights. With ``spec.config`` both are built from one seed.
@@ -133,8 +133,8 @@ def build_models(spec: BenchSpec, image_size: tuple[int, int]) -> tuple[RetinaNe
         torch.manual_seed(spec.seed)
         theirs = torchvision_retinanet(spec.depth, 80, min(h, w), max(h, w), 300)
         ours, _, _, _ = convert.convert_to_model(theirs.state_dict(), "v1", overrides=overrides)
-        return (ours, theirs, "retina.convert.torchvision_config('v1') " + " ".join(overrides),
-                "torchvision's random init copied into retina by retina.convert")
+        return (ours, theirs, "retina.deploy.convert.torchvision_config('v1') " + " ".join(overrides),
+                "torchvision's random init copied into retina by retina.deploy.convert")
     config, overrides = spec.config, sizes + tuple(spec.overrides)
     cfg = load_config(config, overrides)
     torch.manual_seed(spec.seed)

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retina.assigner import pad_targets
+from retina.model.assigner import pad_targets
 from retina.config import Config, load_config
-from retina.matcher import FOREGROUND, IGNORE
+from retina.model.matcher import FOREGROUND, IGNORE
 
 MAX_NEG_PER_IMAGE = 50_000
 CURVE_POINTS = 1001  # fractions 0, 0.001, ..., 1 in the CSV
@@ -168,7 +168,7 @@ def analyze_cli(kind: str, config: Optional[str], weights: str, gammas: str | Se
         raise ValueError(f"unknown analysis {kind!r}; choose loss-cdf")
     cfg = None
     if config is not None:
-        from retina.cli import find_config
+        from retina.config import find_config
 
         cfg = load_config(find_config(config))
     w = Path(weights)

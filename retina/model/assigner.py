@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from retina.box_coder import BoxCoder
-from retina.matcher import FOREGROUND, Matcher
+from retina.model.box_coder import BoxCoder
+from retina.model.matcher import FOREGROUND, Matcher
 
 
 @dataclass

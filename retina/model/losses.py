@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms
 
-from retina.assigner import AssignedTargets
+from retina.model.assigner import AssignedTargets
 from retina.config import FocalStarConfig, OhemConfig
-from retina.matcher import FOREGROUND, IGNORE
+from retina.model.matcher import FOREGROUND, IGNORE
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: Optional[float] = 0.25,
