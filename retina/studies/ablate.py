@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from retina.studies.report import build_report, short_keys
-from retina.config import ConfigError, _yaml_load, load_config
+from retina.config import ConfigError, load_config, yaml_load
 
 __all__ = ["expand_grid", "run_name", "plan_sweep", "run_sweep", "build_report", "ablate_cli"]
 
@@ -76,7 +76,7 @@ def parse_grid(item: str) -> tuple[str, list[str]]:
         if not v:
             raise ConfigError(f"--grid {item}: empty value")
         try:
-            _yaml_load(v)
+            yaml_load(v)
         except yaml.YAMLError:
             raise ConfigError(f"--grid {item}: value {v!r} is not valid YAML") from None
     return key, values
@@ -99,7 +99,7 @@ def expand_grid(grids: Sequence[str]) -> list[list[str]]:
 
 def _yaml_value_text(value: Any) -> str:
     """A value of an ``ablate:`` section back to ``--set`` text (JSON is YAML)."""
-    if isinstance(value, str) and _yaml_load(value) == value:
+    if isinstance(value, str) and yaml_load(value) == value:
         return value
     return json.dumps(value)
 
@@ -107,7 +107,7 @@ def _yaml_value_text(value: Any) -> str:
 def grids_from_config(path: str | Path) -> list[list[str]]:
     """The ``ablate: grids:`` of a config file (its own text, not its base's) as lists of
     ``--grid`` items, one list per product; [] when it has none."""
-    data = _yaml_load(Path(path).read_text()) or {}
+    data = yaml_load(Path(path).read_text()) or {}
     section = data.get("ablate") if isinstance(data, dict) else None
     if section is None:
         return []

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from retina.config import Config, _yaml_load, config_to_dict
+from retina.config import Config, config_to_dict, yaml_load
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -100,7 +100,7 @@ def collect_runs(out_dir: str | Path) -> tuple[list[str], list[RunRow]]:
     infos = []
     for d in dirs:
         run_file = _read_json(d / "ablate_run.json") or {}
-        overrides = {k.strip(): _yaml_load(v) for k, _, v in
+        overrides = {k.strip(): yaml_load(v) for k, _, v in
                      (o.partition("=") for o in run_file.get("overrides", []))}
         try:
             config = _flatten(yaml.safe_load((d / "config.yaml").read_text()) or {})

@@ -1,0 +1,208 @@
+"""Loading a config: YAML files (one ``base:`` each), dotted overrides, typed conversion.
+
+A config file may name one ``base`` file (a path relative to itself); its own keys override the
+base's. Overrides (``loss.gamma=1``) are parsed as YAML scalars. Every error is a ``ConfigError``
+whose message is one line naming the file or ``--set`` item and the key; the CLI prints it and
+exits with status 2. Bundled configs ship inside the package (``retina/configs``) and are found by
+name with ``find_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from retina.config.errors import ConfigError
+from retina.config.rules import validate
+from retina.config.schema import Config
+from retina.config.yaml_io import yaml_load
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Coerce a YAML value to the annotated type, or raise a one-line ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = ConfigError(f"{source}: {key}={value!r} should be {_type_name(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key, source)
+    if origin is Literal:
+        # same type as well as equal: 50.0 is not the depth 50, True is not 1
+        if not any(type(value) is type(a) and value == a for a in args):
+            raise ConfigError(f"{source}: {key}={value!r} should be one of {list(args)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # a scalar where a tuple is expected: `min_size: 800`
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], key, source) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{source}: {key}={value!r} should have {len(args)} values")
+        return tuple(_convert(v, a, key, source) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad  # pragma: no cover - every schema type is handled above
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _nearest(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}"
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} should be a mapping")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            raise ConfigError(f"{source}: unknown key '{key}'{_nearest(str(name), list(types_))}")
+        tp = types_[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{key}.", source)
+        else:
+            kwargs[name] = _convert(value, tp, key, source)
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ loading
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where} YAML syntax error: {problem}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level should be a mapping")
+    data.pop("ablate", None)  # a sweep's grid, read only by retina/ablate.py
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = (path.parent / str(base)).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base file '{base}' not found")
+        chain = _chain + (path.resolve(),)
+        if base_path in chain:  # a.yaml -> b.yaml -> a.yaml would recurse forever
+            raise ConfigError(f"{path}: base file '{base}' makes a cycle of bases")
+        data = _merge(_read_yaml(base_path, chain), data)
+    return data
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value, e.g. loss.gamma=1.0")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict, path: list[str], value: Any) -> dict:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: '{part}' is not a section")
+    node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, overrides: Sequence[str] = (), source: str = "<dict>") -> Config:
+    data = _merge({}, data)
+    for item in overrides:
+        key_path, value = _parse_override(item)
+        data = _apply_override(data, key_path, value)
+        # Overrides are checked against the schema with their own name in the message.
+        _build(Config, _apply_override({}, key_path, value), "", f"--set {item}")
+    return validate(_build(Config, data, "", source), source)
+
+
+# The configs shipped inside the package (package data), so an installed wheel finds them.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def find_config(name: str | Path) -> Path:
+    """A path as given, else a bundled config: ``shapes``, ``shapes.yaml``, ``ablations/shapes_focal``
+    or ``configs/shapes.yaml`` (the repository's old layout) all name ``retina/configs/shapes.yaml``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    rel = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else path
+    for candidate in (CONFIG_DIR / rel, CONFIG_DIR / f"{rel}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return path  # load_config reports it as missing
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (and its base), apply ``key=value`` overrides, type-check, validate."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    return config_from_dict(data, overrides, source=str(path) if path else "<defaults>")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    """``replace(cfg, model=dataclasses.replace(cfg.model, num_classes=3))``, re-validated."""
+    return validate(dataclasses.replace(cfg, **sections))

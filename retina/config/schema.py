@@ -1,0 +1,230 @@
+"""The config schema: nested frozen dataclasses, every key documented where it is declared.
+
+Only factories read a ``Config`` (``build_model``, ``build_dataset``, ``build_optimizer``, the
+trainer and the CLI verbs); modules below them take plain, typed arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+__all__ = ["BackboneConfig", "FPNConfig", "AnchorConfig", "HeadConfig", "MatcherConfig", "BoxCoderConfig", "InputConfig", "InferenceConfig", "ModelConfig", "ShapesConfig", "DataConfig", "OhemConfig", "FocalStarConfig", "LossConfig", "SolverConfig", "TrainConfig", "EvalConfig", "Config"]
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    depth: Literal[18, 34, 50, 101] = 50  # ResNet depth (torchvision.models.resnet*)
+    # None: random init; a torchvision weights name ("ResNet50_Weights.IMAGENET1K_V1",
+    # or "DEFAULT"); or a local .pth state dict.
+    weights: Optional[str] = None
+    # "auto": FrozenBatchNorm when pretrained weights are given, BatchNorm otherwise.
+    norm: Literal["auto", "bn", "frozen_bn"] = "auto"
+    # Stages frozen when pretrained: 0 none, 1 stem, 2 stem + res2 (detectron2's FREEZE_AT).
+    freeze_at: int = 2
+    # eps of every (Frozen)BatchNorm; torchvision's COCO weights of retinanet_resnet50_fpn (v1)
+    # were evaluated with FrozenBatchNorm eps 0.0 (torchvision's overwrite_eps).
+    norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class FPNConfig:
+    channels: int = 256  # width of every pyramid level and of the heads
+    min_level: int = 3  # P3 (stride 8), Sec. 4
+    max_level: int = 7  # P7 (stride 128)
+    p6_from: Literal["c5", "p5"] = "c5"  # paper: P6 = 3x3/2 conv on C5; torchvision v1 uses P5
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    # Base anchor size per level; empty means 4 x stride (32^2..512^2 on P3..P7, Sec. 4).
+    sizes: tuple[float, ...] = ()
+    scales: tuple[float, ...] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))  # octave scales, Sec. 4
+    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
+    offset: float = 0.0  # anchor centre = (index + offset) * stride
+    # Order of the A anchors of a cell: scale_major (scale outer, ratio inner: detectron2) or
+    # ratio_major (ratio outer, scale inner: torchvision's AnchorGenerator).
+    order: Literal["scale_major", "ratio_major"] = "scale_major"
+    truncate_sizes: bool = False  # side = int(size * scale): torchvision's 32, 40, 50 on P3
+    round_corners: bool = False  # cell-anchor corners rounded to whole pixels (torchvision)
+    # Stride that spaces the anchors of a level: "level": 2^level (paper); "image": padded
+    # image size // feature size per axis (torchvision; differs from 2^level on P6/P7 when the
+    # padded size is not a multiple of 128).
+    stride_from: Literal["level", "image"] = "level"
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    num_convs: int = 4  # 4 x (3x3 conv, ReLU) before each predictor, Sec. 4
+    norm: Literal["none", "gn"] = "none"  # GroupNorm(32) after each conv helps from-scratch runs
+    prior_prob: float = 0.01  # class bias -log((1 - pi) / pi); 0 means bias 0 (no prior)
+    conv_bias: bool = True  # bias in the tower convs; torchvision v2's GN towers have none
+
+
+@dataclass(frozen=True)
+class MatcherConfig:
+    fg_iou_thresh: float = 0.5  # IoU >= 0.5: foreground, Sec. 4
+    bg_iou_thresh: float = 0.4  # IoU < 0.4: background; in between ignored
+    allow_low_quality: bool = True  # each GT also takes its best anchors (detectron2, torchvision)
+
+
+@dataclass(frozen=True)
+class BoxCoderConfig:
+    weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)  # (wx, wy, ww, wh)
+    scale_clamp: float = math.log(1000.0 / 16)  # max dw/dh before exp
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    min_size: tuple[int, ...] = (800,)  # shorter side; several: random choice per image in training
+    max_size: int = 1333  # cap on the longer side
+    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, for [0, 1] input
+    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    size_divisibility: int = 128  # pad the batch to a multiple of the largest stride (P7)
+    # "round": resize (size rounded), then normalise; "torchvision": normalise, then
+    # interpolate by the scale factor with recompute_scale_factor=True (sizes floored), always,
+    # as torchvision's GeneralizedRCNNTransform.
+    resize: Literal["round", "torchvision"] = "round"
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    score_thresh: float = 0.05  # Sec. 5.1
+    topk_candidates: int = 1000  # per level
+    nms_thresh: float = 0.5  # class-wise
+    detections_per_image: int = 100
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_classes: int = 80  # K; replaced by the dataset's class count when the data says otherwise
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn: FPNConfig = field(default_factory=FPNConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    box_coder: BoxCoderConfig = field(default_factory=BoxCoderConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    channels_last: bool = False  # memory format of activations
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """The bundled synthetic dataset, generated into ``data.root`` when missing."""
+
+    num_train: int = 2000
+    num_val: int = 200
+    image_size: int = 160
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "shapes": the bundled synthetic set (generated if missing); "coco": files the user gives.
+    dataset: Literal["shapes", "coco"] = "coco"
+    root: str = "data/coco"
+    train_ann: str = "annotations/instances_train2017.json"  # relative to root
+    train_images: str = "train2017"
+    val_ann: str = "annotations/instances_val2017.json"
+    val_images: str = "val2017"
+    hflip_prob: float = 0.5  # random horizontal flip, Sec. 4.1
+    num_workers: int = 4  # DataLoader workers
+    aspect_grouping: bool = True  # batches of one orientation (landscape / portrait): less padding
+    # A missing, corrupt or wrongly sized training image: "error" stops the run with one line
+    # naming the file and image id; "skip" logs it and trains on the next readable image instead
+    # (retina/data/robust.py). Validation images always stop evaluation.
+    on_bad_image: Literal["error", "skip"] = "error"
+    # With "skip": stop when more than this share of the images read so far was bad (counted per
+    # DataLoader worker, from its 100th read on).
+    max_bad_fraction: float = 0.01
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass(frozen=True)
+class OhemConfig:
+    """Online hard example mining over anchors (loss.type=ohem; paper Sec. 5.1, Table 1d)."""
+
+    nms: float = 0.7  # IoU of the NMS over anchor boxes ranked by loss (Table 1d: 0.7 or 0.5)
+    batch_size: int = 128  # anchors kept per image (Table 1d: 128, 256, 512)
+    ratio: Optional[float] = None  # share of positives, e.g. 0.25 = SSD's 1:3; null: pure top-loss
+    # What the kept anchors' summed CE is divided by: "positives", the anchors assigned to a box
+    # (as FL and every other type: only the selection differs), or "selected", their own count
+    # (the mean over the minibatch, as Fast R-CNN's OHEM; ~10x weaker beside the box loss here).
+    normalizer: Literal["positives", "selected"] = "positives"
+
+
+@dataclass(frozen=True)
+class FocalStarConfig:
+    """FL* of appendix A: p_t* = sigmoid(gamma x_t + beta), FL* = -log(p_t*) / gamma."""
+
+    gamma: float = 2.0  # steepness (appendix A, Fig. 5 / Table 3: gamma 2, beta 1)
+    beta: float = 1.0  # shift
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # focal: FL (Sec. 3.2); ce: alpha-balanced sigmoid CE (Table 1a); ohem: sigmoid CE on the
+    # hardest anchors only (Table 1d); focal_star: FL* (appendix A). losses.py has the details.
+    type: Literal["focal", "ce", "ohem", "focal_star"] = "focal"
+    alpha: Optional[float] = 0.25  # weight of positives; None: no weighting
+    gamma: float = 2.0  # focusing parameter; 0 with alpha None is BCE
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    smooth_l1_beta: float = 0.1  # detectron2's RetinaNet default
+    box_weight: float = 1.0
+    # batch: divide by the batch's positive anchors (paper); ema: detectron2's running mean;
+    # image: each image by its own positives, then averaged (torchvision).
+    normalizer: Literal["batch", "ema", "image"] = "batch"
+    ema_momentum: float = 0.9
+    ohem: OhemConfig = field(default_factory=OhemConfig)  # read when type is ohem
+    focal_star: FocalStarConfig = field(default_factory=FocalStarConfig)  # read when focal_star
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01  # at batch_size 16; scale linearly with the global batch
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 16  # images per step, summed over all devices
+    max_iter: int = 90000
+    schedule: Literal["step", "cosine"] = "step"
+    steps: tuple[int, ...] = (60000, 80000)  # lr x gamma at each
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001  # lr multiplier at iteration 0
+    clip_grad_norm: float = 0.0  # 0: no clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    checkpoint_period: int = 5000  # iterations between checkpoints
+    keep_checkpoints: int = 3  # periodic checkpoints kept (newest); 0 keeps all
+    log_period: int = 20  # iterations between logged scalars (and lines in non-tty logs)
+    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast dtype; fp16 adds a GradScaler
+    eval_at_end: bool = True
+    eval_period: int = 0  # iterations between evaluations during training (0: only at the end);
+    # each one updates model_best.pth when AP improves
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient skipped before stopping
+    tb_images: int = 4  # validation images drawn with their detections in TensorBoard per eval
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 8  # images per inference step
+    per_class: bool = True  # per-class AP in metrics.json
+    # COCO scorer: pycocotools (the reference) or faster_coco_eval (same 12 metrics, C++,
+    # several times faster; optional: pip install faster-coco-eval or retina[fast]).
+    backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
