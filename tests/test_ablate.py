@@ -65,14 +65,14 @@ def test_ablate_section_is_read_by_ablate_and_ignored_by_training(tmp_path):
     preset = tmp_path / "preset.yaml"
     preset.write_text("base: base.yaml\nsolver: {max_iter: 7}\nablate:\n  grids:\n"
                       "    - {loss.gamma: [0, 2], loss.alpha: [0.25, null]}\n"
-                      "    - {loss.type: [ohem], model.input.min_size: [[96]]}\n")
+                      "    - {loss.type: [ohem], loss.gamma: [0], model.input.min_size: [[96]]}\n")
     cfg = load_config(preset)  # the ablate section is no config key
     assert cfg.solver.max_iter == 7 and cfg.loss.gamma == 1.5
     assert grids_from_config(preset) == [["loss.gamma=0,2", "loss.alpha=0.25,null"],
-                                         ["loss.type=ohem", "model.input.min_size=[96]"]]
+                                         ["loss.type=ohem", "loss.gamma=0", "model.input.min_size=[96]"]]
     runs = plan_sweep(preset, [], [], tmp_path / "out")  # 2 x 2 + 1 runs
     assert [r.name for r in runs] == ["gamma=0,alpha=0.25", "gamma=0,alpha=null", "gamma=2,alpha=0.25",
-                                      "gamma=2,alpha=null", "type=ohem,min_size=96"]
+                                      "gamma=2,alpha=null", "type=ohem,gamma=0,min_size=96"]
     assert [r.name for r in plan_sweep(preset, ["loss.gamma=5"], [], tmp_path)] == ["gamma=5"]  # --grid wins
     with pytest.raises(ConfigError, match="unknown key 'loss.gama'"):  # checked before any training
         plan_sweep(preset, ["loss.gama=0,1"], [], tmp_path / "out")
@@ -168,6 +168,7 @@ def test_one_tiny_real_sweep_run(tiny_shapes_overrides, tmp_path):
                       "anchors: {sizes: [8, 16, 32]}, head: {num_convs: 1, norm: gn}, "
                       "input: {min_size: [64], max_size: 64, size_divisibility: 32}}\n"
                       "data: {num_workers: 0}\nsolver: {batch_size: 4, max_iter: 3, warmup_iters: 1}\n"
+                      "loss: {gamma: 0}\n"  # OHEM's CE has gamma 0; the config refuses another
                       "train: {log_period: 1, tb_images: 0}\neval: {batch_size: 8}\n")
     out, grid = tmp_path / "out", ["loss.type=ohem"]
     results = run_sweep(config, grid, tiny_shapes_overrides, out, device="cpu")
@@ -341,8 +342,9 @@ def test_loss_types_train_a_step(loss_type, tiny_shapes_overrides):
     from retina.data import build_dataset
 
     torch.manual_seed(0)
-    cfg = config_from_dict({}, [*TINY_MODEL, *tiny_shapes_overrides, f"loss.type={loss_type}",
-                                "loss.ohem.batch_size=16", "loss.ohem.ratio=0.25"])
+    own = {"ce": ["loss.gamma=0"], "ohem": ["loss.gamma=0", "loss.ohem.batch_size=16", "loss.ohem.ratio=0.25"],
+           "focal_star": []}[loss_type]  # the keys each type reads (others are refused)
+    cfg = config_from_dict({}, [*TINY_MODEL, *tiny_shapes_overrides, f"loss.type={loss_type}", *own])
     model = build_model(cfg).train()
     data = build_dataset(cfg, "train")
     images, targets = zip(*(data[i] for i in range(2)))

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from retina.config import (Config, ConfigError, config_from_dict, config_to_dict, dump_config,
-                           load_config, replace)
+from retina.config import (CONFIG_DIR, Config, ConfigError, config_from_dict, config_to_dict,
+                           dump_config, key_applies, load_config, replace)
+from retina.errors import RetinaError
 
 
 def write(path: Path, text: str) -> Path:
@@ -179,3 +180,106 @@ def test_every_error_is_one_line(tmp_path: Path):
     ]
     for path, overrides in bad:
         config_error(path, overrides)  # asserts no newline
+
+
+# ------------------------------------------------------------------------ where a value came from
+def test_range_error_names_the_set_item_not_the_file(tmp_path: Path):
+    path = write(tmp_path / "c.yaml", "solver:\n  lr: 0.02\n")
+    msg = config_error(path, ["solver.lr=-1"])
+    assert msg == "--set solver.lr=-1: solver.lr=-1.0 must be > 0"
+    # a value from the file names the file and the key
+    path = write(tmp_path / "bad.yaml", "solver:\n  lr: -0.5\n")
+    assert config_error(path) == f"{path}: solver.lr=-0.5 must be > 0"
+
+
+def test_error_names_the_base_file_that_set_the_value(tmp_path: Path):
+    base = write(tmp_path / "base.yaml", "solver:\n  lr: -0.5\n  momentum: zero\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\nsolver:\n  max_iter: 5\n")
+    msg = config_error(child)  # the type error of the base's value
+    assert msg.startswith(f"{base.resolve()}: solver.momentum='zero' should be float")
+    write(base, "solver:\n  lr: -0.5\n")
+    assert config_error(child) == f"{base.resolve()}: solver.lr=-0.5 must be > 0"
+    # the child overriding the base's value is the one to blame
+    write(child, "base: base.yaml\nsolver:\n  lr: -2\n")
+    assert config_error(child) == f"{child}: solver.lr=-2.0 must be > 0"
+
+
+def test_relation_error_blames_the_key_set_last(tmp_path: Path):
+    # max_level 7 (default) is fine until --set raises min_level above it
+    msg = config_error(None, ["model.fpn.max_level=4", "model.fpn.min_level=5"])
+    assert msg.startswith("--set model.fpn.min_level=5: model.fpn.max_level=4 must be in min_level..8")
+
+
+# ---------------------------------------------------------------- settings that do not apply
+def test_gamma_does_not_apply_to_ce_or_ohem():
+    msg = config_error(None, ["loss.type=ce", "loss.gamma=2"])
+    assert msg == ("--set loss.gamma=2: loss.gamma=2.0 does not apply to loss.type=ce "
+                   "(alpha-balanced CE has gamma 0); set loss.gamma=0 or use loss.type=focal")
+    # gamma 2.0 unset is the schema default: the type is the culprit, and the message says so
+    msg = config_error(None, ["loss.type=ce"])
+    assert msg.startswith("--set loss.type=ce: loss.gamma=2.0 (the default) does not apply")
+    msg = config_error(None, ["loss.type=ohem"])
+    assert "loss.gamma=2.0 (the default) does not apply to loss.type=ohem" in msg
+    assert "set loss.gamma=0 or use loss.type=focal" in msg
+    # gamma 0 is what CE and OHEM train with: accepted
+    assert load_config(None, ["loss.type=ce", "loss.gamma=0"]).loss.type == "ce"
+    assert load_config(None, ["loss.type=ohem", "loss.gamma=0"]).loss.type == "ohem"
+
+
+def test_focal_star_reads_its_own_gamma():
+    msg = config_error(None, ["loss.type=focal_star", "loss.gamma=1"])
+    assert msg == ("--set loss.gamma=1: loss.gamma=1.0 does not apply to loss.type=focal_star "
+                   "(FL* reads loss.focal_star.gamma); set loss.gamma=2 or use loss.type=focal")
+    cfg = load_config(None, ["loss.type=focal_star", "loss.focal_star.gamma=4"])
+    assert cfg.loss.focal_star.gamma == 4.0
+
+
+def test_variant_settings_need_their_variant(tmp_path: Path):
+    msg = config_error(None, ["loss.ohem.batch_size=256"])
+    assert msg == ("--set loss.ohem.batch_size=256: loss.ohem.batch_size=256 does not apply to "
+                   "loss.type=focal (read only by OHEM); set loss.ohem.batch_size=128 or use loss.type=ohem")
+    assert "loss.focal_star.beta=0.0 does not apply to loss.type=focal" in config_error(
+        None, ["loss.focal_star.beta=0"])
+    assert "use loss.normalizer=ema" in config_error(None, ["loss.ema_momentum=0.99"])
+    assert "use loss.box_loss=smooth_l1" in config_error(None, ["loss.box_loss=l1", "loss.smooth_l1_beta=0.2"])
+    assert "use solver.schedule=step" in config_error(None, ["solver.schedule=cosine", "solver.steps=[5]"])
+    assert "use solver.optimizer=sgd" in config_error(None, ["solver.optimizer=adamw", "solver.momentum=0.5"])
+    assert "use data.on_bad_image=skip" in config_error(None, ["data.max_bad_fraction=0.5"])
+    assert "use data.dataset=shapes" in config_error(None, ["data.shapes.num_train=5"])
+    assert "use data.dataset=coco" in config_error(None, ["data.dataset=shapes", "data.val_ann=x.json"])
+    assert "set model.backbone.weights" in config_error(None, ["model.backbone.freeze_at=0"])
+    # a file names itself; the choice it made is in the message
+    path = write(tmp_path / "c.yaml", "loss:\n  type: ohem\n  gamma: 0\n  focal_star: {beta: 0}\n")
+    assert config_error(path).startswith(f"{path}: loss.focal_star.beta=0.0 does not apply to loss.type=ohem")
+    # the variant's own keys are accepted with it
+    cfg = load_config(None, ["loss.type=ohem", "loss.gamma=0", "loss.ohem.batch_size=256",
+                             "loss.normalizer=ema", "loss.ema_momentum=0.99"])
+    assert cfg.loss.ohem.batch_size == 256 and cfg.loss.ema_momentum == 0.99
+
+
+def test_key_applies():
+    ohem = load_config(None, ["loss.type=ohem", "loss.gamma=0"])
+    focal = load_config()
+    assert not key_applies("loss.gamma", ohem) and key_applies("loss.gamma", focal)
+    assert key_applies("loss.ohem.batch_size", ohem) and not key_applies("loss.ohem.batch_size", focal)
+    assert key_applies("loss.ohem", ohem)  # a section
+    assert not key_applies("loss.focal_star.gamma", ohem)
+    assert key_applies("loss.alpha", ohem) and key_applies("model.fpn.channels", ohem)  # ungated
+    assert not key_applies("solver.steps", load_config(None, ["solver.schedule=cosine"]))
+
+
+BUNDLED = sorted(CONFIG_DIR.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=[str(p.relative_to(CONFIG_DIR)) for p in BUNDLED])
+def test_every_bundled_config_and_grid_run_loads(path: Path, tmp_path: Path):
+    from retina.studies.ablate import plan_sweep
+
+    assert isinstance(load_config(path), Config)
+    runs = plan_sweep(path, [], [], tmp_path)  # loads and validates every run of its grids
+    assert len(runs) >= 1
+
+
+def test_config_errors_are_user_errors():
+    # the CLI prints RetinaError as one line; ValueError stays for callers that catch it
+    assert issubclass(ConfigError, RetinaError) and issubclass(ConfigError, ValueError)

@@ -1,11 +1,13 @@
 """Typed configuration: nested frozen dataclasses filled from YAML, then from dotted overrides.
 
 - ``schema.py``: the dataclasses, every key documented where it is declared.
-- ``rules.py``: value ranges and relations between keys (``validate``).
+- ``rules.py``: value ranges, relations between keys, and which keys apply to the chosen variant
+  (``validate``; ``key_applies`` for tables that print "-" for a key a run does not read).
 - ``loader.py``: YAML files with one ``base:``, ``--set`` overrides, typed conversion, the bundled
   configs (``find_config``), writing a config back (``dump_config``).
 - ``yaml_io.py``: the YAML 1.2 reader shared with the sweep code (``yaml_load``).
-- ``errors.py``: ``ConfigError``, one line naming the file or ``--set`` item and the key.
+- ``errors.py``: ``ConfigError`` (a ``retina.errors.RetinaError``), one line naming the source of
+  the value (the ``--set`` item, or the file that set the key) and the key.
 
 Only factories (``build_model``, ``build_dataset``, ``build_optimizer``, the trainer, the CLI
 verbs) read a ``Config``; the modules below them take plain, typed arguments.
@@ -14,10 +16,10 @@ verbs) read a ``Config``; the modules below them take plain, typed arguments.
 from retina.config.errors import ConfigError
 from retina.config.loader import (CONFIG_DIR, config_from_dict, config_to_dict, dump_config, find_config,
                                   load_config, replace)
-from retina.config.rules import get_key, validate
+from retina.config.rules import get_key, key_applies, validate
 from retina.config.schema import *  # noqa: F401,F403  (the dataclasses: Config, ModelConfig, ...)
 from retina.config.schema import Config, __all__ as _schema_names
 from retina.config.yaml_io import yaml_load
 
 __all__ = ["CONFIG_DIR", "Config", "ConfigError", "config_from_dict", "config_to_dict", "dump_config",
-           "find_config", "get_key", "load_config", "replace", "validate", "yaml_load", *_schema_names]
+           "find_config", "get_key", "key_applies", "load_config", "replace", "validate", "yaml_load", *_schema_names]

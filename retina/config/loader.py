@@ -2,8 +2,9 @@
 
 A config file may name one ``base`` file (a path relative to itself); its own keys override the
 base's. Overrides (``loss.gamma=1``) are parsed as YAML scalars. Every error is a ``ConfigError``
-whose message is one line naming the file or ``--set`` item and the key; the CLI prints it and
-exits with status 2. Bundled configs ship inside the package (``retina/configs``) and are found by
+whose message is one line naming the source of the value and the key: the ``--set`` item, or the
+file that set the key (a base file when the value comes from there; ``_Sources`` keeps track).
+The CLI prints it and exits with status 2. Bundled configs ship inside the package (``retina/configs``) and are found by
 name with ``find_config``.
 """
 
@@ -14,7 +15,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import yaml
 
@@ -83,21 +84,63 @@ def _nearest(name: str, choices: Sequence[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}"
 
 
-def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, source_of: Callable[[str], str]) -> Any:
+    """``cls`` filled from ``data``; ``source_of(key)`` names where a bad key's value came from."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} should be a mapping")
+        section = prefix.rstrip(".")
+        raise ConfigError(f"{source_of(section)}: {section or 'top level'} should be a mapping")
     types_ = _field_types(cls)
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in types_:
-            raise ConfigError(f"{source}: unknown key '{key}'{_nearest(str(name), list(types_))}")
+            raise ConfigError(f"{source_of(key)}: unknown key '{key}'"
+                              f"{_nearest(str(name), list(types_))}")
         tp = types_[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{key}.", source)
+            kwargs[name] = _build(tp, value, f"{key}.", source_of)
         else:
-            kwargs[name] = _convert(value, tp, key, source)
+            kwargs[name] = _convert(value, tp, key, source_of(key))
     return cls(**kwargs)
+
+
+class _Sources:
+    """Which file or ``--set`` item set each dotted key, in the order they were applied."""
+
+    def __init__(self, fallback: str) -> None:
+        self.fallback = fallback  # for keys nobody set (or a whole file's shape)
+        self._set: dict[str, tuple[int, str]] = {}  # key -> (when, source)
+        self._clock = 0
+
+    def record(self, data: Any, source: str, prefix: str = "") -> None:
+        """Every key of ``data`` (nested mappings: their keys) as set by ``source``, now."""
+        if isinstance(data, dict):
+            for k, v in data.items():
+                self.record(v, source, f"{prefix}.{k}" if prefix else str(k))
+        elif prefix:
+            self._clock += 1
+            self._set[prefix] = (self._clock, source)
+
+    def forget(self, key: str) -> None:
+        """``key`` and the keys under it: an override replaced the value as a whole."""
+        for k in [k for k in self._set if k == key or k.startswith(key + ".")]:
+            del self._set[k]
+
+    def _entry(self, key: str) -> Optional[tuple[int, str]]:
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):  # the key, else a section that was set as a whole
+            found = self._set.get(".".join(parts[:n]))
+            if found is not None:
+                return found
+        return None
+
+    def blame(self, keys: Sequence[str]) -> Optional[str]:
+        """The source that set the last-applied of ``keys``; None when none was set."""
+        found = [e for e in map(self._entry, keys) if e is not None]
+        return max(found)[1] if found else None
+
+    def of(self, key: str) -> str:
+        return self.blame([key]) or self.fallback
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -108,7 +151,8 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+def _read_yaml(path: Path, sources: _Sources, _chain: tuple[Path, ...] = ()) -> dict:
+    """The merged keys of ``path`` and its bases; ``sources`` learns which file set each."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -121,7 +165,7 @@ def _read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level should be a mapping")
-    data.pop("ablate", None)  # a sweep's grid, read only by retina/ablate.py
+    data.pop("ablate", None)  # a sweep's grid, read only by retina/studies/ablate.py
     base = data.pop("base", None)
     if base is not None:
         base_path = (path.parent / str(base)).resolve()
@@ -130,7 +174,10 @@ def _read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
         chain = _chain + (path.resolve(),)
         if base_path in chain:  # a.yaml -> b.yaml -> a.yaml would recurse forever
             raise ConfigError(f"{path}: base file '{base}' makes a cycle of bases")
-        data = _merge(_read_yaml(base_path, chain), data)
+        base_data = _read_yaml(base_path, sources, chain)  # recorded first: the file overrides it
+        sources.record(data, str(path))
+        return _merge(base_data, data)
+    sources.record(data, str(path))
     return data
 
 
@@ -156,13 +203,24 @@ def _apply_override(data: dict, path: list[str], value: Any) -> dict:
 
 
 def config_from_dict(data: dict, overrides: Sequence[str] = (), source: str = "<dict>") -> Config:
+    """``data`` (nested mappings), then ``overrides``, type-checked and validated; errors name
+    ``source`` for the keys of ``data``."""
+    sources = _Sources(source)
+    sources.record(data, source)
+    return _from_dict(data, overrides, sources)
+
+
+def _from_dict(data: dict, overrides: Sequence[str], sources: _Sources) -> Config:
     data = _merge({}, data)
     for item in overrides:
         key_path, value = _parse_override(item)
         data = _apply_override(data, key_path, value)
         # Overrides are checked against the schema with their own name in the message.
-        _build(Config, _apply_override({}, key_path, value), "", f"--set {item}")
-    return validate(_build(Config, data, "", source), source)
+        _build(Config, _apply_override({}, key_path, value), "", lambda _: f"--set {item}")
+        key = ".".join(key_path)
+        sources.forget(key)
+        sources.record(value, f"--set {item}", key)
+    return validate(_build(Config, data, "", sources.of), sources.fallback, sources.blame)
 
 
 # The configs shipped inside the package (package data), so an installed wheel finds them.
@@ -184,8 +242,9 @@ def find_config(name: str | Path) -> Path:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (and its base), apply ``key=value`` overrides, type-check, validate."""
-    data = _read_yaml(Path(path)) if path is not None else {}
-    return config_from_dict(data, overrides, source=str(path) if path else "<defaults>")
+    sources = _Sources(str(path) if path is not None else "<defaults>")
+    data = _read_yaml(Path(path), sources) if path is not None else {}
+    return _from_dict(data, overrides, sources)
 
 
 def config_to_dict(cfg: Config) -> dict:

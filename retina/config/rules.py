@@ -1,14 +1,31 @@
-"""Value rules of the config: ranges and relations between keys, checked after type conversion.
+"""Value rules of the config, checked after type conversion: ranges, relations between keys, and
+which keys apply.
 
-``validate`` raises a one-line ``ConfigError`` naming the key; ``get_key`` reads a dotted key.
+A key applies when the variant chosen by another key reads it: ``loss.ohem.*`` only with
+``loss.type=ohem``, ``solver.steps`` only with ``solver.schedule=step`` (``_SCOPES`` lists them
+all). A key that does not apply must keep its inert value (its default; 0 for ``loss.gamma`` of
+CE and OHEM, which are FL with gamma 0): a setting nothing reads is refused, not ignored.
+``key_applies`` answers the same question for a sweep table, which prints "-" for such keys.
+
+``validate`` raises a one-line ``ConfigError`` naming the source of the value (the ``--set``
+item or the file that set the key, given by the loader's ``blame``), the key and what to do.
+``get_key`` reads a dotted key.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from retina.config.errors import ConfigError
 from retina.config.schema import Config
+
+# blame(keys): the file or ``--set`` item that set the last-applied of ``keys``; None when none
+# of them was set (every one is the schema default).
+Blame = Callable[[Sequence[str]], Optional[str]]
+
+_DEFAULTS = Config()
 
 
 def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
@@ -63,11 +80,128 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
     ]
 
 
-def validate(cfg: Config, source: str = "<config>") -> Config:
+# The other keys a range rule reads: when one of them was set last, it is the one to blame.
+_RELATED = {
+    "model.fpn.max_level": ("model.fpn.min_level",),
+    "model.anchors.sizes": ("model.fpn.min_level", "model.fpn.max_level"),
+    "model.matcher.bg_iou_thresh": ("model.matcher.fg_iou_thresh",),
+}
+
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """``key`` (a key, or a section: each of its keys) is read only where ``applies`` holds for
+    the value of ``by``; elsewhere it must keep ``inert`` (default: the schema default)."""
+
+    key: str
+    by: str
+    applies: Callable[[Any], bool]
+    why: str  # why the key is not read where it does not apply
+    fix: str  # the other way out: the choice that reads the key
+    inert: Any = _UNSET
+
+
+_SCOPES: tuple[_Scope, ...] = (
+    # ce and ohem are sigmoid CE, i.e. FL with gamma 0 (Table 1a, 1d); FL* has its own gamma.
+    _Scope("loss.gamma", "loss.type", lambda t: t != "ce", "alpha-balanced CE has gamma 0",
+           "use loss.type=focal", inert=0.0),
+    _Scope("loss.gamma", "loss.type", lambda t: t != "ohem", "OHEM trains on CE, gamma 0",
+           "use loss.type=focal", inert=0.0),
+    _Scope("loss.gamma", "loss.type", lambda t: t != "focal_star",
+           "FL* reads loss.focal_star.gamma", "use loss.type=focal"),
+    _Scope("loss.ohem", "loss.type", lambda t: t == "ohem", "read only by OHEM",
+           "use loss.type=ohem"),
+    _Scope("loss.focal_star", "loss.type", lambda t: t == "focal_star", "read only by FL*",
+           "use loss.type=focal_star"),
+    _Scope("loss.ema_momentum", "loss.normalizer", lambda n: n == "ema",
+           "only the ema normaliser keeps a running mean", "use loss.normalizer=ema"),
+    _Scope("loss.smooth_l1_beta", "loss.box_loss", lambda b: b == "smooth_l1", "L1 has no beta",
+           "use loss.box_loss=smooth_l1"),
+    _Scope("solver.steps", "solver.schedule", lambda s: s == "step",
+           "the cosine schedule has no steps", "use solver.schedule=step"),
+    _Scope("solver.gamma", "solver.schedule", lambda s: s == "step",
+           "the cosine schedule has no steps", "use solver.schedule=step"),
+    _Scope("solver.momentum", "solver.optimizer", lambda o: o == "sgd",
+           "AdamW has no momentum setting", "use solver.optimizer=sgd"),
+    _Scope("solver.warmup_factor", "solver.warmup_iters", lambda n: n > 0, "no warmup",
+           "set solver.warmup_iters above 0"),
+    _Scope("model.backbone.freeze_at", "model.backbone.weights", lambda w: w is not None,
+           "only pretrained stages are frozen", "set model.backbone.weights"),
+    _Scope("data.max_bad_fraction", "data.on_bad_image", lambda p: p == "skip",
+           "the first bad image stops the run", "use data.on_bad_image=skip"),
+    _Scope("data.shapes", "data.dataset", lambda d: d == "shapes",
+           "read only by the generated shapes set", "use data.dataset=shapes"),
+    *(_Scope(f"data.{key}", "data.dataset", lambda d: d == "coco",
+             "the shapes set has fixed paths under data.root", "use data.dataset=coco")
+      for key in ("train_ann", "train_images", "val_ann", "val_images")),
+)
+
+
+def _covers(scope: _Scope, key: str) -> bool:
+    return key == scope.key or key.startswith(scope.key + ".")
+
+
+def key_applies(key: str, cfg: Config) -> bool:
+    """Whether ``cfg``'s choices read the dotted ``key`` (``loss.gamma`` of a ``loss.type=ohem``
+    config does not: OHEM's CE has gamma 0). Keys no choice gates always apply."""
+    return all(s.applies(get_key(cfg, s.by)) for s in _SCOPES if _covers(s, key))
+
+
+def _leaf_keys(cfg: Any, key: str) -> Iterator[str]:
+    """``key`` itself, or every key under it when it names a section."""
+    value = get_key(cfg, key)
+    if not dataclasses.is_dataclass(value):
+        yield key
+        return
+    for f in dataclasses.fields(value):
+        yield from _leaf_keys(cfg, f"{key}.{f.name}")
+
+
+def _as_override(value: Any) -> str:
+    """``value`` as it would be written after ``--set key=``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_as_override(v) for v in value) + "]"
+    return str(value)
+
+
+def _not_applying(cfg: Config) -> Iterator[tuple[str, _Scope, Any]]:
+    """(key, scope, inert value) of each key set although ``cfg``'s choices do not read it."""
+    for scope in _SCOPES:
+        if scope.applies(get_key(cfg, scope.by)):
+            continue
+        for key in _leaf_keys(cfg, scope.key):
+            inert = get_key(_DEFAULTS, key) if scope.inert is _UNSET else scope.inert
+            if get_key(cfg, key) != inert:
+                yield key, scope, inert
+
+
+def validate(cfg: Config, source: str = "<config>", blame: Optional[Blame] = None) -> Config:
+    """``cfg`` if every value is in range and every key set applies, else a one-line
+    ``ConfigError`` naming ``blame(keys)`` (or ``source``), the key and the remedy."""
+
+    def origin(*keys: str) -> str:
+        found = blame(keys) if blame is not None else None
+        return found if found is not None else source
+
+    def shown(key: str) -> str:  # key=value, marked when nobody set it
+        unset = blame is not None and blame([key]) is None
+        return f"{key}={get_key(cfg, key)!r}" + (" (the default)" if unset else "")
+
     for key, ok, requirement in _range_checks(cfg):
         if not ok:
-            value = get_key(cfg, key)
-            raise ConfigError(f"{source}: {key}={value!r} {requirement}")
+            raise ConfigError(f"{origin(key, *_RELATED.get(key, ()))}: {shown(key)} {requirement}")
+    for key, scope, inert in _not_applying(cfg):
+        chosen = f"{scope.by}={_as_override(get_key(cfg, scope.by))}"
+        raise ConfigError(f"{origin(key, scope.by)}: {shown(key)} does not apply to {chosen} "
+                          f"({scope.why}); set {key}={_as_override(inert)} or {scope.fix}")
     return cfg
 
 
