@@ -1,7 +1,8 @@
 """``retina`` command line: train, eval, predict, data. Thin: parse arguments, call the library.
 
-Every error a user can fix (config, missing file, bad checkpoint) is printed as one line
-``retina: error: ...`` with exit status 2; an interrupted run exits 128 + the signal number after
+Every error a user can fix (config, missing file, bad checkpoint: a ``retina.errors.RetinaError``)
+is printed as one line ``retina: error: ...`` with exit status 2; any other exception is a bug
+and keeps its traceback; an interrupted run exits 128 + the signal number after
 saving a checkpoint.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from retina.config import find_config
+from retina.errors import RetinaError, UsageError
 
 DEFAULT_CONFIG = "shapes.yaml"
 
@@ -172,7 +174,7 @@ def _data(args: argparse.Namespace) -> int:
         from retina.data.check import data_check_cli
 
         if not args.ann or not args.images:
-            raise ValueError("retina data check needs --ann A.json and --images DIR")
+            raise UsageError("retina data check needs --ann A.json and --images DIR")
         return data_check_cli(args.ann, args.images)
 
     root = ensure_shapes(args.out, args.train, args.val, args.size, args.seed)
@@ -186,19 +188,13 @@ COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "ablate": _abla
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from retina.config import ConfigError
-    from retina.engine.checkpoint import CheckpointError
-    from retina.data import BadImageError
-    from retina.engine.preflight import PreflightError
-    from retina.engine.train import Interrupted, TrainingError
-    from retina.model.backbone import WeightsError
+    from retina.engine.train import Interrupted
 
     if os.environ.get("RETINA_DEBUG"):  # full tracebacks for developers
         return COMMANDS[args.command](args)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, TrainingError, PreflightError, WeightsError, BadImageError,
-            FileNotFoundError, ValueError) as e:
+    except RetinaError as e:  # meant for the user; any other exception is a bug: its traceback
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"retina: error: {message}", file=sys.stderr)
         return 2

@@ -39,6 +39,56 @@ def test_train_config_errors(capsys, tmp_path, override, fragments):
     assert not (tmp_path / "run").exists()  # nothing written for a refused config
 
 
+def test_bad_value_names_the_set_item(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--set", "solver.lr=-1", "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert err == "retina: error: --set solver.lr=-1: solver.lr=-1.0 must be > 0\n"
+
+
+def test_setting_that_does_not_apply_is_refused(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--set", "loss.type=ce", "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert_one_line_error(err, "--set loss.type=ce: loss.gamma=2.0 does not apply to loss.type=ce",
+                          "set loss.gamma=0 or use loss.type=focal")
+    assert not (tmp_path / "run").exists()
+
+
+def test_usage_error_is_one_line(capsys):
+    code, err = run_cli(capsys, "data", "check")
+    assert code == 2
+    assert_one_line_error(err, "retina data check needs --ann")
+
+
+def test_internal_error_is_not_a_user_error(capsys, monkeypatch):
+    """A ValueError from a bug keeps its traceback (exit 1 from the interpreter), not exit 2."""
+    import retina.cli
+
+    def broken(args):
+        raise ValueError("an internal contract was broken")
+
+    monkeypatch.setitem(retina.cli.COMMANDS, "train", broken)
+    with pytest.raises(ValueError, match="internal contract"):
+        main(["train"])
+    assert capsys.readouterr().err == ""  # nothing printed as if the user had erred
+
+
+def test_user_facing_errors_share_one_base():
+    from retina.config import ConfigError
+    from retina.data import BadImageError, TooManyBadImages
+    from retina.engine.checkpoint import CheckpointError
+    from retina.engine.evaluate import EvalBackendError
+    from retina.engine.preflight import PreflightError
+    from retina.engine.train import TrainingError
+    from retina.errors import InputError, MissingFileError, RetinaError, UsageError
+    from retina.model.backbone import WeightsError
+
+    for cls in (ConfigError, BadImageError, TooManyBadImages, CheckpointError, EvalBackendError,
+                PreflightError, TrainingError, WeightsError, InputError, MissingFileError, UsageError):
+        assert issubclass(cls, RetinaError), cls
+    # the builtin bases stay, for callers that catch those
+    assert issubclass(MissingFileError, FileNotFoundError) and issubclass(InputError, ValueError)
+
+
 def test_missing_config_file(capsys, tmp_path):
     code, err = run_cli(capsys, "train", "--config", str(tmp_path / "nope.yaml"))
     assert code == 2

@@ -14,6 +14,7 @@ from retina.data.coco import BadImageError, CocoDetection, collate
 from retina.data.robust import SkipBadImages, TooManyBadImages
 from retina.data.shapes import ensure_shapes, generate_shapes
 from retina.data.transforms import build_transforms
+from retina.errors import MissingFileError
 
 __all__ = [
     "BadImageError",
@@ -40,7 +41,7 @@ def dataset_paths(cfg: Config, split: Literal["train", "val"]) -> tuple[Path, Pa
         images = root / (data.train_images if split == "train" else data.val_images)
         for path, key in ((ann, f"{split}_ann"), (images, f"{split}_images")):
             if not path.exists():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{path} not found (data.root={data.root!r}, data.{key}); see data/README.md "
                     "for the expected layout, or train on the bundled set with data.dataset=shapes"
                 )

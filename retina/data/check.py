@@ -45,7 +45,7 @@ from typing import Any, Iterable, Optional
 
 from PIL import Image
 
-from retina.data.coco import _load_json
+from retina.data.coco import load_coco_json
 
 ERROR, WARNING = "error", "warning"
 
@@ -274,7 +274,7 @@ def check_dataset(ann_file: str | Path, image_dir: str | Path, max_examples: int
         raise FileNotFoundError(f"annotation file not found: {ann_file}")
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image directory not found: {image_dir}")
-    data = _load_json(ann_file)
+    data = load_coco_json(ann_file)
     if not isinstance(data.get("images"), list):
         raise ValueError(f"{ann_file}: no 'images' list; is this a COCO annotation file?")
     images = data["images"]

@@ -28,11 +28,13 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from retina.errors import InputError, MissingFileError, RetinaError
+
 Target = dict[str, Any]
 Transform = Callable[[Tensor, Target], tuple[Tensor, Target]]
 
 
-class BadImageError(RuntimeError):
+class BadImageError(RetinaError, RuntimeError):
     """An image file that cannot be used: missing, corrupt or not the size the json says.
 
     ``str(e)`` is one line, ``bad image PATH (image id ID): REASON``; ``path`` and ``image_id``
@@ -61,13 +63,16 @@ class BadImageError(RuntimeError):
         return cls(f"bad image {path} (image id {image_id}): {reason}", path, image_id)
 
 
-def _load_json(ann_file: Path) -> dict:
+def load_coco_json(ann_file: Path) -> dict:
+    """The object of a COCO annotation file; ``InputError`` (one line naming the file) when it
+    is not JSON or not an object. Checked for COCO fields by its readers (``CocoDetection``,
+    ``retina data check``)."""
     try:
         data = json.loads(ann_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{ann_file}: not valid JSON ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{ann_file}: not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: top level should be a COCO object with 'images'")
+        raise InputError(f"{ann_file}: top level should be a COCO object with 'images'")
     return data
 
 
@@ -92,10 +97,10 @@ class CocoDetection(Dataset):
                  transforms: Optional[Transform] = None) -> None:  # fmt: skip
         ann_file, image_dir = Path(ann_file), Path(image_dir)
         if not ann_file.is_file():
-            raise FileNotFoundError(f"annotation file not found: {ann_file}")
+            raise MissingFileError(f"annotation file not found: {ann_file}")
         if not image_dir.is_dir():
-            raise FileNotFoundError(f"image directory not found: {image_dir}")
-        data = _load_json(ann_file)
+            raise MissingFileError(f"image directory not found: {image_dir}")
+        data = load_coco_json(ann_file)
         self.ann_file, self.image_dir, self.transforms = ann_file, image_dir, transforms
         self.coco = COCO()
         self.coco.dataset = data
@@ -113,7 +118,7 @@ class CocoDetection(Dataset):
         cat_index = {c: k for k, c in enumerate(self.cat_ids)}
         for a in anns:
             if a.get("category_id") not in cat_index:
-                raise ValueError(
+                raise InputError(
                     f"{self.ann_file}: annotation {a.get('id')} has category_id "
                     f"{a.get('category_id')!r}, not among the categories {self.cat_ids}"
                 )
@@ -122,7 +127,7 @@ class CocoDetection(Dataset):
                               for i in self.ids], dtype=np.float64).reshape(len(self.ids), 2)
             xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(len(anns), 4)
         except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{self.ann_file}: every image needs height/width and every "
+            raise InputError(f"{self.ann_file}: every image needs height/width and every "
                              f"annotation a 4-number bbox ({type(e).__name__}: {e})") from None
         counts = np.array([len(self.coco.imgToAnns.get(i, [])) for i in self.ids], dtype=np.int64)
         image_of_ann = np.repeat(np.arange(len(self.ids)), counts)  # (A,) row into sizes

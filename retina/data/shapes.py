@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from retina.errors import InputError
+
 CLASS_NAMES = ("square", "circle", "triangle")  # category ids 1, 2, 3
 VERSION = 2  # bump when the drawing changes, so an old set on disk is refused, not reused
 SPLITS: dict[str, int] = {"train": 0, "val": 1}  # split code mixed into each image's seed
@@ -205,7 +207,7 @@ def generate_shapes(out_dir: str | Path, num_train: int, num_val: int, image_siz
     ``meta.json`` is removed first and written last, so an interrupted run never looks complete.
     """
     if image_size < 16:
-        raise ValueError(f"image_size={image_size} is too small for the shapes dataset (>= 16)")
+        raise InputError(f"image_size={image_size} is too small for the shapes dataset (>= 16)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "meta.json"
@@ -225,7 +227,7 @@ def ensure_shapes(root: str | Path, num_train: int, num_val: int, image_size: in
     """Return ``root`` holding the shapes set with these parameters, generating it if missing.
 
     Raises:
-        ValueError: ``root`` holds a complete set made with other parameters (one line, naming
+        InputError: ``root`` holds a complete set made with other parameters (one line, naming
             the root and the first mismatching key); it is never overwritten silently.
     """
     root = Path(root)
@@ -239,7 +241,7 @@ def ensure_shapes(root: str | Path, num_train: int, num_val: int, image_size: in
         for key, value in wanted.items():
             if found.get(key) != value:
                 origin = "this retina draws" if key == "version" else f"data.shapes.{key} asks"
-                raise ValueError(
+                raise InputError(
                     f"{root}: the shapes dataset there has {key}={found.get(key)!r} but {origin} "
                     f"for {key}={value!r}; delete {root} to regenerate it, or set data.root to "
                     "another directory"

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from retina.config import Config, config_from_dict, config_to_dict
+from retina.errors import InputError, MissingFileError
 
 if TYPE_CHECKING:
     from retina.model import RetinaNet
@@ -119,16 +120,16 @@ def _read(state_dict_or_path: dict | str | Path) -> tuple[dict, str]:
         return state_dict_or_path, "<state dict>"
     path = Path(state_dict_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"torchvision weights file not found: {path}")
+        raise MissingFileError(f"torchvision weights file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         # weights_only: a file is never unpickled into arbitrary objects. torchvision's reference
         # checkpoints also pickle argparse args; save their ["model"] entry alone first.
-        raise ValueError(f"{path}: cannot read as a torch state dict ({type(e).__name__}); "
+        raise InputError(f"{path}: cannot read as a torch state dict ({type(e).__name__}); "
                          f"save a plain state dict (e.g. checkpoint['model'])") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        raise InputError(f"{path}: holds a {type(state).__name__}, not a state dict")
     return state, str(path)
 
 
@@ -140,12 +141,12 @@ def _unwrap(state: dict, name: str, variant: Variant) -> dict:
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
-        raise ValueError(f"{name} does not look like a torchvision RetinaNet state dict "
+        raise InputError(f"{name} does not look like a torchvision RetinaNet state dict "
                          f"(no {missing[0]})")
     p6_in = state["backbone.fpn.extra_blocks.p6.weight"].shape[1]
     found = "v1" if p6_in == 256 else "v2" if p6_in == 2048 else f"P6 on {p6_in} channels"
     if found != variant:
-        raise ValueError(f"{name} is torchvision RetinaNet {found}, not {variant}; "
+        raise InputError(f"{name} is torchvision RetinaNet {found}, not {variant}; "
                          f"pass --variant {found}" if found in ("v1", "v2") else
                          f"{name}: not a retinanet_resnet50_fpn ({found})")
     return state
@@ -178,14 +179,14 @@ def convert_to_model(state: dict, variant: Variant, name: str = "<state dict>",
             value = value.reshape(num_anchors, slots, *value.shape[1:])[:, cat_ids]
             value = value.reshape(num_anchors * len(cat_ids), *value.shape[2:])
         if new not in target or target[new].shape != value.shape:
-            raise ValueError(f"{name}: {key} {tuple(value.shape)} has no place in retina's "
+            raise InputError(f"{name}: {key} {tuple(value.shape)} has no place in retina's "
                              f"{variant} model ({new})")
         out[new] = value.detach().to(target[new].dtype).clone()
     # retina-only buffers keep their fresh values: BatchNorm counters, the loss's EMA count.
     unfilled = [k for k in target if k not in out and not k.endswith("num_batches_tracked")
                 and not k.startswith("loss.")]
     if unfilled:
-        raise ValueError(f"{name}: no torchvision weights for {unfilled[0]} "
+        raise InputError(f"{name}: no torchvision weights for {unfilled[0]} "
                          f"({len(unfilled)} retina tensors left unfilled)")
     model.load_state_dict({k: out.get(k, v) for k, v in target.items()})
     return model.eval(), cfg, class_names, cat_ids
@@ -196,8 +197,8 @@ def convert_torchvision(state_dict_or_path: dict | str | Path, out_path: str | P
     """Write a retina checkpoint converted from torchvision's RetinaNet; returns it.
     ``overrides`` (dotted ``key=value``) change the stored parity config.
 
-    Raises FileNotFoundError for a missing input file, ValueError (naming the file) for one that
-    is not a torchvision RetinaNet state dict of ``variant``.
+    Raises MissingFileError for a missing input file, InputError (naming the file) for one that
+    is not a torchvision RetinaNet state dict of ``variant``: user errors, one line each.
     """
     from retina.engine.checkpoint import atomic_save
 

@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from retina.errors import RetinaError
+
 CHECKPOINT_RE = re.compile(r"model_(\d{7})\.pth$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RetinaError, RuntimeError):
     """A checkpoint file is missing, unreadable or not a retina checkpoint."""
 
 

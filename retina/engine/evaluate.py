@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from retina.errors import RetinaError
+
 EvalBackend = Literal["pycocotools", "faster_coco_eval"]
 
 # The 12 COCO box metrics, in the order of ``COCOeval.stats``.
@@ -110,7 +112,7 @@ def _empty_metrics(class_names: Sequence[str]) -> dict:
     return metrics
 
 
-class EvalBackendError(ValueError):
+class EvalBackendError(RetinaError, ValueError):
     """The selected COCO evaluation backend cannot be used; one line saying how to install it."""
 
 

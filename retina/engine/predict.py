@@ -17,6 +17,7 @@ from torchvision.io import ImageReadMode, decode_image, write_jpeg
 from torchvision.utils import draw_bounding_boxes
 
 from retina.engine.evaluate import write_json
+from retina.errors import InputError, MissingFileError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -34,19 +35,19 @@ def list_images(input: Path) -> list[Path]:
     .jpg/.jpeg/.png/.bmp directly inside the directory ``input`` (case-insensitive), sorted.
 
     Raises:
-        FileNotFoundError: ``input`` does not exist.
-        ValueError: the directory holds no such image.
+        MissingFileError: ``input`` does not exist.
+        InputError: the directory holds no such image.
     """
     input = Path(input)
     if not input.exists():
-        raise FileNotFoundError(f"no such file or directory: {input}")
+        raise MissingFileError(f"no such file or directory: {input}")
     if input.is_file():
         return [input]
     paths = sorted(
         p for p in input.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
     if not paths:
-        raise ValueError(f"no {'/'.join(IMAGE_SUFFIXES)} images in directory {input}")
+        raise InputError(f"no {'/'.join(IMAGE_SUFFIXES)} images in directory {input}")
     return paths
 
 
@@ -132,7 +133,7 @@ def predict_paths(
     out_paths = [out_dir / name for name in _output_names(paths)]
     for src, dst in zip(paths, out_paths):
         if dst.exists() and dst.resolve() == Path(src).resolve():
-            raise ValueError(f"output {dst} would overwrite its input; choose another out_dir")
+            raise InputError(f"output {dst} would overwrite its input; choose another out_dir")
 
     was_training = model.training
     model.eval()

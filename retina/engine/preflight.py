@@ -11,10 +11,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from retina.errors import RetinaError
+
 _BAD_DATA = ("BadImageError", "TooManyBadImages")
 
 
-class PreflightError(RuntimeError):
+class PreflightError(RetinaError, RuntimeError):
     """The run directory cannot hold this run; one line naming it."""
 
 

@@ -19,6 +19,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from retina.errors import InputError
+
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
 
 
@@ -35,7 +37,7 @@ class TrainSampler(Sampler):
     def __init__(self, size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
                  groups: Optional[Sequence[int]] = None, batch_size: int = 1) -> None:
         if size <= 0:
-            raise ValueError("the training set is empty")
+            raise InputError("the training set is empty: its annotation file lists no image")
         self.size, self.seed, self.start = size, seed, start
         self.rank, self.world_size = rank, world_size
         self.groups = torch.as_tensor(list(groups)) if groups is not None else None

@@ -35,12 +35,13 @@ from retina.engine.optim import build_optimizer, build_scheduler
 from retina.engine.preflight import check_run_dir, worker_error_line
 from retina.engine.sampler import SeededDataset, TrainSampler
 from retina.engine.validation import Validator
+from retina.errors import RetinaError
 from retina.model import build_model
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RetinaError, RuntimeError):
     """Training cannot go on; the message is one line and names what to do."""
 
 

@@ -12,11 +12,13 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from retina.errors import RetinaError
+
 RESNET_CHANNELS = {18: (128, 256, 512), 34: (128, 256, 512), 50: (512, 1024, 2048),
                    101: (512, 1024, 2048)}  # C3, C4, C5 widths
 
 
-class WeightsError(RuntimeError):
+class WeightsError(RetinaError, RuntimeError):
     """Pretrained weights could not be found; the message says which file to place where."""
 
 
