@@ -1,4 +1,4 @@
-"""Tests for retina.model.anchors: cell anchors, anchor order, caching, sizes and the prior bias."""
+"""Tests for retina.model.anchors: cell anchors, anchor order, caching and sizes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from retina.model.anchors import AnchorGenerator, cell_anchors, default_sizes, prior_bias
+from retina.model.anchors import AnchorGenerator, cell_anchors, default_sizes
 
 CPU = torch.device("cpu")
 
@@ -112,10 +112,3 @@ def test_generator_rejects_size_level_mismatch():
 def test_default_sizes():
     # 4 x stride, stride 2^level: 4 * 8 = 32 .. 4 * 128 = 512
     assert default_sizes(3, 7) == [32.0, 64.0, 128.0, 256.0, 512.0]
-
-
-def test_prior_bias():
-    # -log((1 - 0.01) / 0.01) = -log(99)
-    assert_close(prior_bias(0.01), -math.log(99.0))
-    assert prior_bias(0.5) == 0.0  # -log(1)
-    assert prior_bias(0.0) == 0.0  # no prior

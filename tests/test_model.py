@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from retina.config import load_config
 from retina.model import build_model
-from retina.model.head import RetinaHead, to_n_hwa_c
+from retina.model.head import RetinaHead, prior_bias, to_n_hwa_c
 
 TINY = ["model.backbone.depth=18", "model.fpn.channels=32", "model.head.num_convs=1",
         "model.input.min_size=[64]", "model.num_classes=3"]
@@ -97,6 +97,13 @@ def test_class_bias_prior_and_head_channels():
     assert torch.equal(model.head.box_deltas.bias, torch.zeros(4 * A))
     # prior_prob 0: bias 0
     assert torch.equal(tiny_model("model.head.prior_prob=0").head.cls_logits.bias, torch.zeros(K * A))
+
+
+def test_prior_bias():
+    # -log((1 - 0.01) / 0.01) = -log(99)
+    assert_close(prior_bias(0.01), -math.log(99.0))
+    assert prior_bias(0.5) == 0.0  # -log(1)
+    assert prior_bias(0.0) == 0.0  # no prior
 
 
 def test_head_output_matches_anchor_count():

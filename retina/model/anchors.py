@@ -8,7 +8,6 @@ shares them (images are padded to one size).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 import torch
@@ -110,8 +109,3 @@ class AnchorGenerator(nn.Module):
 def default_sizes(min_level: int, max_level: int) -> list[float]:
     """4 x stride on each level: 32^2..512^2 on P3..P7 (Sec. 4)."""
     return [4.0 * 2**level for level in range(min_level, max_level + 1)]
-
-
-def prior_bias(prior_prob: float) -> float:
-    """Class-logit bias so every anchor starts at foreground probability pi (Sec. 4.1)."""
-    return -math.log((1 - prior_prob) / prior_prob) if prior_prob > 0 else 0.0

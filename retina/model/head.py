@@ -7,7 +7,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from retina.model.anchors import prior_bias
+
+def prior_bias(prior_prob: float) -> float:
+    """Class-logit bias so every anchor starts at foreground probability pi (Sec. 4.1):
+    -log((1 - pi) / pi); pi = 0 means no prior, bias 0."""
+    return -math.log((1 - prior_prob) / prior_prob) if prior_prob > 0 else 0.0
 
 
 def to_n_hwa_c(x: Tensor, c: int) -> Tensor:
