@@ -1,4 +1,5 @@
-"""``retina`` command line: train, eval, predict, data. Thin: parse arguments, call the library.
+"""``retina`` command line: train, eval, predict, ablate, analyze, convert, data. Thin: parse
+arguments, call the library.
 
 Every error a user can fix (config, missing file, bad checkpoint: a ``retina.errors.RetinaError``)
 is printed as one line ``retina: error: ...`` with exit status 2; any other exception is a bug
@@ -22,7 +23,8 @@ DEFAULT_CONFIG = "shapes.yaml"
 
 def _add_config_args(p: argparse.ArgumentParser, default: Optional[str]) -> None:
     p.add_argument("--config", "-c", default=default,
-                   help=f"YAML config: a path or a name in configs/ (default: {default})")
+                   help=f"YAML config: a path or a bundled config's name, e.g. shapes or "
+                        f"ablations/shapes_focal (default: {default})")
     p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. loss.gamma=1.0 solver.max_iter=500")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.3)
 
     p = sub.add_parser("ablate", help="train + evaluate a grid of configs; tables and plots")
-    p.add_argument("--config", "-c", help="base config (a path or a name in configs/)")
+    p.add_argument("--config", "-c", help="base config (a path or a bundled config's name)")
     p.add_argument("--grid", "-g", action="append", default=[], metavar="KEY=V1,V2",
                    help="a swept key; several --grid multiply (default: the config's ablate.grids)")
     p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",

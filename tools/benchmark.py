@@ -1,4 +1,4 @@
-"""retina vs torchvision RetinaNet, side by side in one process (see retina/benchmark.py).
+"""retina vs torchvision RetinaNet, side by side in one process (see retina/bench/detector.py).
 
     python tools/benchmark.py --device cpu --batch-size 2 --image-size 800x1056 --repeats 5 \
         --json runs/bench.json

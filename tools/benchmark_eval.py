@@ -1,4 +1,5 @@
-"""pycocotools vs faster-coco-eval on a synthetic COCO-like evaluation (see retina/benchmark_eval.py).
+"""pycocotools vs faster-coco-eval on a synthetic COCO-like evaluation (see
+retina/bench/eval_backends.py).
 
     python tools/benchmark_eval.py --images 5000
 """

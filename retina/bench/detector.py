@@ -1,6 +1,6 @@
 """Side-by-side speed of ``retina`` and torchvision's ``retinanet_resnet50_fpn`` in one process.
 
-Both models get the same batch (and the same weights when ``retina/convert.py`` can copy them);
+Both models get the same batch (and the same weights when ``retina/deploy/convert.py`` can copy them);
 each timed part alternates ours, theirs, ours, theirs... after a warmup, and reports the median of
 each and the ratio ours / theirs. Parts:
 
@@ -120,7 +120,7 @@ def build_models(spec: BenchSpec, image_size: tuple[int, int]) -> tuple[RetinaNe
     description, how the weights were made equal).
 
     Default: ``retina.deploy.convert`` builds retina's torchvision-parity model (the model section of
-    ``configs/torchvision_retinanet_r50_fpn.yaml``) from torchvision's random-init state dict, so
+    ``retina/configs/torchvision_retinanet_r50_fpn.yaml``) from torchvision's random-init state dict, so
     both hold the same weights; with trainable BatchNorm, as torchvision has without pretrained
     weights. With ``spec.config`` both are built from one seed.
     """

@@ -9,8 +9,9 @@
 - ``errors.py``: ``ConfigError`` (a ``retina.errors.RetinaError``), one line naming the source of
   the value (the ``--set`` item, or the file that set the key) and the key.
 
-Only factories (``build_model``, ``build_dataset``, ``build_optimizer``, the trainer, the CLI
-verbs) read a ``Config``; the modules below them take plain, typed arguments.
+A ``Config`` is read at the top only: by the factories (``build_model``, ``build_dataset``,
+``build_optimizer``), the trainer, checkpoint loading and the entry points of the CLI verbs
+(retina/studies, retina/deploy, retina/bench); the modules below them take plain, typed arguments.
 """
 
 from retina.config.errors import ConfigError

@@ -1,7 +1,8 @@
 """The config schema: nested frozen dataclasses, every key documented where it is declared.
 
-Only factories read a ``Config`` (``build_model``, ``build_dataset``, ``build_optimizer``, the
-trainer and the CLI verbs); modules below them take plain, typed arguments.
+A ``Config`` is read at the top only: by the factories (``build_model``, ``build_dataset``,
+``build_optimizer``), the trainer, checkpoint loading and the entry points of the CLI verbs
+(retina/studies, retina/deploy, retina/bench); modules below them take plain, typed arguments.
 """
 
 from __future__ import annotations
@@ -166,10 +167,11 @@ class FocalStarConfig:
 @dataclass(frozen=True)
 class LossConfig:
     # focal: FL (Sec. 3.2); ce: alpha-balanced sigmoid CE (Table 1a); ohem: sigmoid CE on the
-    # hardest anchors only (Table 1d); focal_star: FL* (appendix A). losses.py has the details.
+    # hardest anchors only (Table 1d); focal_star: FL* (appendix A). retina/model/losses.py has the
+    # details; config/rules.py refuses a key the chosen type does not read.
     type: Literal["focal", "ce", "ohem", "focal_star"] = "focal"
     alpha: Optional[float] = 0.25  # weight of positives; None: no weighting
-    gamma: float = 2.0  # focusing parameter; 0 with alpha None is BCE
+    gamma: float = 2.0  # focusing parameter of focal; 0 with alpha None is BCE; ce, ohem: 0
     box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
     smooth_l1_beta: float = 0.1  # detectron2's RetinaNet default
     box_weight: float = 1.0

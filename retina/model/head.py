@@ -1,4 +1,5 @@
-"""Classification and box subnets, shared across pyramid levels (Sec. 4, Fig. 3)."""
+"""Classification and box subnets, shared across pyramid levels (Sec. 4, Fig. 3), and their
+initialisation: Gaussian weights, the class-logit prior bias (``prior_bias``, Sec. 4.1)."""
 
 from __future__ import annotations
 
