@@ -114,6 +114,9 @@ def test_range_errors():
     assert "model.fpn.max_level" in config_error(None, ["model.fpn.max_level=2"])
     assert "model.anchors.sizes" in config_error(None, ["model.anchors.sizes=[32, 64]"])
     assert "model.matcher.bg_iou_thresh" in config_error(None, ["model.matcher.bg_iou_thresh=0.6"])
+    # the generated set's own limits, named before any drawing starts
+    assert config_error(None, ["data.dataset=shapes", "data.shapes.image_size=8"]) == (
+        "--set data.shapes.image_size=8: data.shapes.image_size=8 must be >= 16")
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path: Path):

@@ -65,6 +65,9 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("data.hflip_prob", 0 <= cfg.data.hflip_prob <= 1, "must be in [0, 1]"),
         ("data.num_workers", cfg.data.num_workers >= 0, "must be >= 0"),
         ("data.max_bad_fraction", 0 <= cfg.data.max_bad_fraction <= 1, "must be in [0, 1]"),
+        ("data.shapes.num_train", cfg.data.shapes.num_train >= 1, "must be >= 1"),
+        ("data.shapes.num_val", cfg.data.shapes.num_val >= 0, "must be >= 0"),
+        ("data.shapes.image_size", cfg.data.shapes.image_size >= 16, "must be >= 16"),
         ("solver.lr", s.lr > 0, "must be > 0"),
         ("solver.batch_size", s.batch_size >= 1, "must be >= 1"),
         ("solver.max_iter", s.max_iter >= 1, "must be >= 1"),
@@ -134,7 +137,7 @@ _SCOPES: tuple[_Scope, ...] = (
     _Scope("data.shapes", "data.dataset", lambda d: d == "shapes",
            "read only by the generated shapes set", "use data.dataset=shapes"),
     *(_Scope(f"data.{key}", "data.dataset", lambda d: d == "coco",
-             "the shapes set has fixed paths under data.root", "use data.dataset=coco")
+             "the generated sets have fixed paths under data.root", "use data.dataset=coco")
       for key in ("train_ann", "train_images", "val_ann", "val_images")),
 )
 
