@@ -81,13 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--report", metavar="DIR", help="only rebuild table.md/.csv and ablation.png")
 
-    p = sub.add_parser("analyze", help="analyses of a trained model (loss-cdf: paper Fig. 4)")
-    p.add_argument("kind", choices=["loss-cdf"])
-    p.add_argument("--weights", "-w", required=True, help="checkpoint file or run directory")
-    p.add_argument("--config", "-c", help="config instead of the checkpoint's")
-    p.add_argument("--gammas", default="0,0.5,1,2", help="comma-separated gammas")
-    p.add_argument("--num-images", type=int, default=100, help="val images to sample")
-    p.add_argument("--out", "-o", help="output directory (default: <run dir>/analysis)")
+    p = sub.add_parser("analyze", help="analyses: loss-cdf (paper Fig. 4), errors (PR curves, "
+                                       "confusion, TIDE), model (parameters, FLOPs)")
+    p.add_argument("kind", choices=["loss-cdf", "errors", "model"])
+    p.add_argument("--weights", "-w", help="checkpoint file or run directory (loss-cdf: required)")
+    p.add_argument("--config", "-c", help="config instead of the checkpoint's (model: the config to count)")
+    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="errors, model: config overrides, e.g. data.root=/data/coco")
+    p.add_argument("--gammas", default="0,0.5,1,2", help="loss-cdf: comma-separated gammas")
+    p.add_argument("--num-images", type=int, default=100, help="loss-cdf: val images to sample")
+    p.add_argument("--detections", help="errors: a COCO results json instead of --weights")
+    p.add_argument("--ann", help="errors: the COCO ground truth of --detections")
+    p.add_argument("--score-thresh", type=float,
+                   help="errors: confusion-matrix threshold (default: the F1-best, else 0.3)")
+    p.add_argument("--json", help="model: also write the numbers to this json file")
+    p.add_argument("--out", "-o", help="output directory (default: <run dir>/analysis, "
+                                       "errors: <run dir>/analysis/errors or <detections dir>/errors)")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("convert", help="convert another framework's weights into a retina checkpoint")
@@ -156,8 +165,19 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    if args.kind == "errors":
+        from retina.studies.errors import errors_cli
+
+        return errors_cli(args.weights, args.detections, args.ann, args.config, args.set, args.out,
+                          args.device, args.score_thresh)
+    if args.kind == "model":
+        from retina.studies.model_stats import model_cli
+
+        return model_cli(args.config, args.weights, args.set, args.json, args.device)
     from retina.studies.loss_cdf import analyze_cli
 
+    if args.weights is None:
+        raise UsageError("retina analyze loss-cdf needs --weights RUN")
     return analyze_cli(args.kind, args.config, args.weights, args.gammas, args.out, args.device,
                        args.num_images)
 

@@ -1,0 +1,147 @@
+"""``retina analyze model``: parameters and FLOPs of a config (or a trained run), as detectron2's
+``analyze_model.py`` and mmdet's ``get_flops.py`` report them.
+
+Parameters are counted per top-level module (backbone, fpn, head); trainable ones are those with
+``requires_grad`` (a pretrained backbone's FrozenBatchNorm holds buffers, not parameters, and its
+first ``freeze_at`` stages are frozen). FLOPs are those of one inference forward on a dummy
+image of the config's inference size (shorter side ``model.input.min_size[-1]``, longer side
+``model.input.max_size``: 800 x 1333 for the COCO configs), counted by
+``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products only, 2 FLOPs per
+multiply-add (detectron2 and mmdet count 1 per multiply-add: halve to compare). Resizing,
+normalisation, activations, decoding and NMS are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from retina.config import Config, replace
+from retina.errors import UsageError
+from retina.engine.evaluate import write_json
+
+TOP_MODULES = ("backbone", "fpn", "head")
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """``{"total", "trainable", "by_module": {name: {"total", "trainable"}}}`` for the model's
+    direct children that hold parameters."""
+    def count(params) -> tuple[int, int]:
+        params = list(params)
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+    total, trainable = count(model.parameters())
+    by_module = {}
+    for name, child in model.named_children():
+        t, tr = count(child.parameters())
+        if t:
+            by_module[name] = {"total": t, "trainable": tr}
+    return {"total": total, "trainable": trainable, "by_module": by_module}
+
+
+def count_flops(model: nn.Module, image_size: tuple[int, int]) -> dict[str, int]:
+    """FLOPs of ``model([image])`` in eval + inference mode, for a (3, H, W) image of
+    ``image_size`` in [0, 1] (which the model first resizes to its input size, as in inference):
+    ``{"total": n, "<module path>": n, ...}`` with module paths
+    relative to the model ("backbone", "head.cls_logits", ...). A shared module (the head runs
+    once per pyramid level) holds the sum over its calls."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    image = torch.full((3, *image_size), 0.5, device=device)
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.inference_mode(), counter:
+            model([image])
+    finally:
+        model.train(was_training)
+    root = type(model).__name__
+    flops = {"total": int(counter.get_total_flops())}
+    for path, per_op in counter.get_flop_counts().items():
+        if path.startswith(root + "."):  # "RetinaNet.head.cls_logits" -> "head.cls_logits"
+            flops[path[len(root) + 1:]] = int(sum(per_op.values()))
+    return flops
+
+
+def inference_size(cfg: Config) -> tuple[int, int]:
+    """(H, W) of the dummy image: the config's inference shorter side x its longer-side cap."""
+    return int(cfg.model.input.min_size[-1]), int(cfg.model.input.max_size)
+
+
+def padded_size(size: tuple[int, int], divisibility: int) -> tuple[int, int]:
+    return tuple(-(-s // divisibility) * divisibility for s in size)  # type: ignore[return-value]
+
+
+def model_for_counting(cfg: Config) -> nn.Module:
+    """``build_model(cfg)`` without loading pretrained backbone weights (they change no count,
+    and may need a download): the same norm layers and frozen stages as with them."""
+    from retina.model import build_model
+
+    b = cfg.model.backbone
+    if b.weights is None:
+        return build_model(cfg)
+    norm = "frozen_bn" if b.norm == "auto" else b.norm
+    backbone_cfg = dataclasses.replace(b, weights=None, norm=norm)
+    model = build_model(replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone_cfg)))
+    # What ResNetBackbone does when given weights: stem, then res2.. frozen up to freeze_at.
+    backbone = model.backbone
+    for stage in [backbone.stem, backbone.res2, backbone.res3, backbone.res4, backbone.res5][:b.freeze_at]:
+        stage.requires_grad_(False)
+    return model
+
+
+def model_stats(model: nn.Module, cfg: Config) -> dict:
+    """Parameters and FLOPs of ``model`` at the inference size of ``cfg``."""
+    size = inference_size(cfg)
+    flops = count_flops(model, size)
+    return {"input_size": list(size),
+            "padded_size": list(padded_size(size, cfg.model.input.size_divisibility)),
+            "params": count_parameters(model),
+            "flops": {"total": flops["total"], "by_module": {m: flops.get(m, 0) for m in TOP_MODULES}},
+            "gflops": flops["total"] / 1e9, "gmacs": flops["total"] / 2e9}
+
+
+def format_stats(stats: dict) -> str:
+    p, f = stats["params"], stats["flops"]
+    h, w = stats["input_size"]
+    ph, pw = stats["padded_size"]
+    lines = [f"parameters: {p['total'] / 1e6:.2f} M ({p['trainable'] / 1e6:.2f} M trainable)",
+             f"FLOPs at {h}x{w} (padded {ph}x{pw}): {stats['gflops']:.1f} GFLOPs "
+             f"= {stats['gmacs']:.1f} G multiply-adds", "",
+             f"{'module':<9} | {'params (M)':>10} | {'trainable (M)':>13} | {'GFLOPs':>7}",
+             "-" * 50]
+    for name in TOP_MODULES:
+        pm = p["by_module"].get(name, {"total": 0, "trainable": 0})
+        lines.append(f"{name:<9} | {pm['total'] / 1e6:>10.3f} | {pm['trainable'] / 1e6:>13.3f} | "
+                     f"{f['by_module'][name] / 1e9:>7.2f}")
+    return "\n".join(lines)
+
+
+def model_cli(config: Optional[str] = None, weights: Optional[str] = None, overrides: Sequence[str] = (),
+              json_path: Optional[str] = None, device: str = "cpu") -> int:
+    """``retina analyze model --config C | --weights RUN [--set k=v] [--json F]``."""
+    from retina.config import find_config, load_config
+    from retina.engine.train import resolve_device
+
+    if config is None and weights is None:
+        raise UsageError("retina analyze model needs --config C or --weights RUN")
+    dev = resolve_device(device)
+    if weights is not None:
+        from retina.engine.checkpoint import load_model
+
+        cfg = load_config(find_config(config), list(overrides)) if config else None
+        model, cfg, _, _ = load_model(weights, dev, tuple(overrides), cfg)
+    else:
+        cfg = load_config(find_config(config), list(overrides))
+        model = model_for_counting(cfg).to(dev)
+    stats = model_stats(model, cfg)
+    print(format_stats(stats))
+    if json_path:
+        write_json(json_path, stats)
+        print(f"json: {json_path}")
+    return 0
