@@ -108,11 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides stored in the checkpoint, e.g. data.root=/data/coco")
 
-    p = sub.add_parser("data", help="generate the bundled synthetic dataset, or check a dataset")
-    p.add_argument("what", choices=["shapes", "check"])
+    p = sub.add_parser("data", help="generate the bundled synthetic dataset, check a dataset, or "
+                                    "convert a VOC / YOLO folder to COCO json")
+    p.add_argument("what", choices=["shapes", "check", "convert"])
     p.add_argument("--ann", help="check: COCO annotation json")
     p.add_argument("--images", help="check: image directory")
-    p.add_argument("--out", "-o", default="data/shapes", help="dataset directory")
+    p.add_argument("--root", help="check, convert: a VOC or YOLO folder (or a YOLO data.yaml)")
+    p.add_argument("--format", "--from", dest="format", choices=["auto", "voc", "yolo"], default="auto",
+                   help="check, convert: the layout of --root (default: detected)")
+    p.add_argument("--to", choices=["coco"], default="coco", help="convert: the output format")
+    p.add_argument("--splits", default="train,val", help="check, convert: comma-separated split names")
+    p.add_argument("--classes", default="", help="VOC: comma-separated class names in label order "
+                                                 "(default: every object name, sorted)")
+    p.add_argument("--keep-difficult", action="store_true",
+                   help="VOC: difficult objects as boxes, not ignore regions")
+    p.add_argument("--out", "-o", help="shapes: dataset directory (default: data/shapes); "
+                                       "convert: where instances_<split>.json go")
     p.add_argument("--train", type=int, default=2000, help="number of training images")
     p.add_argument("--val", type=int, default=200, help="number of validation images")
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
@@ -189,17 +200,34 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """"train, val" -> ("train", "val")."""
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
 def _data(args: argparse.Namespace) -> int:
     from retina.data import ensure_shapes
 
     if args.what == "check":
         from retina.data.check import data_check_cli
 
+        folder = dict(fmt=args.format, splits=_names(args.splits), classes=_names(args.classes),
+                      keep_difficult=args.keep_difficult)  # fmt: skip
+        if args.root:
+            return data_check_cli(root=args.root, **folder)
         if not args.ann or not args.images:
-            raise UsageError("retina data check needs --ann A.json and --images DIR")
+            raise UsageError("retina data check needs --ann A.json and --images DIR, or --root DIR "
+                             "(a VOC or YOLO folder)")  # fmt: skip
         return data_check_cli(args.ann, args.images)
+    if args.what == "convert":
+        from retina.data.convert import data_convert_cli
 
-    root = ensure_shapes(args.out, args.train, args.val, args.size, args.seed)
+        if not args.root or not args.out:
+            raise UsageError("retina data convert needs --root DIR (a VOC or YOLO folder) and --out DIR")
+        return data_convert_cli(args.root, args.format, args.out, _names(args.splits),
+                                _names(args.classes), args.keep_difficult)  # fmt: skip
+
+    root = ensure_shapes(args.out or "data/shapes", args.train, args.val, args.size, args.seed)
     print(f"shapes dataset ready in {root}")
     return 0
 

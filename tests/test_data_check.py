@@ -36,7 +36,8 @@ from retina.data import (
     build_dataset,
     collate,
 )
-from retina.data.check import KINDS, check_dataset, data_check_cli, format_report, inspect_image
+from retina.data.check import (KINDS, check_dataset, check_folder, data_check_cli, format_report,
+                               inspect_image)
 
 H, W = 20, 30
 
@@ -87,6 +88,7 @@ def broken_coco(tmp_path: Path) -> tuple[Path, Path]:
 
 
 EXPECTED_COUNTS = {
+    "malformed_label": 0, "missing_annotation": 0, "unknown_class": 0,  # VOC / YOLO folders only
     "bad_record": 0, "duplicate_image_id": 1, "duplicate_annotation_id": 1,
     "duplicate_category_id": 0, "unknown_image_id": 1, "unknown_category": 1, "missing_file": 1,
     "unreadable_image": 2, "size_mismatch": 1, "nonfinite_box": 1, "degenerate_box": 2,
@@ -215,6 +217,80 @@ def test_truncated_jpeg_needs_a_full_decode(tmp_path):
     status, reason, size = inspect_image(tmp_path / "cut.jpg")
     assert (status, size) == ("unreadable", None) and "truncated" in reason
     assert inspect_image(tmp_path / "none.jpg") == ("missing", "not found", None)
+
+
+# ------------------------------------------------------------------- VOC and YOLO folders
+def test_check_voc_folder_names_files_and_objects(tmp_path, capsys):
+    from test_voc_yolo import make_voc
+
+    root = make_voc(tmp_path / "voc")  # a, b train; c val (tests/test_voc_yolo.py)
+    ann = root / "Annotations"
+    assert data_check_cli(root=root) == 0  # clean
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"checked voc layout detected in {root} (2 train / 1 val images, 3 classes): "
+                   "3 images, 4 annotations, 3 categories", "no problems found"]  # fmt: skip
+    # a.xml: not XML; b.xml: bird box crossing the right edge (xmax 30 > 24) and an object
+    # without <bndbox>; val lists d, which has no xml; c.jpg replaced by a 10x10 file.
+    (ann / "a.xml").write_text("<annotation>\n  <object>\n</annotation>\n")
+    (ann / "b.xml").write_text("<annotation><object><name>bird</name><bndbox><xmin>2</xmin>"
+                               "<ymin>3</ymin><xmax>30</xmax><ymax>13</ymax></bndbox></object>"
+                               "<object><name>bird</name></object></annotation>")  # fmt: skip
+    (root / "ImageSets" / "Main" / "val.txt").write_text("c\nd\n")
+    _save(root / "JPEGImages" / "c.jpg", 10, 10)
+    report = check_folder(root, "voc", workers=1)
+    counts = {k: report.count(k) for k in KINDS if report.count(k)}
+    assert counts == {"malformed_label": 2, "missing_annotation": 1, "size_mismatch": 1}
+    assert report.examples("malformed_label") == [
+        f"{ann / 'a.xml'}:3:2: not valid XML (mismatched tag)",
+        f"{ann / 'b.xml'} object 2: no <bndbox>"]  # b.xml is left out whole  # fmt: skip
+    assert report.examples("missing_annotation") == [
+        f"{ann / 'd.xml'}: not found (listed in {root / 'ImageSets' / 'Main' / 'val.txt'}:2)"]
+    assert report.examples("size_mismatch") == [
+        f"image 1: {root / 'JPEGImages' / 'c.jpg'} is 10x10 (WxH), its annotation says 32x32"]
+    assert report.exit_status == 1
+    # Box warnings name the xml object: b.xml without its second object, box (1, 2, 30, 13)
+    (ann / "a.xml").write_text("<annotation><size><width>40</width><height>30</height></size>"
+                               "</annotation>")  # fmt: skip
+    (ann / "b.xml").write_text((ann / "b.xml").read_text().replace("<object><name>bird</name>"
+                                                                   "</object>", ""))  # fmt: skip
+    (root / "ImageSets" / "Main" / "val.txt").write_text("")
+    report = check_folder(root, "auto", workers=1)
+    assert report.examples("box_partly_outside") == [
+        f"{ann / 'b.xml'} object 1: bbox [1.0, 2.0, 29.0, 11.0], image 24x20 (WxH)"]
+    assert report.examples("image_without_annotations") == ["image 1: a.jpg"]
+    assert report.exit_status == 0
+
+
+def test_check_yolo_folder_names_label_lines(tmp_path, capsys):
+    from test_voc_yolo import make_yolo
+
+    root = make_yolo(tmp_path / "yolo")
+    labels = root / "labels" / "train" / "a.txt"
+    # line 1 fine; line 2: 4 fields; line 3: class 7 of 2; line 4: x2 = (0.9 + 0.2 / 2) * 200
+    # = 200 and x1 = 160, inside; line 5: cx 1.0, w 0.4: x in [160, 240], past W = 200.
+    labels.write_text("0 0.5 0.5 0.25 0.5\n0 0.5 0.5 0.2\n7 0.5 0.5 0.1 0.1\n1 0.9 0.5 0.2 0.2\n"
+                      "1 1.0 0.5 0.4 0.2\n")  # fmt: skip
+    assert data_check_cli(root=root, fmt="yolo") == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (f"checked yolo folder {root / 'data.yaml'} (2 train / 1 val images, "
+                                   "2 classes): 3 images, 4 annotations, 2 categories")  # fmt: skip
+    assert f"{labels}:2: 4 fields; expected 'class cx cy w h' (5)" in out
+    assert f"{labels}:3: class 7 is not a class id 0..1 (2 names in data.yaml)" in out
+    report = check_folder(root, "yolo", workers=1)
+    assert report.count("malformed_label") == 1 and report.count("unknown_class") == 1
+    assert report.examples("box_partly_outside") == [
+        f"{labels}:5: bbox [160.0, 40.0, 80.0, 20.0], image 200x100 (WxH)"]
+    assert report.examples("image_without_annotations") == ["image 2: images/train/b.jpg"]
+
+
+def test_check_folder_unusable_inputs_exit_2(tmp_path, capsys):
+    assert data_check_cli(root=tmp_path) == 2  # neither VOC nor YOLO
+    err = capsys.readouterr().err
+    assert err.startswith(f"retina: error: {tmp_path}: neither a VOC folder") and err.count("\n") == 1
+    assert data_check_cli(root=tmp_path, fmt="voc") == 2
+    assert "ImageSets/Main/train.txt not found" in capsys.readouterr().err
+    assert data_check_cli(root=tmp_path, fmt="yolo") == 2
+    assert f"{tmp_path / 'data.yaml'} not found" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ BadImageError

@@ -68,6 +68,7 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("data.shapes.num_train", cfg.data.shapes.num_train >= 1, "must be >= 1"),
         ("data.shapes.num_val", cfg.data.shapes.num_val >= 0, "must be >= 0"),
         ("data.shapes.image_size", cfg.data.shapes.image_size >= 16, "must be >= 16"),
+        ("data.classes", len(set(cfg.data.classes)) == len(cfg.data.classes), "names a class twice"),
         ("solver.lr", s.lr > 0, "must be > 0"),
         ("solver.batch_size", s.batch_size >= 1, "must be >= 1"),
         ("solver.max_iter", s.max_iter >= 1, "must be >= 1"),
@@ -138,6 +139,19 @@ _SCOPES: tuple[_Scope, ...] = (
            "read only by the generated shapes set", "use data.dataset=shapes"),
     *(_Scope(f"data.{key}", "data.dataset", lambda d: d == "coco",
              "the generated sets have fixed paths under data.root", "use data.dataset=coco")
+      for key in ("train_ann", "train_images", "val_ann", "val_images")),
+    *(_Scope(f"data.{key}", "data.dataset", lambda d: d == "coco",
+             "the generated sets are COCO json", "use data.dataset=coco")
+      for key in ("format", "train_split", "val_split", "classes", "keep_difficult")),
+    _Scope("data.classes", "data.format", lambda f: f in ("auto", "voc"), "read for VOC folders "
+           "only: a YOLO data.yaml and a COCO json name their classes", "use data.format=voc"),
+    _Scope("data.keep_difficult", "data.format", lambda f: f in ("auto", "voc"),
+           "only VOC marks objects difficult", "use data.format=voc"),
+    *(_Scope(f"data.{key}", "data.format", lambda f: f != "coco", "COCO json files are named by "
+             "data.train_ann / data.val_ann", "use data.format=voc or yolo")
+      for key in ("train_split", "val_split")),
+    *(_Scope(f"data.{key}", "data.format", lambda f: f in ("auto", "coco"),
+             "a VOC or YOLO folder names its own files", "use data.format=coco")
       for key in ("train_ann", "train_images", "val_ann", "val_images")),
 )
 

@@ -126,6 +126,17 @@ class DataConfig:
     # "shapes": the bundled synthetic set (generated if missing); "coco": files the user gives.
     dataset: Literal["shapes", "coco"] = "coco"
     root: str = "data/coco"
+    # Layout of the user's files (dataset "coco"): "coco" json (the *_ann / *_images keys below);
+    # "voc" (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt); "yolo" (root is or holds a
+    # data.yaml naming the classes and the image folders; labels/ beside images/); "auto": voc
+    # when root has Annotations/ and JPEGImages/, yolo when it is or has a data.yaml, else coco.
+    format: Literal["auto", "coco", "voc", "yolo"] = "auto"
+    train_split: str = "train"  # voc: ImageSets/Main/<split>.txt; yolo: the data.yaml key
+    val_split: str = "val"
+    # voc: class names in label order; empty: every object name of both splits, sorted.
+    classes: tuple[str, ...] = ()
+    # voc: train and evaluate on "difficult" objects; false: they are ignore regions (iscrowd).
+    keep_difficult: bool = False
     train_ann: str = "annotations/instances_train2017.json"  # relative to root
     train_images: str = "train2017"
     val_ann: str = "annotations/instances_val2017.json"

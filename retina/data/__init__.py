@@ -1,4 +1,5 @@
-"""Data: COCO-format datasets, training transforms and the bundled synthetic shapes set.
+"""Data: COCO-format datasets (COCO json, or VOC / YOLO folders read as COCO), training
+transforms and the bundled synthetic sets.
 
 ``build_dataset(cfg, split)`` is the one place that reads the data config.
 """
@@ -7,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from retina.config import Config
 from retina.data.coco import BadImageError, CocoDetection, collate
+from retina.data.convert import read_folder
+from retina.data.formats import detect_format
 from retina.data.robust import SkipBadImages, TooManyBadImages
 from retina.data.shapes import ensure_shapes, generate_shapes
 from retina.data.transforms import build_transforms
@@ -49,6 +52,21 @@ def dataset_paths(cfg: Config, split: Literal["train", "val"]) -> tuple[Path, Pa
     raise ValueError(f"data.dataset={data.dataset!r} should be 'shapes' or 'coco'")
 
 
+def dataset_source(cfg: Config, split: Literal["train", "val"]) -> tuple[Path | dict, Path, Optional[str]]:
+    """(annotations, image folder, what they are) of ``split``: a COCO json file (``dataset_paths``),
+    or the COCO dict read from a VOC or YOLO folder (``data.format`` voc / yolo, or detected)."""
+    data = cfg.data
+    fmt = detect_format(data.root) if data.format == "auto" else data.format
+    if data.dataset != "coco" or fmt == "coco":  # the generated sets are COCO json
+        return (*dataset_paths(cfg, split), None)
+    folder = read_folder(data.root, fmt, (data.train_split, data.val_split), data.classes,
+                         data.keep_difficult)  # fmt: skip
+    folder.raise_on_problems()
+    name = data.train_split if split == "train" else data.val_split
+    how = "layout detected in" if data.format == "auto" else "folder"
+    return folder.splits[name], folder.image_dirs[name], f"{fmt} {how} {data.root}, split {name!r}"
+
+
 def build_dataset(cfg: Config, split: Literal["train", "val"]) -> CocoDetection | SkipBadImages:
     """The ``split`` dataset of ``cfg.data``, with training transforms when ``split == "train"``.
 
@@ -57,11 +75,11 @@ def build_dataset(cfg: Config, split: Literal["train", "val"]) -> CocoDetection 
     """
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r} should be 'train' or 'val'")
-    ann_file, image_dir = dataset_paths(cfg, split)
+    ann, image_dir, source = dataset_source(cfg, split)
     inp = cfg.model.input
     transforms = build_transforms(inp.min_size, inp.max_size, cfg.data.hflip_prob,
                                   train=split == "train")  # fmt: skip
-    dataset = CocoDetection(ann_file, image_dir, transforms)
+    dataset = CocoDetection(ann, image_dir, transforms, source)
     if split == "train" and cfg.data.on_bad_image == "skip":
         return SkipBadImages(dataset, cfg.data.max_bad_fraction)
     return dataset

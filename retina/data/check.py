@@ -1,4 +1,9 @@
-"""``retina data check``: find what is wrong with a COCO-format dataset before training on it.
+"""``retina data check``: find what is wrong with a dataset before training on it.
+
+A COCO json file is checked as it is; a VOC or YOLO folder is read as COCO (``convert.py``), the
+records it could not read are counted under the first three kinds below, and the COCO dicts of its
+splits are then checked as a json would be, every example naming the xml object or the label
+``file:line`` the box comes from.
 
 This module owns the list of dataset problems and which of them are errors. The rule: an
 **error** stops training or silently corrupts it (the loader refuses the json, an image fails to
@@ -7,6 +12,10 @@ handles in a defined way (drops or clips the box, keeps the image as a negative)
 worth a look.
 
 Errors:
+- ``malformed_label``: a VOC xml that does not parse or lacks a field (names the file, and the
+  line or object), a YOLO label line of the wrong length or with a non-number (``file:line``)
+- ``missing_annotation``: a VOC image id listed in a split file without its xml
+- ``unknown_class``: a VOC object name outside ``data.classes``; a YOLO class id outside 0..K-1
 - ``bad_record``: an image without id, file_name or positive integer height / width; an
   annotation without id, image_id, category_id or a 4-number bbox; a category without id
 - ``duplicate_image_id``, ``duplicate_annotation_id``, ``duplicate_category_id``: an id used by
@@ -41,16 +50,20 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 from PIL import Image
 
 from retina.data.coco import load_coco_json
+from retina.data.convert import read_folder
 
 ERROR, WARNING = "error", "warning"
 
 # kind -> (severity, title), in report order
 KINDS: dict[str, tuple[str, str]] = {
+    "malformed_label": (ERROR, "malformed annotation files or label lines"),
+    "missing_annotation": (ERROR, "listed images without their annotation file"),
+    "unknown_class": (ERROR, "objects of unknown classes"),
     "bad_record": (ERROR, "malformed image or annotation records"),
     "duplicate_image_id": (ERROR, "duplicate image ids"),
     "duplicate_annotation_id": (ERROR, "duplicate annotation ids"),
@@ -88,6 +101,7 @@ class CheckReport:
     num_annotations: int
     num_categories: int
     findings: dict[str, Finding]  # every kind of KINDS, in that order, count 0 included
+    description: str = ""  # what was checked, when not a json file (a folder's one-line summary)
 
     def count(self, kind: str) -> int:
         return self.findings[kind].count
@@ -170,9 +184,10 @@ def _check_image_records(images: list, out: _Collector) -> dict[Any, dict]:
     return by_id
 
 
-def _check_box(ann: dict, img: Optional[dict], out: _Collector) -> None:
+def _check_box(ann: dict, img: Optional[dict], out: _Collector, origin: Optional[str] = None) -> None:
     x, y, w, h = ann["bbox"]
-    where = f"annotation {ann['id']!r} (image {ann['image_id']!r}): bbox {ann['bbox']}"
+    name = origin or f"annotation {ann['id']!r} (image {ann['image_id']!r})"
+    where = f"{name}: bbox {ann['bbox']}"
     if not all(math.isfinite(v) for v in (x, y, w, h)):
         out.add("nonfinite_box", where)
         return
@@ -190,8 +205,10 @@ def _check_box(ann: dict, img: Optional[dict], out: _Collector) -> None:
         out.add("box_partly_outside", f"{where}, image {width}x{height} (WxH)")
 
 
-def _check_annotations(anns: list, images: dict, cat_ids: set, out: _Collector) -> set:
-    """Reports annotation problems; returns the image ids that have at least one annotation."""
+def _check_annotations(anns: list, images: dict, cat_ids: set, out: _Collector,
+                       origins: Optional[dict] = None) -> set:  # fmt: skip
+    """Reports annotation problems; returns the image ids that have at least one annotation.
+    ``origins`` (annotation id -> where it is written) names the boxes of a VOC / YOLO folder."""
     annotated = set()
     for i, ann in enumerate(anns):
         if not isinstance(ann, dict):
@@ -213,7 +230,7 @@ def _check_annotations(anns: list, images: dict, cat_ids: set, out: _Collector) 
         if ann["category_id"] not in cat_ids:
             out.add("unknown_category", f"annotation {ann['id']!r} (image {ann['image_id']!r}): "
                                         f"category_id {ann['category_id']!r}")  # fmt: skip
-        _check_box(ann, img, out)
+        _check_box(ann, img, out, (origins or {}).get(ann["id"]))
     _duplicates((a["id"] for a in anns if isinstance(a, dict) and _is_id(a.get("id"))),
                 "duplicate_annotation_id", "annotation", out)  # fmt: skip
     return annotated
@@ -236,8 +253,8 @@ def inspect_image(path: Path, decode: bool = True) -> tuple[str, str, Optional[t
     return "ok", "", size
 
 
-def _check_files(images: list, image_dir: Path, out: _Collector, decode: bool,
-                 workers: int, progress: bool) -> None:  # fmt: skip
+def _check_files(images: list, image_dir: Path, out: _Collector, decode: bool, workers: int,
+                 progress: bool, said_by: str = "the json") -> None:  # fmt: skip
     records = [img for img in images
                if isinstance(img, dict) and isinstance(img.get("file_name"), str)]
     paths = [image_dir / img["file_name"] for img in records]
@@ -254,7 +271,7 @@ def _check_files(images: list, image_dir: Path, out: _Collector, decode: bool,
             elif status == "unreadable":
                 out.add("unreadable_image", f"{where}: {reason}")
             elif _has_size(img) and size != (img["width"], img["height"]):
-                out.add("size_mismatch", f"{where} is {size[0]}x{size[1]} (WxH), the json says "
+                out.add("size_mismatch", f"{where} is {size[0]}x{size[1]} (WxH), {said_by} says "
                                          f"{img['width']}x{img['height']}")  # fmt: skip
 
 
@@ -277,29 +294,62 @@ def check_dataset(ann_file: str | Path, image_dir: str | Path, max_examples: int
     data = load_coco_json(ann_file)
     if not isinstance(data.get("images"), list):
         raise ValueError(f"{ann_file}: no 'images' list; is this a COCO annotation file?")
+    out = _Collector(max_examples)
+    sizes = _check_coco(data, ann_file, image_dir, out, decode, workers, progress)
+    return CheckReport(ann_file, image_dir, *sizes, out.findings)
+
+
+def _check_coco(data: dict, ann_file: Path, image_dir: Path, out: _Collector, decode: bool,
+                workers: Optional[int], progress: bool, origins: Optional[dict] = None,
+                said_by: str = "the json") -> tuple[int, int, int]:  # fmt: skip
+    """Every problem of one COCO dict (``ann_file`` names it in messages) into ``out``;
+    (images, annotations, categories) counted."""
     images = data["images"]
     anns, cats = _records(data, "annotations", ann_file), _records(data, "categories", ann_file)
-    out = _Collector(max_examples)
-
     by_id = _check_image_records(images, out)
     for i, cat in enumerate(cats):
         if not (isinstance(cat, dict) and _is_id(cat.get("id"))):
             out.add("bad_record", f"categories[{i}]: missing or invalid id")
     cat_ids = [c["id"] for c in cats if isinstance(c, dict) and _is_id(c.get("id"))]
     _duplicates(cat_ids, "duplicate_category_id", "category", out)
-    annotated = _check_annotations(anns, by_id, set(cat_ids), out)
+    annotated = _check_annotations(anns, by_id, set(cat_ids), out, origins)
     for image_id, img in by_id.items():
         if image_id not in annotated:
             out.add("image_without_annotations", f"image {image_id!r}: {img.get('file_name')}")
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    _check_files(images, image_dir, out, decode, workers, progress)
-    return CheckReport(ann_file, image_dir, len(images), len(anns), len(cats), out.findings)
+    _check_files(images, image_dir, out, decode, workers, progress, said_by)
+    return len(images), len(anns), len(cats)
+
+
+def check_folder(root: str | Path, fmt: Literal["auto", "voc", "yolo"] = "auto",
+                 splits: Sequence[str] = ("train", "val"), classes: Sequence[str] = (),
+                 keep_difficult: bool = False, max_examples: int = 5, *, decode: bool = True,
+                 workers: Optional[int] = None, progress: bool = False) -> CheckReport:  # fmt: skip
+    """Every problem of the ``splits`` of a VOC or YOLO folder (``fmt`` "auto": detected),
+    counted over all of them; arguments as ``read_folder`` and ``check_dataset``.
+
+    Raises:
+        FileNotFoundError / ValueError: one line, when the folder cannot be read at all.
+    """
+    folder = read_folder(root, fmt, splits, classes, keep_difficult)
+    out = _Collector(max_examples)
+    for problem in folder.problems:
+        out.add(problem.kind, problem.where)
+    totals = [0, 0, len(folder.class_names)]
+    for split, data in folder.splits.items():
+        n_images, n_anns, _ = _check_coco(data, folder.root, folder.image_dirs[split], out, decode,
+                                          workers, progress, folder.origins[split], "its annotation")
+        totals[0] += n_images
+        totals[1] += n_anns
+    image_dir = next(iter(folder.image_dirs.values()), folder.root)
+    return CheckReport(folder.root, image_dir, *totals, out.findings,
+                       description=folder.summary(detected=fmt == "auto"))
 
 
 def format_report(report: CheckReport) -> str:
     """Human-readable report: a summary line, then each kind found with its first examples."""
-    lines = [f"checked {report.ann_file} with images in {report.image_dir}: "
-             f"{report.num_images} images, {report.num_annotations} annotations, "
+    what = report.description or f"{report.ann_file} with images in {report.image_dir}"
+    lines = [f"checked {what}: {report.num_images} images, {report.num_annotations} annotations, "
              f"{report.num_categories} categories"]  # fmt: skip
     for finding in report.errors + report.warnings:
         lines.append(f"{finding.severity.upper():8s}{finding.count:>7d}  {finding.title} "
@@ -317,14 +367,22 @@ def format_report(report: CheckReport) -> str:
     return "\n".join(lines)
 
 
-def data_check_cli(ann: str | Path, images: str | Path) -> int:
-    """``retina data check --ann A.json --images DIR``: print the report; the exit status.
+def data_check_cli(ann: Optional[str | Path] = None, images: Optional[str | Path] = None, *,
+                   root: Optional[str | Path] = None, fmt: Literal["auto", "voc", "yolo"] = "auto",
+                   splits: Sequence[str] = ("train", "val"), classes: Sequence[str] = (),
+                   keep_difficult: bool = False) -> int:  # fmt: skip
+    """``retina data check --ann A.json --images DIR`` or ``retina data check --root DIR
+    [--format voc|yolo]``: print the report; the exit status.
 
     1 when errors were found, 0 for warnings only or none; 2 (with one line on stderr) when the
-    json or the image folder cannot be read at all.
+    json, the folder or the image folder cannot be read at all.
     """
     try:
-        report = check_dataset(ann, images, progress=sys.stderr.isatty())
+        if root is not None:
+            report = check_folder(root, fmt, splits, classes, keep_difficult,
+                                  progress=sys.stderr.isatty())  # fmt: skip
+        else:
+            report = check_dataset(ann, images, progress=sys.stderr.isatty())
     except (FileNotFoundError, ValueError) as e:
         print(f"retina: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -79,8 +79,12 @@ def load_coco_json(ann_file: Path) -> dict:
 class CocoDetection(Dataset):
     """Images and targets of one COCO annotation file.
 
+    ``ann_file`` is a COCO json file, or the same content as a dict (a VOC or YOLO folder read by
+    ``retina/data/convert.py``); ``source`` then names it in messages.
+
     Attributes:
         coco: the pycocotools ``COCO`` index (ground truth for evaluation).
+        source: where the annotations come from (the json's path, or ``source``).
         ids: sorted image ids; images without annotations are kept (valid negatives).
         cat_ids: K sorted category ids; label ``k`` is category ``cat_ids[k]``.
         class_names: K names, in ``cat_ids`` order.
@@ -93,15 +97,17 @@ class CocoDetection(Dataset):
     (M,), ``image_id`` int, ``orig_size`` (H, W) before any transform.
     """
 
-    def __init__(self, ann_file: str | Path, image_dir: str | Path,
-                 transforms: Optional[Transform] = None) -> None:  # fmt: skip
-        ann_file, image_dir = Path(ann_file), Path(image_dir)
-        if not ann_file.is_file():
-            raise MissingFileError(f"annotation file not found: {ann_file}")
+    def __init__(self, ann_file: str | Path | dict, image_dir: str | Path,
+                 transforms: Optional[Transform] = None, source: Optional[str] = None) -> None:  # fmt: skip
+        image_dir = Path(image_dir)
+        self.ann_file = None if isinstance(ann_file, dict) else Path(ann_file)
+        self.source = str(self.ann_file) if self.ann_file is not None else source or "<COCO dict>"
+        if self.ann_file is not None and not self.ann_file.is_file():
+            raise MissingFileError(f"annotation file not found: {self.ann_file}")
         if not image_dir.is_dir():
             raise MissingFileError(f"image directory not found: {image_dir}")
-        data = load_coco_json(ann_file)
-        self.ann_file, self.image_dir, self.transforms = ann_file, image_dir, transforms
+        data = ann_file if self.ann_file is None else load_coco_json(self.ann_file)
+        self.image_dir, self.transforms = image_dir, transforms
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -119,7 +125,7 @@ class CocoDetection(Dataset):
         for a in anns:
             if a.get("category_id") not in cat_index:
                 raise InputError(
-                    f"{self.ann_file}: annotation {a.get('id')} has category_id "
+                    f"{self.source}: annotation {a.get('id')} has category_id "
                     f"{a.get('category_id')!r}, not among the categories {self.cat_ids}"
                 )
         try:
@@ -127,7 +133,7 @@ class CocoDetection(Dataset):
                               for i in self.ids], dtype=np.float64).reshape(len(self.ids), 2)
             xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(len(anns), 4)
         except (KeyError, ValueError, TypeError) as e:
-            raise InputError(f"{self.ann_file}: every image needs height/width and every "
+            raise InputError(f"{self.source}: every image needs height/width and every "
                              f"annotation a 4-number bbox ({type(e).__name__}: {e})") from None
         counts = np.array([len(self.coco.imgToAnns.get(i, [])) for i in self.ids], dtype=np.int64)
         image_of_ann = np.repeat(np.arange(len(self.ids)), counts)  # (A,) row into sizes
@@ -177,7 +183,7 @@ class CocoDetection(Dataset):
         height, width = (int(v) for v in self._sizes[index])
         if tuple(image.shape[-2:]) != (height, width):
             raise BadImageError.of(path, image_id, f"it is {image.shape[-2]}x{image.shape[-1]} "
-                                   f"but {self.ann_file} says {height}x{width} (HxW)")  # fmt: skip
+                                   f"but {self.source} says {height}x{width} (HxW)")  # fmt: skip
         return image
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:

@@ -1,0 +1,82 @@
+"""VOC and YOLO folders as COCO: in memory for training (``read_folder``), as json files for users
+who want them (``convert_folder``, ``retina data convert``).
+
+Both paths produce the same dicts (conventions in ``formats.py``), so a converted json loaded with
+``data.format: coco`` gives the same targets and the same evaluation as the folder itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Sequence
+
+from retina.data.formats import FolderData, detect_format
+from retina.data.voc import read_voc
+from retina.data.yolo import read_yolo
+from retina.errors import InputError, MissingFileError
+
+
+def read_folder(root: str | Path, fmt: Literal["auto", "voc", "yolo"], splits: Sequence[str],
+                classes: Sequence[str] = (), keep_difficult: bool = False) -> FolderData:  # fmt: skip
+    """The ``splits`` of a VOC or YOLO folder; ``fmt`` "auto" detects which (``detect_format``).
+
+    ``classes`` (VOC only: YOLO's names are in its data.yaml) and ``keep_difficult`` (VOC's
+    difficult objects as boxes rather than ignore regions) as in ``read_voc``. Problems are
+    collected in ``FolderData.problems``, not raised.
+
+    Raises:
+        InputError / MissingFileError: one line, when the folder is not of that layout.
+    """
+    root = Path(root)
+    found = detect_format(root) if fmt == "auto" else fmt
+    if found == "voc":
+        return read_voc(root, splits, classes, keep_difficult)
+    if found == "yolo":
+        if classes:
+            raise InputError(f"{root}: data.classes is read for VOC folders only; a YOLO folder's "
+                             "class names are the 'names' of its data.yaml")  # fmt: skip
+        return read_yolo(root, splits)
+    if not root.exists():
+        raise MissingFileError(f"{root} not found")
+    raise InputError(f"{root}: neither a VOC folder (Annotations/ and JPEGImages/) nor a YOLO one "
+                     "(data.yaml); COCO json is read with data.format=coco and data.train_ann / "
+                     "data.val_ann (retina data check --ann A.json --images DIR)")  # fmt: skip
+
+
+def convert_folder(folder: FolderData, out_dir: str | Path) -> list[Path]:
+    """Write ``out_dir/instances_<split>.json`` for every split of ``folder``; their paths.
+
+    Refuses (``InputError``, the first problem) a folder with problems: a json silently missing
+    some images or boxes would look complete.
+    """
+    folder.raise_on_problems()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, data in folder.splits.items():
+        path = out_dir / f"instances_{split}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, allow_nan=False))  # readers never see half a file
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def data_convert_cli(root: str | Path, fmt: Literal["auto", "voc", "yolo"], out_dir: str | Path,
+                     splits: Sequence[str], classes: Sequence[str] = (),
+                     keep_difficult: bool = False) -> int:  # fmt: skip
+    """``retina data convert --from voc|yolo --to coco --root DIR --out OUT``: write the json
+    files, print what was written and the config keys that train on them; exit status 0."""
+    folder = read_folder(root, fmt, splits, classes, keep_difficult)
+    paths = convert_folder(folder, out_dir)
+    print(folder.summary(detected=fmt == "auto"))
+    for path, (split, data) in zip(paths, folder.splits.items()):
+        print(f"wrote {path}: {len(data['images'])} images, {len(data['annotations'])} annotations, "
+              f"{len(data['categories'])} categories; images in {folder.image_dirs[split]}")
+    if len(paths) == 2:  # (train, val), as the config names them
+        keys = [f"data.root={Path(out_dir)}", "data.format=coco"]
+        for key, path, split in zip(("train", "val"), paths, folder.splits):
+            keys += [f"data.{key}_ann={path.name}", f"data.{key}_images={folder.image_dirs[split].resolve()}"]
+        print("train on them with: --set " + " ".join(keys))
+    return 0
