@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from retina.cli import main
 from retina.config import dump_config
@@ -74,12 +73,16 @@ def test_pretrained_config_counts_frozen_stages(tiny):
     cfg, random_init = tiny
     # A pretrained backbone (never loaded for counting) brings FrozenBatchNorm, whose affine
     # values are buffers, and freezes the stem and res2 (freeze_at = 2).
-    pretrained = model_for_counting(with_changes(cfg, model={"backbone": {"weights": "missing-on-purpose.pth"}}))
+    pretrained_cfg = with_changes(cfg, model={"backbone": {"weights": "missing-on-purpose.pth"}})
+    pretrained = model_for_counting(pretrained_cfg)
     counts = count_parameters(pretrained)
-    # ResNet-18 BatchNorm parameters: 2 per channel of every BN layer, which FrozenBN drops:
-    bn = sum(m.weight.numel() + m.bias.numel() for m in random_init.backbone.modules()
-             if isinstance(m, torch.nn.BatchNorm2d))
-    assert counts["by_module"]["backbone"]["total"] == count_parameters(random_init)["by_module"]["backbone"]["total"] - bn
+    # ResNet-18's BatchNorm channels: stem 64; res2 4 x 64; res3 4 x 128 + 128 (downsample);
+    # res4 4 x 256 + 256; res5 4 x 512 + 512 -> 4800 channels, 2 parameters each, which
+    # FrozenBatchNorm keeps as buffers.
+    bn = 2 * (64 + 4 * 64 + 5 * 128 + 5 * 256 + 5 * 512)
+    assert bn == 9600
+    random_backbone = count_parameters(random_init)["by_module"]["backbone"]["total"]
+    assert counts["by_module"]["backbone"]["total"] == random_backbone - bn
     # Frozen: stem conv 3 * 64 * 7 * 7 = 9408, res2 = 2 blocks x 2 convs of 64 * 64 * 9 = 147456
     assert counts["total"] - counts["trainable"] == 3 * 64 * 49 + 4 * 64 * 64 * 9 == 156_864
 

@@ -25,7 +25,8 @@ def _pyplot():
 def plot_pr_curves(path: Path, recall: np.ndarray, curves: dict[float, np.ndarray],
                    class_names: Sequence[str], f1_points: Sequence[Optional[dict]]) -> None:
     """One panel per class: precision (K, R) against recall (R,) for each IoU of ``curves``
-    (solid .5, dashed .75), the class's AP in the legend and its F1-best operating point."""
+    (solid .5, dashed .75), the class's AP in the legend and its F1-best operating point (exact
+    precision and recall at that score, so on or below the interpolated curve)."""
     plt = _pyplot()
     k = len(class_names)
     cols = k if k <= 4 else math.ceil(math.sqrt(k))

@@ -127,10 +127,11 @@ def analyze_errors(coco_gt: COCO, results: list[dict], out_dir: str | Path,
     by_size = cb.ap_by_size(coco_eval)
     by_count = cb.ap_by_num_objects(coco_gt, results, image_ids, cat_ids)
     labels = class_names + ["background"]
+    analysed = set(image_ids)
     summary = {
         "source": source,
         "num_images": len(image_ids), "num_gt": int(sum(counts.values())),
-        "num_detections": sum(1 for r in results if int(r["image_id"]) in set(image_ids)),
+        "num_detections": sum(1 for r in results if int(r["image_id"]) in analysed),
         "metrics": {name: (float(v) * 100 if v >= 0 else None)
                     for name, v in zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), coco_eval.stats)},
         "per_class": _per_class(coco_eval, class_names, f1_per_class),
