@@ -66,9 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="detect objects in image files; write drawn images + JSON")
     _add_weights_args(p)
-    p.add_argument("--input", "-i", required=True, help="an image file or a directory of images")
+    p.add_argument("--input", "-i", required=True, nargs="+", metavar="PATH",
+                   help="image files, directories (their .jpg/.jpeg/.png/.bmp) and quoted globs, "
+                        "e.g. a.jpg photos/ 'shots/**/*.png'")
     p.add_argument("--out", "-o", default="predictions", help="output directory")
-    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--score-thresh", type=float, default=0.3,
+                   help="detections scoring lower are neither drawn nor written (default: 0.3; "
+                        "the model itself keeps those above model.inference.score_thresh)")
 
     p = sub.add_parser("ablate", help="train + evaluate a grid of configs; tables and plots")
     p.add_argument("--config", "-c", help="base config (a path or a bundled config's name)")
@@ -161,8 +165,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from retina.engine.predict import list_images, predict_paths
 
+    paths = list_images(args.input)  # before loading the model: a wrong path fails at once
     model, _, class_names, cat_ids, device = _load(args)
-    paths = list_images(Path(args.input))
     out = Path(args.out)
     dets = predict_paths(model, paths, out, class_names, cat_ids, device, args.score_thresh)
     print(f"{len(dets)} detections in {len(paths)} images -> {out / 'detections.json'}")

@@ -175,7 +175,7 @@ class FakeDataset:
 
 
 class FakeModel(nn.Module):
-    """Returns ``outputs[i]`` for an image filled with value i / 255; records its inputs."""
+    """Returns ``outputs[i]`` for an image filled with value i; records its inputs."""
 
     def __init__(self, outputs: list[dict]):
         super().__init__()
@@ -184,7 +184,7 @@ class FakeModel(nn.Module):
 
     def forward(self, images: list[torch.Tensor]) -> list[dict]:
         self.seen += [(im.dtype, float(im.max()), self.training) for im in images]
-        return [self.outputs[round(float(im[0, 0, 0]) * 255)] for im in images]
+        return [self.outputs[int(im[0, 0, 0])] for im in images]
 
 
 def test_evaluate_end_to_end_writes_files_and_restores_mode(tmp_path: Path):
@@ -206,11 +206,9 @@ def test_evaluate_end_to_end_writes_files_and_restores_mode(tmp_path: Path):
                  num_workers=0)  # fmt: skip
     assert m["AP"] == pytest.approx(100 * (4 * 1 + 6 * 51 / 101) / 10)
     assert model.training  # mode restored
-    # images reached the model as float in [0, 1] (image 1 filled with 1 -> 1/255), in eval mode
-    assert model.seen == [
-        (torch.float32, 0.0, False),
-        (torch.float32, pytest.approx(1 / 255), False),
-    ]
+    # images reached the model as the dataset gives them, uint8 (image 1 filled with 1), in eval
+    # mode: the model converts them itself
+    assert model.seen == [(torch.uint8, 0.0, False), (torch.uint8, 1.0, False)]
     dets = json.loads((tmp_path / "detections.json").read_text())
     assert dets == [
         {"image_id": 10, "category_id": 5, "bbox": [0.0, 0.0, 100.0, 100.0],

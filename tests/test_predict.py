@@ -1,4 +1,5 @@
-"""Tests for retina.engine.predict: listing inputs, detections.json, drawn images, errors."""
+"""Tests for retina.engine.predict: listing inputs (files, folders, globs), detections.json,
+drawn images, errors."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image, write_png
 
-from retina.engine.predict import list_images, predict_paths, read_image
+from retina.data.coco import read_image
+from retina.engine.predict import list_images, predict_paths
 
 
 class FixedModel(nn.Module):
@@ -36,7 +37,7 @@ class FixedModel(nn.Module):
 
 
 def gray_png(path: Path, h: int, w: int, value: int = 128) -> None:
-    write_png(torch.full((3, h, w), value, dtype=torch.uint8), str(path))
+    Image.fromarray(np.full((h, w, 3), value, dtype=np.uint8)).save(path)
 
 
 def test_list_images_file_dir_and_errors(tmp_path: Path):
@@ -70,18 +71,19 @@ def test_predict_writes_json_and_drawn_images(tmp_path: Path):
     ]
     assert dets == expected
     assert json.loads((out / "detections.json").read_text()) == expected
-    # inputs reached the model as float [0, 1]: 255 -> 1.0, 128 -> 128/255
-    assert model.seen == [(torch.float32, (3, 40, 50), pytest.approx(128 / 255)),
-                          (torch.float32, (3, 32, 32), 1.0)]  # fmt: skip
-    drawn = decode_image(str(out / "one.jpg"), mode=ImageReadMode.RGB)
+    # inputs reached the model as decoded, uint8 (the model converts them itself)
+    assert model.seen == [(torch.uint8, (3, 40, 50), 128.0), (torch.uint8, (3, 32, 32), 255.0)]
+    drawn = read_image(out / "one.jpg")
     assert drawn.shape == (3, 40, 50)
     # label 1 is drawn in palette colour (60, 180, 75): green well above red along the box's left
     # edge x = 4, y = 6..30; the gray background has G == R. JPEG smears a 1-px line, hence the
     # margin (ideal G - R = 180 - 60 = 120; > 30 is asked).
     edge = drawn[:, 8:28, 4].float().mean(dim=1)  # (3,) mean RGB along the edge
     assert edge[1] - edge[0] > 30
-    far = drawn[:, 38, 48].int()  # far from the box: still gray 128
-    assert (far - 128).abs().max() < 10
+    # the box's inside and a corner far from box and label (which goes below the box: no room
+    # above it) stay gray 128
+    for y, x in [(18, 12), (2, 45)]:
+        assert (drawn[:, y, x].int() - 128).abs().max() < 10
     assert (out / "two.jpg").is_file()
 
 
@@ -93,8 +95,8 @@ def test_predict_unreadable_image_names_file(tmp_path: Path):
     assert "\n" not in str(info.value)  # one line
 
 
-def test_read_image_bmp_falls_back_to_pil(tmp_path: Path):
-    # torchvision.io cannot decode BMP; read_image must still give uint8 RGB (3, H, W)
+def test_read_image_bmp(tmp_path: Path):
+    # the datasets' decoder (PIL) reads BMP too: uint8 RGB (3, H, W)
     array = np.zeros((5, 7, 3), dtype=np.uint8)
     array[2, 3] = (10, 20, 30)
     Image.fromarray(array).save(tmp_path / "x.bmp")
@@ -109,3 +111,76 @@ def test_predict_refuses_to_overwrite_input(tmp_path: Path):
     with pytest.raises(ValueError, match="overwrite"):
         predict_paths(FixedModel(), [jpg], tmp_path, ["a", "b"], [1, 2], "cpu")
     assert json.dumps(read_image(jpg).shape) == "[3, 8, 8]"  # input untouched
+
+
+# ------------------------------------------------------------------- several inputs and globs
+def image_tree(root: Path) -> Path:
+    """root/a.jpg, root/d1/{b.png, notes.txt}, root/d2/{b.png, e.JPG}, root/deep/x/y.png."""
+    for rel in ["a.jpg", "d1/b.png", "d1/notes.txt", "d2/b.png", "d2/e.JPG", "deep/x/y.png"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    return root
+
+
+def test_list_images_several_paths_and_globs_in_order_once(tmp_path: Path):
+    r = image_tree(tmp_path)
+    # a file, a glob of files, a directory, a recursive glob, the first file again (kept once)
+    found = list_images([r / "a.jpg", f"{r}/d1/*", r / "d2", f"{r}/**/y.png", str(r / "a.jpg")])
+    assert found == [r / "a.jpg", r / "d1/b.png", r / "d2/b.png", r / "d2/e.JPG", r / "deep/x/y.png"]
+    # a glob matching folders lists each (deep/ holds no image directly: nothing from it)
+    assert list_images(f"{r}/d*") == [r / "d1/b.png", r / "d2/b.png", r / "d2/e.JPG"]
+
+
+def test_list_images_errors_name_the_culprit_in_one_line(tmp_path: Path):
+    r = image_tree(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no file or directory matches .*nothing/\\*.png") as e:
+        list_images([r / "a.jpg", f"{r}/nothing/*.png"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="no .* images in .*d1/\\*.txt"):  # matches, none an image
+        list_images(f"{r}/d1/*.txt")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        list_images([r / "d1", r / "missing.png"])
+
+
+def test_same_names_in_two_folders_get_distinct_outputs_and_records(tmp_path: Path):
+    for folder in ["d1", "d2"]:
+        (tmp_path / folder).mkdir()
+        gray_png(tmp_path / folder / "b.png", 16, 16)
+    gray_png(tmp_path / "d2" / "c.png", 16, 16)
+    paths = list_images([tmp_path / "d1", tmp_path / "d2"])
+    out = tmp_path / "out"
+    dets = predict_paths(FixedModel(), paths, out, ["circle", "square"], [3, 9], "cpu")
+    # both b.png are drawn (a shared stem gets the suffix, a shared name a count); in the JSON
+    # they are told apart by their paths
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["b_png.jpg", "b_png_2.jpg", "c.jpg"]
+    assert [d["file_name"] for d in dets] == [str(tmp_path / "d1/b.png"), str(tmp_path / "d2/b.png"),
+                                              "c.png"]
+
+
+def test_cli_predict_takes_several_inputs(tmp_path: Path, monkeypatch, capsys):
+    from retina import cli
+
+    r = tmp_path / "in"
+    (r / "d").mkdir(parents=True)
+    for rel in ["one.png", "d/two.png", "d/three.png"]:
+        gray_png(r / rel, 20, 24)
+    model = FixedModel()
+    monkeypatch.setattr(cli, "_load", lambda args: (model, None, ["circle", "square"], [3, 9], "cpu"))
+    out = tmp_path / "out"
+    assert cli.main(["predict", "-w", "unused.pth", "--input", str(r / "one.png"), f"{r}/d/t*.png",
+                     "--out", str(out), "--score-thresh", "0.05"]) == 0
+    # 3 images x 2 detections (scores 0.93 and 0.1, both >= 0.05)
+    assert "6 detections in 3 images" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["one.jpg", "three.jpg", "two.jpg"]
+
+
+def test_cli_predict_names_a_path_that_matches_nothing_before_loading(tmp_path: Path, capsys):
+    from retina.cli import main
+
+    gray_png(tmp_path / "a.png", 8, 8)
+    # the weights do not exist either: the inputs are checked first
+    code = main(["predict", "-w", str(tmp_path / "none.pth"), "--input", str(tmp_path),
+                 f"{tmp_path}/nope/*.jpg"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err == f"retina: error: no file or directory matches {tmp_path}/nope/*.jpg"

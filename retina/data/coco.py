@@ -27,6 +27,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.ops import box_convert
 
 from retina.errors import InputError, MissingFileError, RetinaError
 
@@ -37,13 +38,14 @@ Transform = Callable[[Tensor, Target], tuple[Tensor, Target]]
 class BadImageError(RetinaError, RuntimeError):
     """An image file that cannot be used: missing, corrupt or not the size the json says.
 
-    ``str(e)`` is one line, ``bad image PATH (image id ID): REASON``; ``path`` and ``image_id``
-    name the file. A DataLoader worker's exception reaches the main process rebuilt as
-    ``type(e)(formatted_traceback)``; ``__init__`` then recovers the one line (the traceback's
-    last) and ``path`` / ``image_id`` from it, so the main process sees the same error.
+    ``str(e)`` is one line, ``bad image PATH (image id ID): REASON`` (without the id for a file
+    outside a dataset); ``path`` and ``image_id`` name the file. A DataLoader worker's exception
+    reaches the main process rebuilt as ``type(e)(formatted_traceback)``; ``__init__`` then
+    recovers the one line (the traceback's last) and ``path`` / ``image_id`` from it, so the main
+    process sees the same error.
     """
 
-    _FIELDS = re.compile(r"bad image (?P<path>.+?) \(image id (?P<image_id>-?\d+)\): ")
+    _FIELDS = re.compile(r"bad image (?P<path>.+?)(?: \(image id (?P<image_id>-?\d+)\))?: ")
 
     def __init__(self, message: str, path: str | Path | None = None,
                  image_id: int | None = None) -> None:  # fmt: skip
@@ -52,15 +54,41 @@ class BadImageError(RetinaError, RuntimeError):
             message = lines[-1].split(f"{type(self).__name__}: ", 1)[-1]
             found = self._FIELDS.search(message)
             if found is not None:
-                path, image_id = found["path"], int(found["image_id"])
+                path = found["path"]
+                image_id = int(found["image_id"]) if found["image_id"] is not None else None
         super().__init__(message)
         self.path = Path(path) if path is not None else None
         self.image_id = image_id
 
     @classmethod
-    def of(cls, path: Path, image_id: int, reason: str) -> "BadImageError":
+    def of(cls, path: Path, image_id: Optional[int], reason: str) -> "BadImageError":
         reason = " ".join(reason.split())  # one line, whatever the decoder said
-        return cls(f"bad image {path} (image id {image_id}): {reason}", path, image_id)
+        where = "" if image_id is None else f" (image id {image_id})"
+        return cls(f"bad image {path}{where}: {reason}", path, image_id)
+
+
+def read_image(path: str | Path, image_id: Optional[int] = None) -> Tensor:
+    """Decode an image file to uint8 RGB (3, H, W): the one decoder of retina (datasets and
+    ``retina predict``).
+
+    PIL, not torchvision.io (its decoders are deprecated since torchvision 0.29). ``convert``
+    turns grayscale, palette, RGBA (alpha dropped) and CMYK into RGB.
+
+    Raises:
+        BadImageError: the file is missing or cannot be decoded; one line naming it (and
+            ``image_id``, when given).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as pil_image:
+            hwc = np.asarray(pil_image.convert("RGB"))  # (H, W, 3) uint8
+    except FileNotFoundError:
+        raise BadImageError.of(path, image_id, "file not found") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = str(e).strip() or type(e).__name__
+        raise BadImageError.of(path, image_id, f"cannot read it: {reason}") from e
+    # numpy makes the CHW copy: single-threaded, no intra-op thread pool for a tiny copy.
+    return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))  # (3, H, W)
 
 
 def load_coco_json(ann_file: Path) -> dict:
@@ -141,7 +169,8 @@ class CocoDetection(Dataset):
         # Finiteness is tested before clipping, which would turn an infinite width into W.
         finite = np.isfinite(xywh).all(axis=1)  # (A,)
         xywh = np.where(finite[:, None], xywh, 0.0)
-        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # (A, 4)
+        xyxy = box_convert(torch.from_numpy(xywh), "xywh", "xyxy").numpy()  # (A, 4)
+        # clipped to each annotation's own image (clip_boxes_to_image takes one size)
         hw = sizes[image_of_ann]  # (A, 2)
         limits = np.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], axis=1)  # (A, 4) W, H, W, H
         xyxy = np.clip(xyxy, 0, limits)
@@ -168,18 +197,7 @@ class CocoDetection(Dataset):
 
     def _load_image(self, index: int) -> Tensor:
         path, image_id = self.image_path(index), self.ids[index]
-        # PIL, not torchvision.io (its decoders are deprecated since torchvision 0.29). convert:
-        # grayscale, palette, RGBA (alpha dropped) and CMYK all become RGB.
-        try:
-            with Image.open(path) as pil_image:
-                hwc = np.asarray(pil_image.convert("RGB"))  # (H, W, 3) uint8
-        except FileNotFoundError:
-            raise BadImageError.of(path, image_id, "file not found") from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            reason = str(e).strip() or type(e).__name__
-            raise BadImageError.of(path, image_id, f"cannot read it: {reason}") from e
-        # numpy makes the CHW copy: single-threaded, no intra-op thread pool for a tiny copy.
-        image = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))  # (3, H, W)
+        image = read_image(path, image_id)  # (3, H, W) uint8
         height, width = (int(v) for v in self._sizes[index])
         if tuple(image.shape[-2:]) != (height, width):
             raise BadImageError.of(path, image_id, f"it is {image.shape[-2]}x{image.shape[-1]} "

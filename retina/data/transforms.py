@@ -3,9 +3,12 @@
 Built on torchvision.transforms.v2: boxes travel as ``tv_tensors.BoundingBoxes`` so every
 geometric op moves them with the pixels.
 
-Evaluation uses no transform: the model resizes at inference and maps boxes back to the original
-image, whose size each target keeps in ``orig_size``. Randomness comes from torch's global RNG,
-so ``torch.manual_seed`` (and the DataLoader's per-worker seeding) makes it reproducible.
+This is where a training image's size is decided: the shorter side is drawn from ``min_sizes``
+and the image resized by the rule of ``retina.model.resize`` (sides rounded), which the model
+then keeps as it is. Every draw uses torch's RNG, which the training sample stream
+(``retina.engine.sampler.SeededDataset``) seeds per sample, so a resumed run draws the same
+flips and sizes. Evaluation uses no transform: the model resizes at inference and maps boxes
+back to the original image, whose size each target keeps in ``orig_size``.
 
 Shape legend: M ground-truth boxes of one image.
 """
@@ -19,6 +22,8 @@ import torch
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
+
+from retina.model.resize import resized_size
 
 Target = dict[str, Any]
 Transform = Callable[[Tensor, Target], tuple[Tensor, Target]]
@@ -34,22 +39,13 @@ def hflip(image: Tensor, target: Target) -> tuple[Tensor, Target]:
     return TF.horizontal_flip(image), {**target, "boxes": boxes.as_subclass(Tensor)}
 
 
-def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
-    """Scale bringing the shorter side to ``min_size`` unless the longer would pass ``max_size``.
-
-    The same rule as the model's own resize, so the model keeps images resized here as they are.
-    """
-    return min(min_size / min(height, width), max_size / max(height, width))
-
-
 def resize(image: Tensor, target: Target, min_size: int, max_size: int) -> tuple[Tensor, Target]:
-    """Resize a uint8 (3, H, W) image (bilinear) by ``resize_scale``, rounded to whole pixels;
-    boxes scaled by the same per-axis factors. A scale within 1e-3 of 1 leaves both untouched."""
+    """Resize a uint8 (3, H, W) image (bilinear) to ``resized_size`` (sides rounded); boxes scaled
+    by the same per-axis factors. An unchanged size (a scale within 1e-3 of 1) leaves both as they are."""
     height, width = image.shape[-2:]
-    scale = resize_scale(height, width, min_size, max_size)
-    if abs(scale - 1) < 1e-3:
+    size = list(resized_size(height, width, min_size, max_size))
+    if size == [height, width]:
         return image, target
-    size = [round(height * scale), round(width * scale)]
     boxes = TF.resize(_boxes(image, target), size)  # scaled per axis by new / old size
     image = TF.resize(image, size, antialias=False)  # (3, H', W') uint8, bilinear
     return image, {**target, "boxes": boxes.as_subclass(Tensor)}

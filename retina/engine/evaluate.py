@@ -25,6 +25,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import box_convert
 from tqdm import tqdm
 
 from retina.errors import RetinaError
@@ -92,7 +93,7 @@ def to_coco_results(
         boxes = out["boxes"].detach().to("cpu", torch.float64)  # (D, 4)
         if boxes.numel() == 0:
             continue
-        boxes_xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)  # (D, 4)
+        boxes_xywh = box_convert(boxes, "xyxy", "xywh")  # (D, 4)
         boxes_xywh = torch.round(boxes_xywh * 100) / 100
         scores = out["scores"].detach().to("cpu", torch.float64).tolist()
         category_ids = cat_id_table[out["labels"].detach().cpu().long()].tolist()
@@ -253,8 +254,9 @@ def inference(
 ) -> tuple[list[dict[str, Tensor]], list[int]]:
     """Run ``model`` in eval mode over ``dataset`` in order.
 
-    Images (uint8 (3, H, W)) become float in [0, 1] on ``device``; ``amp_dtype`` (e.g.
-    ``torch.bfloat16``) enables autocast. The model's train/eval mode is restored afterwards.
+    Images (uint8 (3, H, W)) go to ``device`` as they are (the model converts them);
+    ``amp_dtype`` (e.g. ``torch.bfloat16``) enables autocast. The model's train/eval mode is
+    restored afterwards.
 
     Returns:
         N outputs (``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,), on the CPU) and the N
@@ -277,7 +279,7 @@ def inference(
     try:
         with torch.inference_mode():
             for batch in tqdm(loader, desc="inference", disable=not show, leave=False):
-                images = [img.to(device, non_blocking=True).float().div_(255) for img, _ in batch]
+                images = [img.to(device, non_blocking=True) for img, _ in batch]  # uint8
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     batch_out = model(images)
                 outputs.extend(_outputs_to_cpu(o) for o in batch_out)

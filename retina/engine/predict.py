@@ -2,107 +2,98 @@
 
 This module owns the prediction outputs: ``out_dir/detections.json`` (a list of ``{"file_name",
 "bbox": [x, y, w, h], "score", "category_id", "category_name"}``) and ``out_dir/<stem>.jpg``
-with boxes, class names and scores drawn.
+with boxes, class names and scores drawn (``retina.viz``). Images are decoded by the datasets'
+own ``read_image`` and reach the model as uint8, as in evaluation.
 
 Shape legend: D detections of one image, K classes.
 """
 
 from __future__ import annotations
 
+import glob
+from collections import Counter
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.io import ImageReadMode, decode_image, write_jpeg
-from torchvision.utils import draw_bounding_boxes
+from torchvision.ops import box_convert
 
+from retina.data.coco import read_image
 from retina.engine.evaluate import write_json
 from retina.errors import InputError, MissingFileError
+from retina.viz import draw_detections, write_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
-# Distinct colours for drawn boxes, indexed by contiguous label modulo its length.
-_PALETTE = [
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
-    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
-]  # fmt: skip
 
-
-def list_images(input: Path) -> list[Path]:
-    """The images to predict on: ``input`` itself when it is a file, else every
-    .jpg/.jpeg/.png/.bmp directly inside the directory ``input`` (case-insensitive), sorted.
+def list_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The images to predict on, in the order given, each once: a file is taken as it is, a
+    directory gives every .jpg/.jpeg/.png/.bmp directly inside it (case-insensitive, sorted), a
+    glob pattern (``*``, ``?``, ``[``; ``**`` recurses) gives its matches, sorted, files with those
+    suffixes and directories as above.
 
     Raises:
-        MissingFileError: ``input`` does not exist.
-        InputError: the directory holds no such image.
+        MissingFileError: a path that does not exist, or a pattern that matches nothing
+            (one line naming it).
+        InputError: a directory or pattern that holds no image.
     """
-    input = Path(input)
-    if not input.exists():
-        raise MissingFileError(f"no such file or directory: {input}")
-    if input.is_file():
-        return [input]
-    paths = sorted(
-        p for p in input.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    found: dict[Path, None] = {}  # ordered set
+    for item in inputs:
+        found.update(dict.fromkeys(_expand(str(item))))
+    return list(found)
+
+
+def _expand(item: str) -> list[Path]:
+    """The images one ``--input`` item names (see ``list_images``)."""
+    if glob.has_magic(item):
+        matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))]
+        if not matches:
+            raise MissingFileError(f"no file or directory matches {item}")
+        paths = [p for m in matches for p in ([m] if _is_image_file(m) else _images_in(m))]
+    else:
+        path = Path(item)
+        if not path.exists():
+            raise MissingFileError(f"no such file or directory: {item}")
+        if path.is_file():
+            return [path]
+        paths = _images_in(path)
     if not paths:
-        raise InputError(f"no {'/'.join(IMAGE_SUFFIXES)} images in directory {input}")
+        raise InputError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {item}")
     return paths
 
 
-def read_image(path: Path) -> Tensor:
-    """Read an image file as uint8 RGB (3, H, W).
-
-    torchvision.io decodes JPEG/PNG/WEBP/GIF; other formats (BMP) fall back to PIL.
-
-    Raises:
-        RuntimeError: one line naming the file when neither can decode it.
-    """
-    try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError):
-        pass
-    try:
-        import numpy as np
-        from PIL import Image
-
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB")).copy()  # (H, W, 3)
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
-    except Exception:  # PIL raises many types for corrupt files
-        raise RuntimeError(f"cannot read image {path}: not a decodable image file") from None
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def draw_detections(
-    image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor, class_names: list[str]
-) -> Tensor:
-    """Draw boxes (D, 4) XYXY with ``"<class> <score>"`` captions on uint8 ``image`` (3, H, W).
-
-    Returns a new uint8 (3, H, W) image.
-    """
-    if boxes.numel() == 0:
-        return image.clone()
-    h, w = image.shape[-2:]
-    boxes = boxes.float().clone()  # (D, 4)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w - 1)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h - 1)
-    # draw_bounding_boxes refuses x2 < x1; a degenerate box is drawn as a line instead.
-    boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2])
-    label_list = labels.tolist()
-    captions = [f"{class_names[c]} {s:.2f}" for c, s in zip(label_list, scores.tolist())]
-    colors = [_PALETTE[c % len(_PALETTE)] for c in label_list]
-    width = max(1, round(min(h, w) / 250))
-    return draw_bounding_boxes(image, boxes, labels=captions, colors=colors, width=width)
+def _images_in(directory: Path) -> list[Path]:
+    """The images directly inside ``directory``, sorted; [] for anything but a directory."""
+    return sorted(p for p in directory.iterdir() if _is_image_file(p)) if directory.is_dir() else []
 
 
 def _output_names(paths: list[Path]) -> list[str]:
-    """``<stem>.jpg`` per input; ``<stem>_<ext>.jpg`` when two inputs share a stem."""
-    stems = [p.stem for p in paths]
-    return [
-        f"{p.stem}_{p.suffix.lstrip('.')}.jpg" if stems.count(p.stem) > 1 else f"{p.stem}.jpg"
-        for p in paths
-    ]
+    """``<stem>.jpg`` per input; ``<stem>_<ext>.jpg`` when two inputs share a stem; then
+    ``_2``, ``_3``, ... for inputs of the same name in different folders."""
+    stems = Counter(p.stem for p in paths)
+    names: list[str] = []
+    for p in paths:
+        base = f"{p.stem}_{p.suffix.lstrip('.')}" if stems[p.stem] > 1 else p.stem
+        name, k = f"{base}.jpg", 1
+        while name in names:
+            k += 1
+            name = f"{base}_{k}.jpg"
+        names.append(name)
+    return names
+
+
+def _record_names(paths: list[Path]) -> list[str]:
+    """Each input's ``file_name`` in detections.json: its name, or the path as given when
+    several inputs share that name."""
+    counts = Counter(p.name for p in paths)
+    return [p.name if counts[p.name] == 1 else str(p) for p in paths]
 
 
 def predict_paths(
@@ -119,8 +110,8 @@ def predict_paths(
     ``out_dir/<stem>.jpg`` per input.
 
     Args:
-        model: eval-mode contract: ``model(list of float (3, H, W) in [0, 1])`` -> list of dicts
-            with ``boxes`` (D, 4) XYXY, ``scores`` (D,), ``labels`` (D,) in 0..K-1.
+        model: eval-mode contract: ``model(list of uint8 (3, H, W))`` -> list of dicts with
+            ``boxes`` (D, 4) XYXY in each input's pixels, ``scores`` (D,), ``labels`` (D,) in 0..K-1.
         class_names, cat_ids: K names and COCO category ids, indexed by contiguous label.
         score_thresh: detections with a lower score are neither written nor drawn.
 
@@ -130,7 +121,9 @@ def predict_paths(
     device = torch.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in paths]
     out_paths = [out_dir / name for name in _output_names(paths)]
+    record_names = _record_names(paths)
     for src, dst in zip(paths, out_paths):
         if dst.exists() and dst.resolve() == Path(src).resolve():
             raise InputError(f"output {dst} would overwrite its input; choose another out_dir")
@@ -140,22 +133,18 @@ def predict_paths(
     detections: list[dict] = []
     try:
         for start in range(0, len(paths), batch_size):
-            batch_paths = paths[start : start + batch_size]
-            images = [read_image(Path(p)) for p in batch_paths]  # uint8 (3, H, W) each
+            batch = slice(start, start + batch_size)
+            images = [read_image(p) for p in paths[batch]]  # uint8 (3, H, W) each
             with torch.inference_mode():
-                outputs = model([img.to(device).float().div_(255) for img in images])
-            for path, dst, image, out in zip(
-                batch_paths, out_paths[start : start + batch_size], images, outputs
-            ):
+                outputs = model([img.to(device) for img in images])
+            for name, dst, image, out in zip(record_names[batch], out_paths[batch], images, outputs):
                 keep = out["scores"] >= score_thresh  # (D,)
                 boxes = out["boxes"][keep].detach().cpu().float()  # (D', 4)
                 scores = out["scores"][keep].detach().cpu().float()  # (D',)
                 labels = out["labels"][keep].detach().cpu().long()  # (D',)
-                detections.extend(
-                    _to_records(Path(path).name, boxes, scores, labels, class_names, cat_ids)
-                )
+                detections.extend(_to_records(name, boxes, scores, labels, class_names, cat_ids))
                 drawn = draw_detections(image, boxes, labels, scores, class_names)
-                write_jpeg(drawn, str(dst), quality=90)
+                write_image(drawn, dst)
     finally:
         model.train(was_training)
     write_json(out_dir / "detections.json", detections)
@@ -171,8 +160,7 @@ def _to_records(
     cat_ids: list[int],
 ) -> list[dict]:
     """JSON records for one image's kept detections: boxes (D, 4) XYXY -> [x, y, w, h]."""
-    boxes = boxes.double()
-    boxes_xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)  # (D, 4)
+    boxes_xywh = box_convert(boxes.double(), "xyxy", "xywh")  # (D, 4)
     boxes_xywh = torch.round(boxes_xywh * 100) / 100
     label_list = labels.tolist()
     return [

@@ -17,7 +17,7 @@ from retina.engine import dist
 from retina.engine.evaluate import (evaluate_detections, format_metrics_table, inference,
                                     to_coco_results, write_json)
 from retina.engine.logger import TrainLogger
-from retina.engine.predict import draw_detections
+from retina.viz import draw_detections
 
 
 def sharded_inference(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,

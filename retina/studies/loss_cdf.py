@@ -26,6 +26,7 @@ from torch import Tensor
 
 from retina.model.assigner import pad_targets
 from retina.config import Config, load_config
+from retina.model.matcher import FOREGROUND, IGNORE
 
 MAX_NEG_PER_IMAGE = 50_000
 CURVE_POINTS = 1001  # fractions 0, 0.001, ..., 1 in the CSV
@@ -73,15 +74,15 @@ def example_margins(model: torch.nn.Module, dataset, num_images: int, device: to
     count = min(num_images, len(dataset))
     for start in range(0, count, batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        images = [img.to(device).float().div(255) for img, _ in items]
+        images = [img.to(device) for img, _ in items]  # uint8: the model converts them
         batch, _, _, targets = model.preprocess(images, [t for _, t in items])
         features = list(model.fpn(model.backbone(batch)).values())
         logits, _ = model.head(features)  # (N, R, K)
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
         anchors = model.anchor_generator(feature_sizes, batch.device, tuple(batch.shape[-2:]))  # (R, 4)
-        gt_classes = model.assigner(pad_targets(targets, batch.device), anchors).gt_classes  # (N, R)
-        valid = (gt_classes >= 0)[..., None]  # (N, R, 1): -1 is an ignored anchor
-        onehot = gt_classes[..., None] == k  # (N, R, K); background (class K) never hits
+        assigned = model.assigner(pad_targets(targets, batch.device), anchors)
+        valid = (assigned.labels != IGNORE)[..., None]  # (N, R, 1)
+        onehot = (assigned.classes[..., None] == k) & (assigned.labels == FOREGROUND)[..., None]  # (N, R, K)
         x = logits.float()
         for i in range(x.shape[0]):  # per image: the negative subsample is per image
             pos.append(x[i][onehot[i]].cpu())
