@@ -18,9 +18,10 @@ from retina.model.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
 from retina.model.postprocess import PostProcessor
 
 
-def reference_per_image(logits, classes, weights, alpha, gamma):
-    """The plain expression: one-hot targets, elementwise focal loss, weighted sums."""
-    onehot = classes[..., None] == torch.arange(logits.shape[-1])  # (N, R, K)
+def reference_per_image(logits, gt_classes, weights, alpha, gamma):
+    """The plain expression: one-hot targets (class -1 and K hit nothing), the readable
+    ``sigmoid_focal_loss`` elementwise, weighted sums."""
+    onehot = gt_classes[..., None] == torch.arange(logits.shape[-1])  # (N, R, K)
     return (sigmoid_focal_loss(logits, onehot, alpha, gamma).sum(-1) * weights).sum(-1)
 
 
@@ -37,24 +38,33 @@ def test_fused_focal_hand_values():
     assert_close(grad, torch.tensor([[[-0.25 * 0.25 * (ln2 + 0.5), 0.75 * 0.25 * (ln2 + 0.5)]]]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (None, 0.0), (0.25, 0.0), (0.5, 1.5), (None, 2.0)])
 @pytest.mark.parametrize("block", [64, 1 << 20])  # many ragged blocks; one block
-def test_fused_focal_equals_plain_expression_and_its_gradient(monkeypatch, alpha, gamma, block):
+def test_fused_focal_equals_sigmoid_focal_loss_values_and_gradients(monkeypatch, alpha, gamma, block,
+                                                                     dtype):
+    # The fused kernel that trains (_FocalLossPerImage) and the readable sigmoid_focal_loss are
+    # one equation: equal on random logits with ignored (-1), background (K) and foreground
+    # anchors, values and gradients, in fp32 and fp64 (the fused path computes in fp64 then).
     monkeypatch.setattr(losses, "CPU_BLOCK", block)
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(3, 40, 7, generator=g) * 5).requires_grad_()
+    x = (torch.randn(3, 40, 7, generator=g, dtype=dtype) * 5).requires_grad_()
     with torch.no_grad():
         x[0, 0, 0], x[0, 1, 1], x[1, 2, 3] = 120.0, -120.0, 85.0  # softplus past 80, no overflow
-    classes = torch.randint(0, 8, (3, 40), generator=g)  # 7 = K: background
-    classes[0, 0], classes[0, 1] = 7, 1  # a confident wrong negative and a hopeless positive
-    weights = (torch.rand(3, 40, generator=g) > 0.2).float()
-    out = focal_loss_per_image(x, classes, weights, alpha, gamma)
-    ref = reference_per_image(x, classes, weights, alpha, gamma)
+    gt_classes = torch.randint(-1, 8, (3, 40), generator=g)  # -1 ignored, 7 = K background
+    gt_classes[0, 0], gt_classes[0, 1] = 7, 1  # a confident wrong negative and a hopeless positive
+    gt_classes[2, :3] = torch.tensor([-1, 7, 4])  # each kind present whatever the draw
+    # weights as the loss sets them: 0 on ignored anchors; other anchors random weights in [0, 2)
+    weights = torch.where(gt_classes >= 0, 2 * torch.rand(3, 40, generator=g, dtype=dtype), 0.0)
+    out = focal_loss_per_image(x, gt_classes, weights, alpha, gamma)
+    ref = reference_per_image(x, gt_classes, weights, alpha, gamma)
+    assert out.dtype == ref.dtype == dtype
     assert torch.isfinite(out).all()
-    assert_close(out, ref)
-    upstream = torch.tensor([0.5, 1.0, 2.0])
+    assert_close(out, ref)  # dtype-specific tolerances: fp64 is held to ~1e-7
+    upstream = torch.tensor([0.5, 1.0, 2.0], dtype=dtype)
     (g_out,) = torch.autograd.grad(out, x, upstream)
     (g_ref,) = torch.autograd.grad(ref, x, upstream)
+    assert g_out.dtype == dtype
     assert_close(g_out, g_ref)
 
 
@@ -81,18 +91,15 @@ def test_fused_focal_second_backward_raises():
 
 @pytest.mark.parametrize("normalizer", ["batch", "image"])
 def test_retinanet_loss_focal_path_equals_plain_expression(normalizer):
-    from retina.model.assigner import AssignedTargets
-
     g = torch.Generator().manual_seed(2)
     n, r, k = 2, 30, 4
     logits = torch.randn(n, r, k, generator=g, requires_grad=True)
-    labels = torch.randint(-1, 2, (n, r), generator=g).to(torch.int8)  # ignore / bg / fg
-    classes = torch.where(labels == FOREGROUND, torch.randint(0, k, (n, r), generator=g), k)
-    targets = AssignedTargets(labels, classes, torch.zeros(n, r, 4), torch.zeros(n, r, 4))
-    loss = losses.RetinaNetLoss(k, "focal", normalizer=normalizer)
-    out = loss(logits, torch.zeros(n, r, 4), targets)["loss_cls"]
-    per_image = reference_per_image(logits, classes, (labels != IGNORE).float(), 0.25, 2.0)
-    pos = (labels == FOREGROUND).sum(-1).float()  # (N,)
+    gt_classes = torch.randint(-1, k + 1, (n, r), generator=g)  # -1 ignored, 0..K-1 fg, K bg
+    settings = losses.LossSettings(type="focal", normalizer=normalizer)
+    out = losses.retinanet_losses(logits, torch.zeros(n, r, 4), gt_classes, torch.zeros(n, r, 4),
+                                  settings).losses["loss_cls"]
+    per_image = reference_per_image(logits, gt_classes, (gt_classes >= 0).float(), 0.25, 2.0)
+    pos = ((gt_classes >= 0) & (gt_classes < k)).sum(-1).float()  # (N,)
     ref = per_image.sum() / pos.sum().clamp(min=1) if normalizer == "batch" else \
         (per_image / pos.clamp(min=1)).mean()
     assert_close(out, ref)

@@ -37,9 +37,10 @@ def test_training_forward_and_backward():
     model = tiny_model().train()
     images, targets = images_and_targets()
     losses = model(images, targets)
-    assert set(losses) == {"loss_cls", "loss_box"}
+    assert set(losses) == {"loss_cls", "loss_box", "num_pos"}  # num_pos: a count to log, no loss
     for v in losses.values():
         assert v.dim() == 0 and torch.isfinite(v)
+    assert losses["num_pos"] >= 1 and not losses["num_pos"].requires_grad
     assert losses["loss_box"] > 0  # positives exist
     (losses["loss_cls"] + losses["loss_box"]).backward()
     for name, p in [("head.cls_logits.weight", model.head.cls_logits.weight),

@@ -38,18 +38,18 @@ def short_config(root, max_iter=8, **train):
 
 
 def nan_at(trainer: Trainer, calls: set[int]) -> None:
-    """Make the loss module return NaN on the given (1-based) calls."""
-    loss = trainer.model.loss
-    forward, count = loss.forward, [0]
+    """Make the model's loss terms NaN on the given (1-based) calls."""
+    model = trainer.model
+    compute_loss, count = model.compute_loss, [0]
 
     def patched(*args, **kwargs):
         count[0] += 1
-        out = forward(*args, **kwargs)
+        out = compute_loss(*args, **kwargs)
         if count[0] in calls:
-            out = {k: v * float("nan") for k, v in out.items()}
+            out = {k: v * float("nan") if k.startswith("loss_") else v for k, v in out.items()}
         return out
 
-    loss.forward = patched
+    model.compute_loss = patched
 
 
 # ----------------------------------------------------------------------------- numbers

@@ -7,7 +7,8 @@ each and the ratio ours / theirs. Parts:
 - ``train``: forward, backward and an SGD step on ``batch_size`` images of ``image_size``;
 - ``infer``: eval-mode forward including post-processing;
 - ``loss``: target assignment + loss (forward and backward to the head outputs) from the same
-  head outputs and anchors: torchvision's ``model.compute_loss`` against retina's assigner + loss;
+  head outputs and anchors: torchvision's ``model.compute_loss`` against retina's
+  ``compute_loss`` (assigner + ``retinanet_losses``);
 - ``post``: post-processing alone from the same head outputs: torchvision's
   ``model.postprocess_detections`` against retina's ``PostProcessor``.
 
@@ -31,7 +32,6 @@ import torchvision
 from torch import Tensor, nn
 
 from retina.deploy import convert
-from retina.model.assigner import pad_targets
 from retina.config import load_config
 from retina.model import RetinaNet, build_model
 
@@ -222,7 +222,7 @@ def train_step(model: nn.Module, images: list[Tensor], targets: list[dict], devi
         model.train()
         with _autocast(device, dtype):
             losses = model(images, targets)
-        loss = sum(losses.values())
+        loss = sum(v for k, v in losses.items() if k.startswith("loss_"))  # num_pos is a count
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -252,9 +252,8 @@ def loss_steps(ours: RetinaNet, theirs: nn.Module, spec: BenchSpec, device: torc
     theirs_anchors = [anchors] * n
 
     def ours_step() -> None:
-        assigned = ours.assigner(pad_targets(targets, device), anchors)
-        losses = ours.loss(logits, deltas, assigned)
-        torch.autograd.grad(sum(losses.values()), [logits, deltas])
+        losses = ours.compute_loss(logits, deltas, targets, anchors)
+        torch.autograd.grad(losses["loss_cls"] + losses["loss_box"], [logits, deltas])
 
     def theirs_step() -> None:
         losses = theirs.compute_loss(targets, {"cls_logits": logits, "bbox_regression": deltas},

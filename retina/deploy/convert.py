@@ -184,7 +184,7 @@ def convert_to_model(state: dict, variant: Variant, name: str = "<state dict>",
         out[new] = value.detach().to(target[new].dtype).clone()
     # retina-only buffers keep their fresh values: BatchNorm counters, the loss's EMA count.
     unfilled = [k for k in target if k not in out and not k.endswith("num_batches_tracked")
-                and not k.startswith("loss.")]
+                and k != "num_pos_ema"]
     if unfilled:
         raise InputError(f"{name}: no torchvision weights for {unfilled[0]} "
                          f"({len(unfilled)} retina tensors left unfilled)")

@@ -205,8 +205,8 @@ class Trainer:
         """One optimizer step, skipped (all ranks alike) when the loss or gradient is not finite."""
         images = [img.to(self.device, non_blocking=True) for img in images]  # uint8: the model converts
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            losses = model(images, targets)
-        loss = sum(losses.values())
+            losses = model(images, targets)  # loss_* terms and num_pos (a count, not added)
+        loss = sum(v for k, v in losses.items() if k.startswith("loss_"))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -293,10 +293,9 @@ class Trainer:
             if batch is not None:
                 losses = self._step(model, *batch)
                 self.iteration += 1
+                losses["num_pos_per_image"] = losses.pop("num_pos") / len(batch[0])
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
-                sums["num_pos_per_image"] = sums.get("num_pos_per_image", 0) + \
-                    self.model.loss.last_num_pos.float() / len(batch[0])
                 count += 1
                 data_time, step_time = data_time + t1 - t0, step_time + time.perf_counter() - t1
             if self.stop_signal is not None:

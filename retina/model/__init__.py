@@ -7,7 +7,7 @@ import torch
 from retina.model.assigner import TargetAssigner
 from retina.model.box_coder import BoxCoder
 from retina.config import Config
-from retina.model.losses import RetinaNetLoss
+from retina.model.losses import FocalStarSettings, LossSettings, OhemSettings
 from retina.model.matcher import Matcher
 from retina.model.anchors import AnchorGenerator, default_sizes
 from retina.model.backbone import FPN, ResNetBackbone
@@ -33,10 +33,13 @@ def build_model(cfg: Config) -> RetinaNet:
                       m.head.norm, m.head.prior_prob, m.head.conv_bias)
     box_coder = BoxCoder(m.box_coder.weights, m.box_coder.scale_clamp)
     matcher = Matcher(m.matcher.fg_iou_thresh, m.matcher.bg_iou_thresh, m.matcher.allow_low_quality)
-    loss_cfg = cfg.loss
-    loss = RetinaNetLoss(m.num_classes, loss_cfg.type, loss_cfg.alpha, loss_cfg.gamma, loss_cfg.box_loss,
-                         loss_cfg.smooth_l1_beta, loss_cfg.box_weight, loss_cfg.normalizer,
-                         loss_cfg.ema_momentum, loss_cfg.ohem, loss_cfg.focal_star)
+    lc = cfg.loss
+    loss = LossSettings(
+        type=lc.type, alpha=lc.alpha, gamma=lc.gamma, box_loss=lc.box_loss, smooth_l1_beta=lc.smooth_l1_beta,
+        box_weight=lc.box_weight, normalizer=lc.normalizer, ema_momentum=lc.ema_momentum,
+        ohem=OhemSettings(nms=lc.ohem.nms, batch_size=lc.ohem.batch_size, ratio=lc.ohem.ratio,
+                          normalizer=lc.ohem.normalizer),
+        focal_star=FocalStarSettings(gamma=lc.focal_star.gamma, beta=lc.focal_star.beta))
     post = PostProcessor(box_coder, m.inference.score_thresh, m.inference.topk_candidates,
                          m.inference.nms_thresh, m.inference.detections_per_image)
     spec = InputSpec(m.input.min_size, m.input.max_size, m.input.pixel_mean, m.input.pixel_std,

@@ -1,5 +1,10 @@
 """Target assignment for a whole batch: pad ground truth, match (``matcher.py``), encode
-(``box_coder.py``). No loop over anchors or boxes; one loop over images only to pad."""
+(``box_coder.py``). No loop over anchors or boxes; one loop over images only to pad.
+
+The result is what the loss reads, in detectron2's label encoding: per anchor ``gt_classes``
+-1 ignored, 0..K-1 the class of its box (foreground), K background. The matcher's own
+-1/0/1 labels stay inside this module.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch
 from torch import Tensor
 
 from retina.model.box_coder import BoxCoder
-from retina.model.matcher import FOREGROUND, Matcher
+from retina.model.matcher import BACKGROUND, FOREGROUND, Matcher
 
 
 @dataclass
@@ -22,10 +27,8 @@ class PaddedTargets:
 
 @dataclass
 class AssignedTargets:
-    labels: Tensor  # (N, R) int8: -1 ignore, 0 background, 1 foreground (matcher.py)
-    classes: Tensor  # (N, R) int64 class of the matched box; K (num_classes) where not foreground
-    box_deltas: Tensor  # (N, R, 4) encoded matched boxes (meaningful where foreground)
-    matched_boxes: Tensor  # (N, R, 4) XYXY matched boxes (meaningful where foreground)
+    gt_classes: Tensor  # (N, R) int64: -1 ignored, 0..K-1 foreground class, K background
+    gt_deltas: Tensor  # (N, R, 4) encoded matched boxes (meaningful where foreground)
 
 
 def pad_targets(targets: list[dict], device: torch.device) -> PaddedTargets:
@@ -60,7 +63,8 @@ class TargetAssigner:
                                gt.valid.new_zeros((n, 1)), gt.crowd.new_zeros((n, 1)))
         matched_idx, labels = self.matcher(gt.boxes, gt.valid, anchors, gt.crowd)  # (N, R)
         matched_boxes = torch.gather(gt.boxes, 1, matched_idx[..., None].expand(-1, -1, 4))  # (N, R, 4)
-        classes = torch.gather(gt.labels, 1, matched_idx)  # (N, R)
-        classes = torch.where(labels == FOREGROUND, classes, torch.full_like(classes, self.num_classes))
-        deltas = self.box_coder.encode(matched_boxes, anchors[None].expand_as(matched_boxes))
-        return AssignedTargets(labels, classes, deltas, matched_boxes)
+        gt_classes = torch.gather(gt.labels, 1, matched_idx)  # (N, R)
+        gt_classes = torch.where(labels == FOREGROUND, gt_classes,
+                                 torch.where(labels == BACKGROUND, self.num_classes, -1))  # (N, R)
+        gt_deltas = self.box_coder.encode(matched_boxes, anchors[None].expand_as(matched_boxes))
+        return AssignedTargets(gt_classes, gt_deltas)

@@ -1,13 +1,18 @@
 """Every loss and its normalisation: sigmoid focal loss (Sec. 3.2), its baselines, box loss.
 
-The classification loss is summed over all non-ignored anchors and divided by the number of
-anchors assigned to a ground-truth box (Sec. 4); with DDP that count is averaged over ranks so all
-ranks share one normaliser. Losses are computed in fp32 whatever the autocast dtype.
+The loss is a function of tensors: ``retinanet_losses(pred_logits, pred_deltas, gt_classes,
+gt_deltas, settings)`` with ``gt_classes`` (N, R) in detectron2's encoding {-1 ignored,
+0..K-1 foreground class, K background}. It returns the losses and the batch's positive count;
+it keeps no state. The classification loss is summed over all non-ignored anchors and divided by
+the number of anchors assigned to a ground-truth box (Sec. 4); with DDP that count is averaged
+over ranks so all ranks share one normaliser. Losses are computed in fp32 whatever the autocast
+dtype (fp64 inputs stay fp64).
 
 ``type`` picks the classification loss of the paper's ablations:
 
 - ``focal``: FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t) (Sec. 3.2, Table 1b).
-- ``ce``: alpha-balanced sigmoid cross-entropy, i.e. FL with gamma 0 (Table 1a).
+- ``ce``: alpha-balanced sigmoid cross-entropy (Table 1a): FL computed the same way; the config
+  refuses a gamma other than 0 for it (``retina/config/rules.py``), the loss uses what it is given.
 - ``focal_star``: FL* = -log(sigmoid(gamma x_t + beta)) / gamma with x_t = +x for a positive,
   -x for a negative (appendix A, Eq. 6-7), alpha_t-weighted like FL when ``alpha`` is set.
 - ``ohem``: sigmoid CE (alpha_t-weighted when set) on the anchors ``ohem_select`` keeps per
@@ -16,33 +21,85 @@ ranks share one normaliser. Losses are computed in fp32 whatever the autocast dt
   positives like every type (``ohem.normalizer`` positives), so only the selection differs, or by
   the number kept (``selected``: the mean over the minibatch, as OHEM [31] and Fast R-CNN average
   over their B RoIs). The box loss stays on all positives, divided by their count.
+
+Shape legend: N images, R anchors per image, K classes.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import nms
 
-from retina.model.assigner import AssignedTargets
-from retina.config import FocalStarConfig, OhemConfig
-from retina.model.matcher import FOREGROUND, IGNORE
+# detectron2 starts its running positive count (normalizer "ema") at 100.
+EMA_INIT = 100.0
+
+
+@dataclass(frozen=True)
+class OhemSettings:
+    """OHEM's selection (type ``ohem``): NMS IoU, anchors kept per image, share of positives
+    (None: pure top-loss) and what the kept anchors' loss is divided by."""
+
+    nms: float = 0.7
+    batch_size: int = 128
+    ratio: Optional[float] = None
+    normalizer: Literal["positives", "selected"] = "positives"
+
+
+@dataclass(frozen=True)
+class FocalStarSettings:
+    """FL* (type ``focal_star``, appendix A): p_t* = sigmoid(gamma x_t + beta)."""
+
+    gamma: float = 2.0
+    beta: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Plain settings of ``retinanet_losses`` (``build_model`` fills them from the config)."""
+
+    type: Literal["focal", "ce", "ohem", "focal_star"] = "focal"
+    alpha: Optional[float] = 0.25  # weight of positives; None: no weighting
+    gamma: float = 2.0  # focusing parameter of focal, ce and ohem (used as given)
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    smooth_l1_beta: float = 0.1
+    box_weight: float = 1.0
+    normalizer: Literal["batch", "ema", "image"] = "batch"
+    ema_momentum: float = 0.9
+    ohem: OhemSettings = field(default_factory=OhemSettings)
+    focal_star: FocalStarSettings = field(default_factory=FocalStarSettings)
+
+
+class LossOutput(NamedTuple):
+    """What ``retinanet_losses`` returns."""
+
+    losses: dict[str, Tensor]  # "loss_cls", "loss_box": scalars whose sum is trained
+    num_pos: Tensor  # () float: positive anchors of the batch (this rank), no gradient
+    num_pos_ema: Optional[Tensor]  # () the updated running normaliser (normalizer "ema"), else None
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for half/bfloat16/fp32 inputs, fp64 for fp64 (torchvision's and fvcore's rule)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: Optional[float] = 0.25,
                        gamma: float = 2.0, reduction: str = "none") -> Tensor:
     """FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t), elementwise over any shape.
 
+    The readable reference of the loss; ``focal_loss_per_image`` is its fused form for training.
     alpha_t = alpha for targets 1 and 1 - alpha for targets 0; ``alpha=None`` turns weighting
     off, and with gamma = 0 the result is exactly binary cross-entropy. log(p_t) comes from
-    ``binary_cross_entropy_with_logits`` (log-sum-exp form), so it never underflows; inputs of
-    any float dtype are computed in fp32.
+    ``binary_cross_entropy_with_logits`` (log-sum-exp form), so it never underflows. Half and
+    bfloat16 inputs are computed in fp32, fp64 stays fp64.
     """
-    x, t = logits.float(), targets.float()
+    dtype = _compute_dtype(logits)
+    x, t = logits.to(dtype), targets.to(dtype)
     ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")  # -log(p_t)
     loss = ce
     if gamma != 0:
@@ -70,8 +127,8 @@ def _negative_focal_(x: Tensor, gamma: float, row_loss: Tensor, grad: Tensor, we
                      scratch: Tensor) -> None:
     """Every entry of x (B, K) taken as a negative: ``row_loss`` (B,) = sum over K of p^g
     softplus(x) (-log(1 - p) = softplus(x)), ``grad`` (B, K) = weights (B,) times its derivative
-    p^g (g (1 - p) softplus(x) + p). ``scratch`` (4, >= B, K) fp32 is reused block after block,
-    so the loop allocates nothing."""
+    p^g (g (1 - p) softplus(x) + p). ``scratch`` (4, >= B, K), x's dtype, is reused block after
+    block, so the loop allocates nothing."""
     p, sp, pg, t = (buf[: x.shape[0]] for buf in scratch)
     torch.sigmoid(x, out=p)
     # softplus(x) = -log(sigmoid(-x)): sigmoid and log are vectorised, F.softplus (log1p) ~2x
@@ -85,36 +142,47 @@ def _negative_focal_(x: Tensor, gamma: float, row_loss: Tensor, grad: Tensor, we
 
 
 class _FocalLossPerImage(torch.autograd.Function):
-    """Forward and gradient of ``focal_loss_per_image`` together.
+    """Forward and gradient of ``focal_loss_per_image`` together: the equation of
+    ``sigmoid_focal_loss``, summed, with its derivative written out.
 
-    Autograd through the elementwise expression keeps about ten (N, R, K) fp32 intermediates;
-    here the gradient is computed with the loss and is the only (N, R, K) tensor made. Every entry
-    is first taken as a negative (in cache-sized blocks on the CPU), then the N * R foreground
-    entries are corrected by a gather and a scatter, so the one-hot target is never built.
+    With x = logits[n, r, c], p = sigmoid(x), t = [c == gt_classes[n, r]] and w = weights[n, r]:
+
+        loss[n] = sum_{r, c} w alpha_t (1 - p_t)^g (-log p_t)      (= sigmoid_focal_loss(x, t))
+        t = 0:  alpha_t (1 - p_t)^g (-log p_t) = (1 - alpha) p^g softplus(x)
+                d/dx = (1 - alpha) p^g (g (1 - p) softplus(x) + p)
+        t = 1:  alpha_t (1 - p_t)^g (-log p_t) = alpha (1 - p)^g softplus(-x)
+                d/dx = -alpha (1 - p)^g (g p softplus(-x) + 1 - p)
+
+    (alpha None: both alpha factors are 1.) Autograd through the elementwise expression keeps
+    about ten (N, R, K) intermediates; here the gradient is computed with the loss and is the
+    only (N, R, K) tensor made. Every entry is first taken as a negative (in cache-sized blocks
+    on the CPU), then the N * R foreground entries are corrected by a gather and a scatter, so
+    the one-hot target is never built. Computed in the promoted dtype of logits and fp32.
+    ``tests/test_hot_path.py`` holds it equal to ``sigmoid_focal_loss``, values and gradients.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, classes: Tensor, weights: Tensor, alpha: Optional[float],
+    def forward(ctx, logits: Tensor, gt_classes: Tensor, weights: Tensor, alpha: Optional[float],
                 gamma: float) -> Tensor:
         n, r, k = logits.shape
+        dtype = _compute_dtype(logits)
         a_pos, a_neg = (alpha, 1 - alpha) if alpha is not None else (1.0, 1.0)
         rows = logits.reshape(n * r, k)  # (N*R, K)
         w_neg = a_neg * weights  # (N, R)
         w_rows = w_neg.reshape(n * r)  # (N*R,)
         grad = torch.empty_like(rows)  # (N*R, K), logits' dtype
-        row_loss = rows.new_empty(n * r, dtype=torch.float32)  # (N*R,)
+        row_loss = rows.new_empty(n * r, dtype=dtype)  # (N*R,)
         step = min(max(1, CPU_BLOCK // k), n * r) if logits.device.type == "cpu" else n * r
-        scratch = rows.new_empty((4, step, k), dtype=torch.float32)  # reused by every block
+        scratch = rows.new_empty((4, step, k), dtype=dtype)  # reused by every block
         for i in range(0, n * r, step):  # cache blocking (memory, not per-anchor logic)
             j = min(i + step, n * r)
-            _negative_focal_(rows[i:j].float(), gamma, row_loss[i:j], grad[i:j], w_rows[i:j],
+            _negative_focal_(rows[i:j].to(dtype), gamma, row_loss[i:j], grad[i:j], w_rows[i:j],
                              scratch)
         per_image = (row_loss.view(n, r) * w_neg).sum(-1)  # (N,)
-        # Foreground entries (n, r, classes[n, r]): replace the negative term by the positive
-        # a_pos (1 - p)^g softplus(-x), derivative -a_pos (1 - p)^g (g p softplus(-x) + 1 - p).
-        fg = classes < k  # (N, R); background anchors carry class K
-        idx = classes.clamp(max=k - 1)[..., None]  # (N, R, 1)
-        xc = logits.gather(-1, idx).float()  # (N, R, 1)
+        # Foreground entries (n, r, gt_classes[n, r]): replace the negative term by the positive.
+        fg = (gt_classes >= 0) & (gt_classes < k)  # (N, R); -1 ignored, K background
+        idx = gt_classes.clamp(0, k - 1)[..., None]  # (N, R, 1), in range for the gather
+        xc = logits.gather(-1, idx).to(dtype)  # (N, R, 1)
         pc, qc = torch.sigmoid(xc), torch.sigmoid(-xc)  # p, 1 - p without cancellation
         spn, spp = F.softplus(xc), F.softplus(-xc)  # -log(1 - p), -log(p)
         wf = (weights * fg)[..., None]  # (N, R, 1)
@@ -136,16 +204,18 @@ class _FocalLossPerImage(torch.autograd.Function):
         return grad.mul_(grad_out.to(grad.dtype)[:, None, None]), None, None, None, None
 
 
-def focal_loss_per_image(logits: Tensor, classes: Tensor, weights: Tensor,
+def focal_loss_per_image(logits: Tensor, gt_classes: Tensor, weights: Tensor,
                          alpha: Optional[float] = 0.25, gamma: float = 2.0) -> Tensor:
     """Per-image sums of weighted sigmoid focal loss against one-hot targets, fused.
 
-    Equals ``(sigmoid_focal_loss(logits, onehot(classes), alpha, gamma).sum(-1) * weights).sum(-1)``
-    with ``onehot`` all zeros for class K (background), for logits (N, R, K), classes (N, R)
-    int64 in 0..K and weights (N, R) (e.g. 0 for ignored anchors); returns (N,) fp32. Used for
-    ``type`` focal and ce; gamma = 0 with alpha None is BCE.
+    Equals ``(sigmoid_focal_loss(logits, onehot(gt_classes), alpha, gamma).sum(-1) * weights)
+    .sum(-1)`` (equation in ``_FocalLossPerImage``), ``onehot`` all zeros for class -1 (ignored)
+    and K (background), for logits (N, R, K), gt_classes (N, R) int64 in -1..K and weights
+    (N, R) (e.g. 0 for ignored anchors); returns (N,) in fp32 (fp64 for fp64 logits), the
+    gradient in the logits' dtype. Used for ``type`` focal and ce; gamma = 0 with alpha None is BCE.
     """
-    return _FocalLossPerImage.apply(logits, classes, weights.float(), alpha, gamma)
+    return _FocalLossPerImage.apply(logits, gt_classes, weights.to(_compute_dtype(logits)), alpha,
+                                    gamma)
 
 
 def focal_star_loss(logits: Tensor, targets: Tensor, gamma: float = 2.0, beta: float = 1.0,
@@ -154,8 +224,10 @@ def focal_star_loss(logits: Tensor, targets: Tensor, gamma: float = 2.0, beta: f
 
     x_t = x for targets 1 and -x for targets 0. -log(sigmoid(z)) = softplus(-z), which never
     overflows. ``alpha`` weights like FL (alpha for targets 1, 1 - alpha for 0); None: off.
+    Half inputs are computed in fp32, fp64 stays fp64.
     """
-    x, t = logits.float(), targets.float()
+    dtype = _compute_dtype(logits)
+    x, t = logits.to(dtype), targets.to(dtype)
     x_t = x * (2 * t - 1)  # y x with y in {+1, -1}
     loss = F.softplus(-(gamma * x_t + beta)) / gamma
     if alpha is not None:
@@ -203,9 +275,24 @@ def ohem_select(loss: Tensor, boxes: Tensor, fg: Tensor, valid: Tensor, batch_si
     return torch.cat([fg_kept[:num_fg], bg_kept[:num_bg]])
 
 
+def ohem_selected(cls_per_anchor: Tensor, fg: Tensor, valid: Tensor, anchors: Optional[Tensor],
+                  ohem: OhemSettings) -> Tensor:
+    """(N, R) bool: the anchors ``ohem_select`` keeps in each image; cls_per_anchor, fg, valid
+    (N, R), anchors (R, 4) XYXY."""
+    if anchors is None:
+        raise ValueError("loss.type=ohem needs the anchors (R, 4) for its NMS")
+    scores = cls_per_anchor.detach()  # (N, R): selection is not differentiated
+    selected = torch.zeros_like(valid)  # (N, R) bool
+    for i in range(cls_per_anchor.shape[0]):  # per image: NMS and the quota are per image
+        keep = ohem_select(scores[i], anchors, fg[i], valid[i], ohem.batch_size, ohem.nms, ohem.ratio)
+        selected[i, keep] = True
+    return selected
+
+
 def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
-    """Elementwise smooth L1 (beta) or L1 loss in fp32, shape of ``pred``."""
-    pred, target = pred.float(), target.float()
+    """Elementwise smooth L1 (beta) or L1 loss, shape of ``pred``; fp32 (fp64 stays fp64)."""
+    dtype = _compute_dtype(pred)
+    pred, target = pred.to(dtype), target.to(dtype)
     if kind == "l1" or beta == 0:
         return (pred - target).abs()
     return F.smooth_l1_loss(pred, target, beta=beta, reduction="none")
@@ -219,85 +306,62 @@ def _mean_over_ranks(x: Tensor) -> Tensor:
     return x
 
 
-class RetinaNetLoss(nn.Module):
-    """Classification + box loss of a batch from head outputs and assigned targets."""
+def _cls_loss_per_image(pred_logits: Tensor, gt_classes: Tensor, valid: Tensor, fg: Tensor,
+                        s: LossSettings, anchors: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """(N,) summed classification loss of each image, and for OHEM with the ``selected``
+    normaliser the number of anchors kept (else None)."""
+    if s.type in ("focal", "ce"):  # fused: no one-hot target, one (N, R, K) tensor kept
+        return focal_loss_per_image(pred_logits, gt_classes, valid, s.alpha, s.gamma), None
+    k = torch.arange(pred_logits.shape[-1], device=pred_logits.device)  # (K,)
+    onehot = gt_classes[..., None] == k  # (N, R, K) bool; -1 (ignored) and K (background) never hit
+    if s.type == "focal_star":
+        cls = focal_star_loss(pred_logits, onehot, s.focal_star.gamma, s.focal_star.beta, s.alpha)
+        return (cls.sum(-1) * valid).sum(-1), None
+    cls_per_anchor = sigmoid_focal_loss(pred_logits, onehot, s.alpha, s.gamma).sum(-1)  # (N, R)
+    kept = ohem_selected(cls_per_anchor, fg, valid, anchors, s.ohem)  # (N, R) bool
+    num_kept = kept.sum().float() if s.ohem.normalizer == "selected" else None
+    return (cls_per_anchor * kept).sum(-1), num_kept
 
-    def __init__(self, num_classes: int, type: Literal["focal", "ce", "ohem", "focal_star"] = "focal",
-                 alpha: Optional[float] = 0.25, gamma: float = 2.0,
-                 box_loss: Literal["smooth_l1", "l1"] = "smooth_l1", smooth_l1_beta: float = 0.1,
-                 box_weight: float = 1.0, normalizer: Literal["batch", "ema", "image"] = "batch",
-                 ema_momentum: float = 0.9, ohem: OhemConfig = OhemConfig(),
-                 focal_star: FocalStarConfig = FocalStarConfig()) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.type = type
-        self.alpha = alpha
-        self.gamma = gamma if type == "focal" else 0.0  # ce, ohem: alpha-balanced BCE, Table 1a
-        self.ohem = ohem
-        self.focal_star = focal_star
-        self.box_loss = box_loss
-        self.beta = smooth_l1_beta
-        self.box_weight = box_weight
-        self.normalizer = normalizer
-        self.ema_momentum = ema_momentum
-        # detectron2 starts its running positive count at 100; kept in the state dict.
-        self.register_buffer("num_pos_ema", torch.tensor(100.0))
 
-    def forward(self, pred_logits: Tensor, pred_deltas: Tensor, targets: AssignedTargets,
-                anchors: Optional[Tensor] = None) -> dict[str, Tensor]:
-        """pred_logits (N, R, K), pred_deltas (N, R, 4) -> scalar ``loss_cls``, ``loss_box``.
+def retinanet_losses(pred_logits: Tensor, pred_deltas: Tensor, gt_classes: Tensor, gt_deltas: Tensor,
+                     settings: LossSettings = LossSettings(), anchors: Optional[Tensor] = None,
+                     num_pos_ema: Optional[Tensor] = None) -> LossOutput:
+    """Classification + box loss of a batch, one call for the whole batch.
 
-        ``anchors`` (R, 4) XYXY: needed by ``ohem`` only, for its NMS.
-        """
-        fg = targets.labels == FOREGROUND  # (N, R)
-        valid = targets.labels != IGNORE  # (N, R)
-        if self.type in ("focal", "ce"):  # fused: no one-hot target, one (N, R, K) tensor kept
-            cls_per_image = focal_loss_per_image(pred_logits, targets.classes, valid, self.alpha,
-                                                 self.gamma)  # (N,)
-        else:
-            k = torch.arange(self.num_classes, device=pred_logits.device)
-            onehot = targets.classes[..., None] == k  # (N, R, K) bool; background class K never hits
-            if self.type == "focal_star":
-                cls = focal_star_loss(pred_logits, onehot, self.focal_star.gamma,
-                                      self.focal_star.beta, self.alpha)
-            else:
-                cls = sigmoid_focal_loss(pred_logits, onehot, self.alpha, self.gamma)
-            cls_per_anchor = cls.sum(-1)  # (N, R)
-            kept = valid if self.type != "ohem" else self._ohem_selected(cls_per_anchor, fg, valid, anchors)
-            cls_per_image = (cls_per_anchor * kept).sum(-1)  # (N,)
-        box = box_regression_loss(pred_deltas, targets.box_deltas, self.box_loss, self.beta)
-        box_per_image = (box.sum(-1) * fg).sum(-1)  # (N,)
-        pos_per_image = fg.sum(-1).float()  # (N,)
-
-        if self.normalizer == "image":  # torchvision: each image by its own positives, then mean
-            norm = pos_per_image.clamp(min=1)
-            loss_cls = (cls_per_image / norm).mean()
-            loss_box = (box_per_image / norm).mean()
-        else:
-            num_pos = _mean_over_ranks(pos_per_image.sum())
-            if self.normalizer == "ema":
-                if self.training:
-                    m = self.ema_momentum
-                    self.num_pos_ema.copy_(m * self.num_pos_ema + (1 - m) * num_pos.detach())
-                num_pos = self.num_pos_ema
-            norm = num_pos.clamp(min=1)
-            loss_cls = cls_per_image.sum() / norm
-            loss_box = box_per_image.sum() / norm
-        if self.type == "ohem" and self.ohem.normalizer == "selected":  # mean over the kept
-            loss_cls = cls_per_image.sum() / _mean_over_ranks(kept.sum().float()).clamp(min=1)
-        self.last_num_pos = pos_per_image.sum().detach()  # read by the trainer when it logs
-        return {"loss_cls": loss_cls, "loss_box": self.box_weight * loss_box}
-
-    def _ohem_selected(self, cls_per_anchor: Tensor, fg: Tensor, valid: Tensor,
-                       anchors: Optional[Tensor]) -> Tensor:
-        """(N, R) bool: the anchors ``ohem_select`` keeps in each image; cls_per_anchor, fg,
-        valid (N, R)."""
-        if anchors is None:
-            raise ValueError("loss.type=ohem needs the anchors (R, 4) for its NMS")
-        o = self.ohem
-        scores = cls_per_anchor.detach()  # (N, R): selection is not differentiated
-        selected = torch.zeros_like(valid)  # (N, R) bool
-        for i in range(cls_per_anchor.shape[0]):  # per image: NMS and the quota are per image
-            keep = ohem_select(scores[i], anchors, fg[i], valid[i], o.batch_size, o.nms, o.ratio)
-            selected[i, keep] = True
-        return selected
+    Args:
+        pred_logits: (N, R, K) class logits; pred_deltas: (N, R, 4) box deltas.
+        gt_classes: (N, R) int64, -1 ignored anchor, 0..K-1 its box's class, K background.
+        gt_deltas: (N, R, 4) encoded boxes the foreground anchors regress to (others unread).
+        settings: the loss type and its plain settings.
+        anchors: (R, 4) XYXY, needed by ``ohem`` only (its NMS).
+        num_pos_ema: () running positive count before this batch; needed by normalizer ``ema``
+            (start at ``EMA_INIT``). The updated value comes back in ``num_pos_ema``: the caller
+            stores it (the model keeps it as a buffer).
+    Returns:
+        ``LossOutput(losses={"loss_cls", "loss_box"}, num_pos, num_pos_ema)``.
+    """
+    s = settings
+    valid = gt_classes >= 0  # (N, R)
+    fg = valid & (gt_classes < pred_logits.shape[-1])  # (N, R)
+    cls_per_image, num_kept = _cls_loss_per_image(pred_logits, gt_classes, valid, fg, s, anchors)  # (N,)
+    box = box_regression_loss(pred_deltas, gt_deltas, s.box_loss, s.smooth_l1_beta)  # (N, R, 4)
+    box_per_image = (box.sum(-1) * fg).sum(-1)  # (N,)
+    pos_per_image = fg.sum(-1).float()  # (N,)
+    new_ema = None
+    if s.normalizer == "image":  # torchvision: each image by its own positives, then mean
+        norm = pos_per_image.clamp(min=1)
+        loss_cls = (cls_per_image / norm).mean()
+        loss_box = (box_per_image / norm).mean()
+    else:
+        num_pos = _mean_over_ranks(pos_per_image.sum())
+        if s.normalizer == "ema":  # detectron2: a running mean of the positive count
+            if num_pos_ema is None:
+                raise ValueError("loss normalizer 'ema' needs num_pos_ema, the running positive count")
+            num_pos = new_ema = s.ema_momentum * num_pos_ema + (1 - s.ema_momentum) * num_pos
+        norm = num_pos.clamp(min=1)
+        loss_cls = cls_per_image.sum() / norm
+        loss_box = box_per_image.sum() / norm
+    if num_kept is not None:  # ohem, normalizer "selected": the mean over the kept anchors
+        loss_cls = cls_per_image.sum() / _mean_over_ranks(num_kept).clamp(min=1)
+    losses = {"loss_cls": loss_cls, "loss_box": s.box_weight * loss_box}
+    return LossOutput(losses, pos_per_image.sum(), new_ema)

@@ -2,7 +2,9 @@
 
 torchvision's calling convention, so models can be swapped: ``model(images)`` in eval mode returns
 detections in each input image's own pixel coordinates; ``model(images, targets)`` in training
-mode returns ``{"loss_cls", "loss_box"}``. The model knows nothing of files, YAML or logging.
+mode returns ``{"loss_cls", "loss_box", "num_pos"}`` (see ``compute_loss``: the ``loss_*`` terms
+are summed and trained, ``num_pos`` is a count to log). The model knows nothing of files, YAML or
+logging.
 
 What the model expects (``images``: N tensors (3, H, W), RGB, each its own size):
 
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from torchvision.ops import clip_boxes_to_image
 
 from retina.model.assigner import TargetAssigner, pad_targets
-from retina.model.losses import RetinaNetLoss
+from retina.model.losses import EMA_INIT, LossSettings, retinanet_losses
 from retina.model.anchors import AnchorGenerator
 from retina.model.backbone import FPN, ResNetBackbone
 from retina.model.head import RetinaHead
@@ -73,13 +75,17 @@ def to_float(image: Tensor) -> Tensor:
 
 class RetinaNet(nn.Module):
     def __init__(self, backbone: ResNetBackbone, fpn: FPN, head: RetinaHead,
-                 anchor_generator: AnchorGenerator, assigner: TargetAssigner, loss: RetinaNetLoss,
+                 anchor_generator: AnchorGenerator, assigner: TargetAssigner, loss_settings: LossSettings,
                  postprocessor: PostProcessor, input_spec: InputSpec, channels_last: bool = False) -> None:
         super().__init__()
         self.backbone, self.fpn, self.head = backbone, fpn, head
         self.anchor_generator = anchor_generator
         self.assigner = assigner
-        self.loss = loss
+        self.loss_settings = loss_settings
+        # The running positive count of loss.normalizer=ema (detectron2's), in the state dict so
+        # a resumed run continues it exactly; checkpoints before it moved here had "loss.num_pos_ema".
+        self.register_buffer("num_pos_ema", torch.tensor(EMA_INIT))
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
         self.postprocessor = postprocessor
         self.input_spec = input_spec
         self.channels_last = channels_last
@@ -153,6 +159,10 @@ class RetinaNet(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, images: Sequence[Tensor], targets: Optional[list[dict]] = None):
+        """Training mode: ``{"loss_cls", "loss_box", "num_pos"}`` (``compute_loss``: sum the
+        ``loss_*`` terms; ``num_pos`` is the batch's positive anchors, logged, never added).
+        Eval mode: per image a dict of ``boxes`` (D, 4) XYXY in its own pixels, ``scores`` (D,),
+        ``labels`` (D,)."""
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
         batch, sizes, _, targets = self.preprocess(images, targets)
@@ -161,8 +171,7 @@ class RetinaNet(nn.Module):
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
         anchors = self.anchor_generator(feature_sizes, batch.device, tuple(batch.shape[-2:]))  # (R, 4)
         if self.training:
-            assigned = self.assigner(pad_targets(targets, batch.device), anchors)
-            return self.loss(pred_logits, pred_deltas, assigned, anchors)  # anchors: OHEM's NMS
+            return self.compute_loss(pred_logits, pred_deltas, targets, anchors)
         detections = self.postprocessor(pred_logits, pred_deltas, anchors,
                                         self.anchor_generator.num_anchors_per_level(feature_sizes), sizes)
         for det, size, img in zip(detections, sizes, images):
@@ -171,6 +180,32 @@ class RetinaNet(nn.Module):
             boxes = det["boxes"] / axis_scale(size, (h, w)).to(det["boxes"].device)  # (D, 4)
             det["boxes"] = clip_boxes_to_image(boxes, (h, w))  # in the input image's pixels
         return detections
+
+    def compute_loss(self, pred_logits: Tensor, pred_deltas: Tensor, targets: list[dict],
+                     anchors: Tensor) -> dict[str, Tensor]:
+        """Training-mode result: assign the batch's targets to the anchors, then the loss.
+
+        pred_logits (N, R, K), pred_deltas (N, R, 4), anchors (R, 4) XYXY, targets: N dicts of
+        ``boxes`` (M_i, 4) XYXY in the resized images' pixels and ``labels`` (M_i,). Returns
+        ``loss_cls`` and ``loss_box`` (scalars, fp32; their sum is the training loss) and
+        ``num_pos`` (scalar fp32, no gradient: the anchors assigned to a box in this batch on
+        this process, for logging; not a loss, so not to be added). With ``loss.normalizer=ema``
+        each call advances the ``num_pos_ema`` buffer.
+        """
+        gt = self.assigner(pad_targets(targets, pred_logits.device), anchors)
+        out = retinanet_losses(pred_logits, pred_deltas, gt.gt_classes, gt.gt_deltas, self.loss_settings,
+                               anchors, self.num_pos_ema)  # anchors: OHEM's NMS
+        if out.num_pos_ema is not None:
+            self.num_pos_ema.copy_(out.num_pos_ema)
+        return {**out.losses, "num_pos": out.num_pos}
+
+
+def _rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-time map of state-dict keys that moved: ``loss.num_pos_ema`` (the loss was a module)
+    is now the model's ``num_pos_ema``."""
+    old = prefix + "loss.num_pos_ema"
+    if old in state_dict:
+        state_dict.setdefault(prefix + "num_pos_ema", state_dict.pop(old))
 
 
 def _bilinear(image: Tensor, size: tuple[int, int]) -> Tensor:

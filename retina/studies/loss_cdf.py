@@ -26,7 +26,6 @@ from torch import Tensor
 
 from retina.model.assigner import pad_targets
 from retina.config import Config, load_config
-from retina.model.matcher import FOREGROUND, IGNORE
 
 MAX_NEG_PER_IMAGE = 50_000
 CURVE_POINTS = 1001  # fractions 0, 0.001, ..., 1 in the CSV
@@ -80,9 +79,9 @@ def example_margins(model: torch.nn.Module, dataset, num_images: int, device: to
         logits, _ = model.head(features)  # (N, R, K)
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
         anchors = model.anchor_generator(feature_sizes, batch.device, tuple(batch.shape[-2:]))  # (R, 4)
-        assigned = model.assigner(pad_targets(targets, batch.device), anchors)
-        valid = (assigned.labels != IGNORE)[..., None]  # (N, R, 1)
-        onehot = (assigned.classes[..., None] == k) & (assigned.labels == FOREGROUND)[..., None]  # (N, R, K)
+        gt_classes = model.assigner(pad_targets(targets, batch.device), anchors).gt_classes  # (N, R)
+        valid = (gt_classes >= 0)[..., None]  # (N, R, 1): -1 is an ignored anchor
+        onehot = gt_classes[..., None] == k  # (N, R, K); background (class K) never hits
         x = logits.float()
         for i in range(x.shape[0]):  # per image: the negative subsample is per image
             pos.append(x[i][onehot[i]].cpu())
