@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from retina.errors import InputError
+from retina.io import atomic_write
 
 CLASS_NAMES = ("square", "circle", "triangle")  # category ids 1, 2, 3
 VERSION = 2  # bump when the drawing changes, so an old set on disk is refused, not reused
@@ -160,13 +160,6 @@ def draw_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[di
 
 
 # --------------------------------------------------------------------------------- writing
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename: a killed run leaves no half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     # Level 1: most of the size gain of zlib at a fraction of the time (the noise barely packs).
@@ -185,7 +178,8 @@ def _generate_split(out_dir: Path, split: str, num_images: int, size: int, seed:
     for index in range(num_images):
         image, objects = draw_image(_image_rng(seed, split, index), size)
         file_name = f"{index:06d}.png"
-        _write_atomic(image_dir / file_name, _png_bytes(image))
+        # fsync=False: whole-or-nothing if killed; a cache regenerated at will, written by the thousand
+        atomic_write(image_dir / file_name, _png_bytes(image), fsync=False)
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
         for obj in objects:
@@ -215,10 +209,10 @@ def generate_shapes(out_dir: str | Path, num_train: int, num_val: int, image_siz
     (out_dir / "annotations").mkdir(exist_ok=True)
     for split, num_images in (("train", num_train), ("val", num_val)):
         coco = _generate_split(out_dir, split, num_images, image_size, seed)
-        _write_atomic(out_dir / "annotations" / f"instances_{split}.json",
-                      json.dumps(coco).encode())  # fmt: skip
+        atomic_write(out_dir / "annotations" / f"instances_{split}.json", json.dumps(coco).encode(),
+                     fsync=False)
     meta = _meta(num_train, num_val, image_size, seed)
-    _write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+    atomic_write(meta_path, json.dumps(meta, indent=2).encode(), fsync=False)
     return out_dir
 
 

@@ -13,9 +13,7 @@ import contextlib
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -29,6 +27,7 @@ from torchvision.ops import box_convert
 from tqdm import tqdm
 
 from retina.errors import RetinaError
+from retina.io import write_json
 
 EvalBackend = Literal["pycocotools", "faster_coco_eval"]
 
@@ -37,36 +36,6 @@ METRIC_NAMES = (
     "AP", "AP50", "AP75", "APs", "APm", "APl",
     "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
 )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------ json
-def _nan_to_none(obj: Any) -> Any:
-    """Recursively replace float NaN/inf by None: strict JSON has no NaN."""
-    if isinstance(obj, float):
-        return None if not math.isfinite(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path | str, obj: Any) -> None:
-    """Write ``obj`` as strict JSON (NaN -> null) atomically: temp file in the same dir + rename.
-
-    A reader (or a crash mid-write) never sees a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_nan_to_none(obj), f, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------ conversion
