@@ -56,6 +56,7 @@ from PIL import Image
 
 from retina.data.coco import load_coco_json
 from retina.data.convert import read_folder
+from retina.errors import InputError, MissingFileError, RetinaError
 
 ERROR, WARNING = "error", "warning"
 
@@ -154,7 +155,7 @@ def _has_size(img: dict) -> bool:
 def _records(data: dict, key: str, ann_file: Path) -> list:
     value = data.get(key, [])
     if not isinstance(value, list):
-        raise ValueError(f"{ann_file}: '{key}' should be a list")
+        raise InputError(f"{ann_file}: '{key}' should be a list")
     return value
 
 
@@ -284,16 +285,16 @@ def check_dataset(ann_file: str | Path, image_dir: str | Path, max_examples: int
         decode: decode every image completely (finds truncated files); False reads headers only.
         workers: threads reading images (default: up to 8, one per CPU).
     Raises:
-        FileNotFoundError / ValueError: one line, when the json or the folder cannot be used.
+        MissingFileError / InputError: one line, when the json or the folder cannot be used.
     """
     ann_file, image_dir = Path(ann_file), Path(image_dir)
     if not ann_file.is_file():
-        raise FileNotFoundError(f"annotation file not found: {ann_file}")
+        raise MissingFileError(f"annotation file not found: {ann_file}")
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"image directory not found: {image_dir}")
+        raise MissingFileError(f"image directory not found: {image_dir}")
     data = load_coco_json(ann_file)
     if not isinstance(data.get("images"), list):
-        raise ValueError(f"{ann_file}: no 'images' list; is this a COCO annotation file?")
+        raise InputError(f"{ann_file}: no 'images' list; is this a COCO annotation file?")
     out = _Collector(max_examples)
     sizes = _check_coco(data, ann_file, image_dir, out, decode, workers, progress)
     return CheckReport(ann_file, image_dir, *sizes, out.findings)
@@ -383,7 +384,7 @@ def data_check_cli(ann: Optional[str | Path] = None, images: Optional[str | Path
                                   progress=sys.stderr.isatty())  # fmt: skip
         else:
             report = check_dataset(ann, images, progress=sys.stderr.isatty())
-    except (FileNotFoundError, ValueError) as e:
+    except RetinaError as e:  # only errors meant for users; a bug keeps its traceback
         print(f"retina: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(format_report(report))
