@@ -84,16 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", "-j", type=int, default=1, help="runs at once")
     p.add_argument("--device", default="auto")
     p.add_argument("--report", metavar="DIR", help="only rebuild table.md/.csv and ablation.png")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="run every combination with train.seed=0..N-1 (runs named ...,seed=S); the "
+                        "report shows mean +- std (default: the config's ablate.seeds, else one run)")
 
     p = sub.add_parser("analyze", help="analyses: loss-cdf (paper Fig. 4), errors (PR curves, "
-                                       "confusion, TIDE), model (parameters, FLOPs)")
-    p.add_argument("kind", choices=["loss-cdf", "errors", "model"])
+                                       "confusion, TIDE), model (parameters, FLOPs), imbalance "
+                                       "(anchors, positives, negative pairs, CE shares)")
+    p.add_argument("kind", choices=["loss-cdf", "errors", "model", "imbalance"])
     p.add_argument("--weights", "-w", help="checkpoint file or run directory (loss-cdf: required)")
     p.add_argument("--config", "-c", help="config instead of the checkpoint's (model: the config to count)")
     p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="errors, model: config overrides, e.g. data.root=/data/coco")
+                   help="errors, model, imbalance: config overrides, e.g. data.root=/data/coco")
     p.add_argument("--gammas", default="0,0.5,1,2", help="loss-cdf: comma-separated gammas")
-    p.add_argument("--num-images", type=int, default=100, help="loss-cdf: val images to sample")
+    p.add_argument("--num-images", type=int, default=100, help="loss-cdf, imbalance: val images to sample")
+    p.add_argument("--coco", action="store_true",
+                   help="imbalance: add COCO's initial figures at 800x1333 (R and K counted, positives assumed)")
+    p.add_argument("--coco-positives", type=float, default=100.0,
+                   help="imbalance: positive anchors assumed per COCO image (default: 100; 10x is shown too)")
     p.add_argument("--detections", help="errors: a COCO results json instead of --weights")
     p.add_argument("--ann", help="errors: the COCO ground truth of --detections")
     p.add_argument("--score-thresh", type=float,
@@ -176,7 +184,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _ablate(args: argparse.Namespace) -> int:
     from retina.studies.ablate import ablate_cli
 
-    return ablate_cli(args.config, args.grid, args.set, args.out, args.jobs, args.device, args.report)
+    return ablate_cli(args.config, args.grid, args.set, args.out, args.jobs, args.device, args.report,
+                      args.seeds)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -185,6 +194,11 @@ def _analyze(args: argparse.Namespace) -> int:
 
         return errors_cli(args.weights, args.detections, args.ann, args.config, args.set, args.out,
                           args.device, args.score_thresh)
+    if args.kind == "imbalance":
+        from retina.studies.imbalance import imbalance_cli
+
+        return imbalance_cli(args.config, args.weights, args.set, args.num_images, args.coco,
+                             args.coco_positives, args.device)
     if args.kind == "model":
         from retina.studies.model_stats import model_cli
 

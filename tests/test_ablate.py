@@ -14,6 +14,7 @@ import torch
 from retina.studies import ablate
 from retina.studies.ablate import expand_grid, grids_from_config, plan_sweep, run_name, run_sweep
 from retina.studies.report import build_report, collect_runs
+from retina.studies.runs import group_seeds, tied
 from retina.studies.loss_cdf import focal_loss_of_margin, loss_cdf, normalized_cdf, sample_curve
 from retina.config import ConfigError, config_from_dict, load_config
 from retina.model.losses import LossSettings, OhemSettings, focal_star_loss, ohem_select, retinanet_losses
@@ -244,6 +245,96 @@ def test_report_marks_unfinished_runs_and_needs_runs(tmp_path):
     assert "| gamma=3 | running | 3 |  |  |  |  |  |  |  |  |  |" in md
     with pytest.raises(FileNotFoundError, match="no run directories"):
         build_report(tmp_path / "gamma=3")
+
+
+# ------------------------------------------------------------------------------------ seeds
+def test_seeds_add_a_seed_override_seed_major(tmp_path):
+    runs = plan_sweep(SHAPES, ["loss.gamma=0,2"], [], tmp_path, seeds=2)
+    # seed 0 of every combination first: a sweep stopped halfway has each setting once
+    assert [r.name for r in runs] == ["gamma=0,seed=0", "gamma=2,seed=0", "gamma=0,seed=1", "gamma=2,seed=1"]
+    assert runs[2].overrides == ("loss.gamma=0", "train.seed=1")
+    assert [r.name for r in plan_sweep(SHAPES, ["loss.gamma=0"], [], tmp_path)] == ["gamma=0"]  # no seeds
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"base: {SHAPES}\nablate:\n  seeds: 3\n  grids:\n    - {{loss.alpha: [0.25]}}\n")
+    assert [r.name for r in plan_sweep(preset, [], [], tmp_path)] == [f"alpha=0.25,seed={s}" for s in range(3)]
+    assert len(plan_sweep(preset, [], [], tmp_path, seeds=1)) == 1  # --seeds wins over the file
+    with pytest.raises(ConfigError, match="--seeds=0: the number of seeds must be an integer >= 1"):
+        plan_sweep(SHAPES, [], [], tmp_path, seeds=0)
+    with pytest.raises(ConfigError, match="already sweeps train.seed"):
+        plan_sweep(SHAPES, ["train.seed=0,1"], [], tmp_path, seeds=2)
+    preset.write_text(f"base: {SHAPES}\nablate: {{seed: 3}}\n")
+    with pytest.raises(ConfigError, match="unknown key 'ablate.seed'; expected ablate.grids or ablate.seeds"):
+        plan_sweep(preset, [], [], tmp_path)
+
+
+def test_cli_seeds_reach_the_sweep_and_the_report(tmp_path, monkeypatch, capsys):
+    from retina.cli import main
+
+    def fake_train(run, config_path, sets, device, resume):  # AP 40 + seed
+        seed = int(dict(o.split("=") for o in run.overrides)["train.seed"])
+        (run.run_dir / "metrics.json").write_text(json.dumps({"AP": 40.0 + seed}))
+        return None
+
+    monkeypatch.setattr(ablate, "_train_in_process", fake_train)
+    out = tmp_path / "sweep"
+    assert main(["ablate", "--config", SHAPES, "--grid", "loss.gamma=2", "--seeds", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["gamma=2,seed=0", "gamma=2,seed=1"]
+    # mean (40 + 41) / 2 = 40.5; std sqrt((0.25 + 0.25) / 1) = 0.707
+    assert "| gamma=2 | 2 | 40.5 ± 0.7 |" in (out / "table.md").read_text()
+    assert "sweep of 2 runs done" in capsys.readouterr().out
+
+
+def _seed_runs(out: Path, overrides: list[str], aps: list[float]) -> None:
+    """One fake finished run per seed; AP50 = AP + 20 and AP75 = AP + 2 (so their stats follow)."""
+    for seed, ap in enumerate(aps):
+        _fake_run(out, [*overrides, f"train.seed={seed}"], (ap, ap + 20, ap + 2, 10.0, 20.0, 30.0))
+
+
+def test_report_with_seeds_mean_std_ties_and_the_paper(tmp_path):
+    out = tmp_path / "sweep"
+    # CE alpha .75: 30, 31, 32 -> mean 31, std sqrt((1 + 0 + 1) / 2) = 1.0
+    _seed_runs(out, ["loss.gamma=0", "loss.alpha=0.75"], [30.0, 31.0, 32.0])
+    # FL gamma 2 alpha .25: 34, 36, 35 -> mean 35, std 1.0 (the best)
+    _seed_runs(out, ["loss.gamma=2", "loss.alpha=0.25"], [34.0, 36.0, 35.0])
+    # FL gamma 2 alpha .75: 33, 35, 34 -> mean 34, std 1.0; -1.0 from the best, under 2 x 1.0: a tie
+    _seed_runs(out, ["loss.gamma=2", "loss.alpha=0.75"], [33.0, 35.0, 34.0])
+    # OHEM: 28, 29, 33 -> mean 30, std sqrt((4 + 1 + 9) / 2) = sqrt(7) = 2.646; -5.0 from the best,
+    # under 2 x max(2.646, 1.0) = 5.29: a tie too, though 4 AP further than the CE below
+    _seed_runs(out, ["loss.type=ohem", "loss.gamma=0", "loss.alpha=null"], [28.0, 29.0, 33.0])
+    md = build_report(out)["table.md"].read_text()
+
+    assert "| type=ohem,gamma=0,alpha=null,seed=2 | - | none | 2 | ohem | 33.0 |" in md  # OHEM reads no gamma
+    assert ("| setting | seeds | AP | AP50 | AP75 | paper AP | vs best |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+            "| gamma=2,alpha=0.25 | 3 | 35.0 ± 1.0 | 55.0 ± 1.0 | 37.0 ± 1.0 | 34.0 (1b) | best |\n"
+            "| gamma=2,alpha=0.75 | 3 | 34.0 ± 1.0 | 54.0 ± 1.0 | 36.0 ± 1.0 |  | -1.0 AP (tie) |\n"
+            "| gamma=0,alpha=0.75 | 3 | 31.0 ± 1.0 | 51.0 ± 1.0 | 33.0 ± 1.0 | 31.1 (1a) | -4.0 AP (beyond 2 std) |\n"
+            "| type=ohem,gamma=0,alpha=null | 3 | 30.0 ± 2.6 | 50.0 ± 2.6 | 32.0 ± 2.6 |  | -5.0 AP (tie) |") in md
+    assert ("| gamma \\ alpha | 0.25 | 0.75 |\n| --- | ---: | ---: |\n| 0 |  | 31.0 ± 1.0 |\n"
+            "| 2 | 35.0 ± 1.0 | 34.0 ± 1.0 |") in md
+    assert ("| gamma | alpha | AP | AP50 | AP75 | tied alphas |\n| --- | --- | ---: | ---: | ---: | ---: |\n"
+            "| 0 | 0.75 | 31.0 ± 1.0 | 51.0 ± 1.0 | 33.0 ± 1.0 | none |\n"
+            "| 2 | 0.25 | 35.0 ± 1.0 | 55.0 ± 1.0 | 37.0 ± 1.0 | 0.75 |") in md
+    assert ("- FL (gamma 2, alpha .25) against the best alpha-balanced CE (gamma=0,alpha=0.75): +4.0 AP "
+            "(beyond 2 std). Paper (Table 1a/1b): 34.0 against 31.1, +2.9 AP.") in md
+    assert ("- The best OHEM (type=ohem,gamma=0,alpha=null) against FL (gamma 2, alpha .25): -5.0 AP (tie). "
+            "Paper (Table 1d, R-101): 32.8 against 36.0, -3.2 AP.") in md
+
+
+def test_seed_groups_by_hand_and_a_single_seed_has_no_verdict(tmp_path):
+    _seed_runs(tmp_path, ["loss.gamma=2"], [34.0, 35.0])  # mean 34.5, std sqrt(0.125 + 0.125) = 0.7071
+    _seed_runs(tmp_path, ["loss.gamma=1"], [20.0])  # one seed: no std
+    (tmp_path / "gamma=1,seed=1").mkdir()  # its second seed still running
+    (tmp_path / "gamma=1,seed=1" / "ablate_run.json").write_text(
+        json.dumps({"overrides": ["loss.gamma=1", "train.seed=1"], "status": "running"}))
+    keys, settings = group_seeds(*collect_runs(tmp_path))
+    assert keys == ["loss.gamma"]
+    one, two = settings  # sorted by gamma
+    assert (one.name, len(one.runs), one.n, one.mean(), one.std()) == ("gamma=1", 2, 1, 20.0, None)
+    assert (two.name, two.n, two.mean()) == ("gamma=2", 2, 34.5)
+    assert two.std() == pytest.approx(math.sqrt(((34 - 34.5) ** 2 + (35 - 34.5) ** 2) / (2 - 1)))
+    assert tied(one, two) is None
+    md = build_report(tmp_path)["table.md"].read_text()
+    assert "| gamma=1 | 1 | 20.0 (n=1) |" in md and "-14.5 AP (no std: fewer than 2 seeds) |" in md
 
 
 # ------------------------------------------------------------------------------------ OHEM

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-__all__ = ["BackboneConfig", "FPNConfig", "AnchorConfig", "HeadConfig", "MatcherConfig", "BoxCoderConfig", "InputConfig", "InferenceConfig", "ModelConfig", "ShapesConfig", "DataConfig", "OhemConfig", "FocalStarConfig", "LossConfig", "SolverConfig", "TrainConfig", "EvalConfig", "Config"]
+__all__ = ["BackboneConfig", "FPNConfig", "AnchorConfig", "HeadConfig", "MatcherConfig", "BoxCoderConfig", "InputConfig", "InferenceConfig", "ModelConfig", "ShapesConfig", "DenseConfig", "DataConfig", "OhemConfig", "FocalStarConfig", "LossConfig", "SolverConfig", "TrainConfig", "EvalConfig", "Config"]
 
 
 @dataclass(frozen=True)
@@ -122,9 +122,22 @@ class ShapesConfig:
 
 
 @dataclass(frozen=True)
+class DenseConfig:
+    """The dense benchmark (retina/data/dense.py): many classes of COCO-sized objects on larger
+    images, so the (anchor, class) imbalance approaches COCO's; generated into ``data.root``."""
+
+    num_train: int = 4000
+    num_val: int = 200
+    image_size: int = 256
+    num_classes: int = 80  # K <= 80: colour x shape, colour-major
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    # "shapes": the bundled synthetic set (generated if missing); "coco": files the user gives.
-    dataset: Literal["shapes", "coco"] = "coco"
+    # "shapes": the bundled synthetic set; "dense": the Table 1 benchmark (both generated if
+    # missing); "coco": files the user gives.
+    dataset: Literal["shapes", "dense", "coco"] = "coco"
     root: str = "data/coco"
     # Layout of the user's files (dataset "coco"): "coco" json (the *_ann / *_images keys below);
     # "voc" (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt); "yolo" (root is or holds a
@@ -152,6 +165,7 @@ class DataConfig:
     # DataLoader worker, from its 100th read on).
     max_bad_fraction: float = 0.01
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)  # read when dataset is dense
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Literal, Optional
 from retina.config import Config
 from retina.data.coco import BadImageError, CocoDetection, collate
 from retina.data.convert import read_folder
+from retina.data.dense import ensure_dense, generate_dense
 from retina.data.formats import detect_format
 from retina.data.robust import SkipBadImages, TooManyBadImages
 from retina.data.shapes import ensure_shapes, generate_shapes
@@ -25,7 +26,9 @@ __all__ = [
     "build_dataset",
     "build_transforms",
     "collate",
+    "ensure_dense",
     "ensure_shapes",
+    "generate_dense",
     "generate_shapes",
     "SkipBadImages",
     "TooManyBadImages",
@@ -33,11 +36,15 @@ __all__ = [
 
 
 def dataset_paths(cfg: Config, split: Literal["train", "val"]) -> tuple[Path, Path]:
-    """(annotation file, image folder) of ``split``; the shapes set is generated when missing."""
+    """(annotation file, image folder) of ``split``; the shapes and dense sets are generated
+    when missing."""
     data = cfg.data
     root = Path(data.root)
     if data.dataset == "shapes":
         ensure_shapes(root, **dataclasses.asdict(data.shapes))
+        return root / "annotations" / f"instances_{split}.json", root / split
+    if data.dataset == "dense":
+        ensure_dense(root, **dataclasses.asdict(data.dense))
         return root / "annotations" / f"instances_{split}.json", root / split
     if data.dataset == "coco":
         ann = root / (data.train_ann if split == "train" else data.val_ann)
@@ -49,7 +56,7 @@ def dataset_paths(cfg: Config, split: Literal["train", "val"]) -> tuple[Path, Pa
                     "for the expected layout, or train on the bundled set with data.dataset=shapes"
                 )
         return ann, images
-    raise ValueError(f"data.dataset={data.dataset!r} should be 'shapes' or 'coco'")
+    raise ValueError(f"data.dataset={data.dataset!r} should be 'shapes', 'dense' or 'coco'")
 
 
 def dataset_source(cfg: Config, split: Literal["train", "val"]) -> tuple[Path | dict, Path, Optional[str]]:

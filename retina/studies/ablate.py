@@ -5,27 +5,30 @@ and each is a YAML value read as ``--set`` reads it (YAML 1.2: ``null``, ``0.25`
 ``[96]``). So a list-valued key takes bracketed values: ``model.input.min_size=[96],[128]`` is
 two runs, ``model.input.min_size=[96,128],[128]`` is two runs as well (the first multi-scale).
 Several grids multiply, the first varying slowest. A config may also hold the grid, in an
-``ablate:`` section that training ignores (``retina/config.py`` drops it)::
+``ablate:`` section that training ignores (``retina/config/loader.py`` drops it)::
 
     ablate:
       grids:   # each entry one product of keys; the sweep is their union, in this order
         - {loss.gamma: [0, 1, 2], loss.alpha: [0.25, 0.75]}
-        - {loss.type: [ohem], loss.alpha: [null]}
+        - {loss.type: [ohem], loss.gamma: [0], loss.alpha: [null]}
+      seeds: 3  # optional: every combination with train.seed = 0, 1, 2
 
-``--grid`` on the command line replaces the file's grids. Each combination trains in
-``OUT/<name>/`` (name: ``gamma=0.5,alpha=0.25``, from the grid's keys and values), with its
-resolved ``config.yaml``, ``metrics.jsonl``, ``metrics.json`` and ``ablate_run.json`` (the
+``--grid`` on the command line replaces the file's grids, ``--seeds N`` its seeds. With seeds,
+every combination runs N times with the override ``train.seed=S`` (S = 0..N-1) added last, named
+``...,seed=S``; seed 0 of every combination runs first, then seed 1, ..., so a sweep stopped
+halfway has every setting at seed 0. Each combination trains in ``OUT/<name>/`` (name: ``gamma=0.5,alpha=0.25``, from the grid's keys and values), with
+its resolved ``config.yaml``, ``metrics.jsonl``, ``metrics.json`` and ``ablate_run.json`` (the
 overrides, wall time and status). Re-running skips runs that have ``metrics.json`` and resumes
-those that have a checkpoint; a run that failed (e.g. diverged) is tried again. The tables and
-the plot come from ``retina/ablate_report.py`` and are rebuilt from the run directories alone.
+those that have a checkpoint; a run that failed (e.g. diverged) is tried again; so a long sweep
+can be run in parts (stop it, start it again). The tables and the plot come from
+``retina/studies/report.py`` (mean +- std over seeds) and are rebuilt from the run directories alone.
+Parsing the grids and naming the runs is ``grid.py``'s; this module plans and runs the sweep.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -33,118 +36,17 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-import yaml
+from retina.config import ConfigError, load_config
+from retina.studies.grid import check_seeds, expand_grid, grids_from_config, run_name, seeds_from_config
+from retina.studies.report import build_report
+from retina.studies.runs import SEED_KEY
 
-from retina.studies.report import build_report, short_keys
-from retina.config import ConfigError, load_config, yaml_load
-
-__all__ = ["expand_grid", "run_name", "plan_sweep", "run_sweep", "build_report", "ablate_cli"]
+# expand_grid, grids_from_config and run_name (grid.py) are part of this module's interface too.
+__all__ = ["expand_grid", "grids_from_config", "run_name", "plan_sweep", "run_sweep", "build_report", "ablate_cli"]
 
 RUN_FILE = "ablate_run.json"  # per run: overrides, wall time, status
-
-
-# ------------------------------------------------------------------------------------- grids
-def split_values(raw: str) -> list[str]:
-    """``"0,[96,128],'a,b'"`` -> ``["0", "[96,128]", "'a,b'"]``: commas at depth 0 split."""
-    parts, depth, quote, start = [], 0, "", 0
-    for i, ch in enumerate(raw):
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(raw[start:i])
-            start = i + 1
-    parts.append(raw[start:])
-    return [p.strip() for p in parts]
-
-
-def parse_grid(item: str) -> tuple[str, list[str]]:
-    """``"loss.gamma=0,0.5"`` -> ``("loss.gamma", ["0", "0.5"])``; values checked as YAML."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key or not raw.strip():
-        raise ConfigError(f"--grid {item}: expected key=v1,v2,..., e.g. loss.gamma=0,0.5,1,2")
-    values = split_values(raw)
-    for v in values:
-        if not v:
-            raise ConfigError(f"--grid {item}: empty value")
-        try:
-            yaml_load(v)
-        except yaml.YAMLError:
-            raise ConfigError(f"--grid {item}: value {v!r} is not valid YAML") from None
-    return key, values
-
-
-def expand_grid(grids: Sequence[str]) -> list[list[str]]:
-    """Every combination of the grids as ``--set`` overrides; no grid: one run, no override.
-
-    ``["loss.gamma=0,1", "loss.alpha=0.25,0.75"]`` -> ``[["loss.gamma=0", "loss.alpha=0.25"],
-    ["loss.gamma=0", "loss.alpha=0.75"], ["loss.gamma=1", "loss.alpha=0.25"], ...]``.
-    """
-    parsed = [parse_grid(g) for g in grids]
-    keys = [k for k, _ in parsed]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
-    if repeated:
-        raise ConfigError(f"--grid: key '{repeated[0]}' given twice; list its values once")
-    return [[f"{k}={v}" for k, v in zip(keys, combo)]
-            for combo in itertools.product(*(values for _, values in parsed))]
-
-
-def _yaml_value_text(value: Any) -> str:
-    """A value of an ``ablate:`` section back to ``--set`` text (JSON is YAML)."""
-    if isinstance(value, str) and yaml_load(value) == value:
-        return value
-    return json.dumps(value)
-
-
-def grids_from_config(path: str | Path) -> list[list[str]]:
-    """The ``ablate: grids:`` of a config file (its own text, not its base's) as lists of
-    ``--grid`` items, one list per product; [] when it has none."""
-    data = yaml_load(Path(path).read_text()) or {}
-    section = data.get("ablate") if isinstance(data, dict) else None
-    if section is None:
-        return []
-    grids = section.get("grids") if isinstance(section, dict) else None
-    if not isinstance(grids, list) or not all(isinstance(g, dict) and g for g in grids):
-        raise ConfigError(f"{path}: ablate.grids should be a list of mappings key: [values]")
-    out = []
-    for g in grids:
-        items = []
-        for key, values in g.items():
-            values = values if isinstance(values, list) else [values]
-            items.append(f"{key}=" + ",".join(_yaml_value_text(v) for v in values))
-        out.append(items)
-    return out
-
-
-# ------------------------------------------------------------------------------------ naming
-def _clean_value(raw: str) -> str:
-    v = raw.strip().strip("'\"")
-    v = re.sub(r"[\[\]{}'\" ]", "", v).replace(",", "-")
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", v) or "_"
-
-
-def run_name(overrides: Sequence[str]) -> str:
-    """``["loss.gamma=0.5", "loss.alpha=0.25"]`` -> ``"gamma=0.5,alpha=0.25"``, a directory name.
-
-    Keys shortened to their shortest unambiguous suffix, values stripped of brackets and quotes
-    (list items joined by ``-``), any other character outside ``[A-Za-z0-9._+-]`` -> ``_``.
-    No override: ``"default"``.
-    """
-    if not overrides:
-        return "default"
-    pairs = [o.split("=", 1) for o in overrides]
-    keys = short_keys([k.strip() for k, _ in pairs])
-    name = ",".join(f"{re.sub(r'[^A-Za-z0-9._+-]', '_', k)}={_clean_value(v)}"
-                    for k, (_, v) in zip(keys, pairs))
-    return name if len(name) <= 200 else name[:200]
 
 
 # ------------------------------------------------------------------------------------ sweeps
@@ -156,13 +58,23 @@ class SweepRun:
 
 
 def plan_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str],
-               out_dir: str | Path) -> list[SweepRun]:
+               out_dir: str | Path, seeds: Optional[int] = None) -> list[SweepRun]:
     """The runs of a sweep, each config checked now so a typo stops it before any training.
 
-    ``grids`` empty: the config's ``ablate: grids:`` (several products, concatenated).
+    ``grids`` empty: the config's ``ablate: grids:`` (several products, concatenated). ``seeds``
+    None: the config's ``ablate: seeds:``, else none (no seed override, names without seed);
+    N: every combination with ``train.seed=S`` for S = 0..N-1, seed-major (see the docstring).
     """
     products = [list(grids)] if grids else grids_from_config(config_path)
     combos = [c for product in (products or [[]]) for c in expand_grid(product)]
+    if seeds is None:
+        seeds = seeds_from_config(config_path)
+    else:
+        check_seeds(seeds, "--seeds")
+    if seeds is not None:
+        if any(o.partition("=")[0].strip() == SEED_KEY for c in combos for o in c):
+            raise ConfigError(f"--seeds: the grid already sweeps {SEED_KEY}; give one or the other")
+        combos = [[*c, f"{SEED_KEY}={s}"] for s in range(seeds) for c in combos]
     runs, seen = [], {}
     for overrides in combos:
         cfg = load_config(config_path, [*sets, *overrides])
@@ -290,7 +202,8 @@ def _child_error(run_dir: Path, returncode: int) -> str:
 
 
 def run_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str],
-              out_dir: str | Path, jobs: int = 1, device: str = "auto") -> list[dict]:
+              out_dir: str | Path, jobs: int = 1, device: str = "auto",
+              seeds: Optional[int] = None) -> list[dict]:
     """Train every combination not finished yet into ``out_dir/<name>/``.
 
     ``jobs`` 1 trains in this process; more start ``python -m retina train`` subprocesses, that
@@ -301,7 +214,7 @@ def run_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str]
     config_path, out_dir = Path(config_path), Path(out_dir)
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: must be >= 1")
-    runs = plan_sweep(config_path, grids, sets, out_dir)
+    runs = plan_sweep(config_path, grids, sets, out_dir, seeds)
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = _Progress(len(runs))
     results: dict[str, dict] = {}
@@ -367,9 +280,10 @@ def run_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str]
 # --------------------------------------------------------------------------------------- CLI
 def ablate_cli(config: Optional[str], grids: Sequence[str] = (), sets: Sequence[str] = (),
                out: Optional[str] = None, jobs: int = 1, device: str = "auto",
-               report_only: Optional[str] = None) -> int:
+               report_only: Optional[str] = None, seeds: Optional[int] = None) -> int:
     """``retina ablate --config C --grid k=v1,v2 [--grid ...] [--set k=v ...] [--out DIR]
-    [--jobs J]`` (default out: runs/ablate/<config name>), or ``retina ablate --report DIR``.
+    [--jobs J] [--seeds N]`` (default out: runs/ablate/<config name>), or ``retina ablate
+    --report DIR``.
     Errors are ConfigError / TrainingError for the CLI to print; returns the exit status."""
     if report_only is not None:
         paths = build_report(report_only)
@@ -382,7 +296,7 @@ def ablate_cli(config: Optional[str], grids: Sequence[str] = (), sets: Sequence[
     config_path = find_config(config)
     out_dir = Path(out) if out else Path("runs") / "ablate" / config_path.stem
     t0 = time.perf_counter()
-    results = run_sweep(config_path, grids, sets, out_dir, jobs, device)
+    results = run_sweep(config_path, grids, sets, out_dir, jobs, device, seeds)
     paths = build_report(out_dir)
     failed = [r["name"] for r in results if r["status"] == "failed"]
     print(f"sweep of {len(results)} runs done in {_fmt_time(time.perf_counter() - t0)}"

@@ -1,145 +1,66 @@
 """The tables and plot of a sweep, rebuilt from its run directories alone (``retina ablate
 --report DIR``): ``table.csv`` and ``table.md`` (one row per run), the paper's views in
-``table.md`` (AP over gamma x alpha, the best alpha for each gamma as in Table 1a/1b, the other
-loss types as in Table 1d / appendix A) and ``ablation.png`` (AP against gamma, one line per alpha).
+``table.md`` and ``ablation.png`` (AP against gamma, one line per alpha).
 
-A run directory is a direct subdirectory holding ``ablate_run.json`` or ``config.yaml``. The swept
-keys are the keys of its grid overrides plus any config key whose resolved value differs between
-runs; values come from the run's resolved ``config.yaml`` (else its overrides, else the defaults).
+The paper's views are computed over *settings* (``runs.py``: the runs of one combination of
+swept values, over seeds): AP as mean +- std over the seeds when a sweep has several, ties marked
+(|difference| < 2 x the larger std), and the paper's own numbers (``PAPER``) beside ours:
+
+- AP over gamma x alpha and the best alpha for each gamma (Table 1a is the gamma 0 row, 1b the rest);
+- the best setting of each loss (FL, alpha-balanced CE, OHEM, FL*) and the paper's questions: does
+  FL (gamma 2, alpha .25) beat the best CE, does OHEM stay below it;
+- the other losses (Table 1d: OHEM; appendix A: FL*).
+
+A key that a run's choices do not read (``loss.gamma`` of OHEM, ``loss.ohem.*`` of FL) shows as
+"-": ``retina.config.key_applies`` decides, not this module.
 """
 
 from __future__ import annotations
 
 import csv
-import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
+from retina.config import get_key, key_applies
+from retina.studies.runs import (METRICS, SEED_KEY, RunRow, Setting, collect_runs, group_seeds, short_keys,
+                                 sort_key, tied)
 
-from retina.config import Config, config_to_dict, yaml_load
-
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-@dataclass
-class RunRow:
-    name: str
-    status: str  # done | failed | running | interrupted | unfinished
-    values: dict[str, Any]  # swept key -> resolved value
-    metrics: dict[str, Optional[float]] = field(default_factory=dict)
-    loss_cls: Optional[float] = None
-    loss_box: Optional[float] = None
-    wall_s: Optional[float] = None
-    error: Optional[str] = None
-
-    @property
-    def ap(self) -> Optional[float]:
-        return self.metrics.get("AP")
+__all__ = ["PAPER", "build_report", "collect_runs", "fmt_value", "short_keys"]
 
 
-def short_keys(keys: Sequence[str]) -> list[str]:
-    """The shortest dotted suffix of each key that no other key shares: loss.gamma -> gamma,
-    unless loss.focal_star.gamma is there too (then loss.gamma and focal_star.gamma)."""
-    out = []
-    for key in keys:
-        parts = key.split(".")
-        for n in range(1, len(parts) + 1):
-            suffix = ".".join(parts[-n:])
-            if not any(o != key and (o == suffix or o.endswith("." + suffix)) for o in keys):
-                break
-        out.append(suffix)
-    return out
+@dataclass(frozen=True)
+class PaperResult:
+    """One number of the paper's Table 1 and the config values that reproduce its setting."""
+
+    table: str  # "1a", "1b", "1d"
+    ap: float
+    when: tuple[tuple[str, tuple], ...]  # (key, accepted values)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+_PRIOR = ("model.head.prior_prob", (0.01,))  # pi = 0.01 in every Table 1 run (Sec. 4.1)
+# Only entries quoted with certainty: Table 1a's best CE and Table 1b's best FL (R-50, 600 px).
+PAPER: tuple[PaperResult, ...] = (
+    PaperResult("1a", 31.1, (("loss.type", ("focal", "ce")), ("loss.gamma", (0.0,)), ("loss.alpha", (0.75,)), _PRIOR)),
+    PaperResult("1b", 34.0, (("loss.type", ("focal",)), ("loss.gamma", (2.0,)), ("loss.alpha", (0.25,)), _PRIOR)),
+)
+PAPER_OHEM = (32.8, 36.0)  # Table 1d (R-101): OHEM's best setting against FL
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+def paper_result(s: Setting) -> Optional[PaperResult]:
+    """The paper's number for this setting's loss, if Table 1 has it (in ``PAPER``)."""
+    for p in PAPER:
+        if all(get_key(s.cfg, k) in v for k, v in p.when):
+            return p
+    return None
 
 
-def _last_losses(path: Path) -> tuple[Optional[float], Optional[float]]:
-    """(loss_cls, loss_box) of the last logged training record in metrics.jsonl."""
-    last: dict = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None, None
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:  # a line cut by a kill
-            continue
-        if isinstance(rec, dict) and "loss_cls" in rec:
-            last = rec
-    return last.get("loss_cls"), last.get("loss_box")
-
-
-def _number(v: Any) -> Optional[float]:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-def collect_runs(out_dir: str | Path) -> tuple[list[str], list[RunRow]]:
-    """(swept keys, one row per run directory of ``out_dir``, sorted by the swept values)."""
-    dirs = sorted(d for d in Path(out_dir).iterdir()
-                  if d.is_dir() and ((d / "ablate_run.json").is_file() or (d / "config.yaml").is_file()))
-    infos = []
-    for d in dirs:
-        run_file = _read_json(d / "ablate_run.json") or {}
-        overrides = {k.strip(): yaml_load(v) for k, _, v in
-                     (o.partition("=") for o in run_file.get("overrides", []))}
-        try:
-            config = _flatten(yaml.safe_load((d / "config.yaml").read_text()) or {})
-        except (OSError, yaml.YAMLError):
-            config = None
-        infos.append((d, run_file, overrides, config))
-    keys: list[str] = []
-    for _, _, overrides, _ in infos:
-        keys += [k for k in overrides if k not in keys]
-    configs = [c for *_, c in infos if c is not None]
-    if len(configs) > 1:
-        keys += [k for k in configs[0] if k not in keys and any(c.get(k) != configs[0][k] for c in configs)]
-    defaults = _flatten(config_to_dict(Config()))
-
-    rows = []
-    for d, run_file, overrides, config in infos:
-        values = {}
-        for k in keys:
-            if config is not None and k in config:
-                values[k] = config[k]
-            else:
-                values[k] = overrides.get(k, defaults.get(k))
-        metrics = _read_json(d / "metrics.json")
-        status = "done" if metrics is not None else run_file.get("status", "unfinished")
-        status = "unfinished" if status == "done" and metrics is None else status
-        loss_cls, loss_box = _last_losses(d / "metrics.jsonl")
-        rows.append(RunRow(d.name, status, values, {m: _number((metrics or {}).get(m)) for m in METRICS},
-                           _number(loss_cls), _number(loss_box), _number(run_file.get("wall_s")),
-                           run_file.get("error") if metrics is None else None))
-    rows.sort(key=lambda r: tuple(_sort_key(r.values[k]) for k in keys) + (r.name,))
-    return keys, rows
-
-
-def _sort_key(v: Any) -> tuple:
-    if v is None:
-        return (0, 0.0, "")
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return (1, float(v), "")
-    return (2, 0.0, str(v))
+def family(s: Setting) -> str:
+    """The paper's loss families: FL (gamma > 0), alpha-balanced CE (FL at gamma 0), OHEM, FL*."""
+    t = s.cfg.loss.type
+    if t in ("focal", "ce"):
+        return "FL (gamma > 0)" if t == "focal" and s.cfg.loss.gamma > 0 else "alpha-balanced CE (gamma 0)"
+    return "OHEM" if t == "ohem" else "FL*"
 
 
 # --------------------------------------------------------------------------------- formatting
@@ -155,6 +76,14 @@ def fmt_value(v: Any) -> str:
 
 def _fmt_metric(v: Optional[float]) -> str:
     return "" if v is None else f"{v:.1f}"
+
+
+def _fmt_stat(s: Setting, metric: str = "AP", seeds: bool = True) -> str:
+    """``34.1 +- 0.8`` over seeds; a single run: its value."""
+    mean, std = s.mean(metric), s.std(metric)
+    if mean is None or not seeds:
+        return _fmt_metric(mean)
+    return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f} (n=1)"
 
 
 def _fmt_loss(v: Optional[float]) -> str:
@@ -174,65 +103,101 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], right_from: 
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _shown(row: RunRow, key: str) -> str:
+    """A swept value, or "-" where the run's choices do not read the key (``key_applies``)."""
+    return fmt_value(row.values[key]) if key_applies(key, row.cfg) else "-"
+
+
+def _verdict(a: Setting, b: Setting) -> str:
+    """a against b: the AP difference and whether the seeds separate it (runs.tied)."""
+    diff = a.ap - b.ap
+    tie = tied(a, b)
+    mark = {True: "tie", False: "beyond 2 std", None: "no std: fewer than 2 seeds"}[tie]
+    return f"{diff:+.1f} AP ({mark})"
+
+
 # ------------------------------------------------------------------------------- paper views
-def _loss_family(row: RunRow) -> tuple[str, Optional[float], Optional[float]]:
-    """(type, effective gamma, alpha); ce is FL with gamma 0 (losses.py)."""
-    t = row.values.get("loss.type", "focal")
-    gamma = row.values.get("loss.gamma", 2.0)
-    return t, (0.0 if t == "ce" else gamma), row.values.get("loss.alpha", 0.25)
-
-
-def _group_of(row: RunRow, keys: Sequence[str]) -> tuple:
+def _group_of(s: Setting, keys: Sequence[str]) -> tuple:
     """The values of swept keys outside the loss: one set of views per combination."""
-    return tuple((k, fmt_value(row.values[k])) for k in keys if not k.startswith("loss."))
+    return tuple((k, fmt_value(s.values[k])) for k in keys if not k.startswith("loss."))
 
 
-def _grid_views(rows: list[RunRow], keys: Sequence[str]) -> list[str]:
-    """AP over gamma x alpha and the best alpha per gamma (Table 1a/1b), per group."""
-    fl_rows = [r for r in rows if r.ap is not None and _loss_family(r)[0] in ("focal", "ce")]
-    if not fl_rows or not {"loss.gamma", "loss.alpha"} & set(keys):
+def _seed_table(keys: Sequence[str], settings: list[Setting]) -> list[str]:
+    """Mean +- std over seeds per setting, the paper's AP beside it, each against the best."""
+    done = [s for s in settings if s.ap is not None]
+    if not done:
+        return []
+    best = max(done, key=lambda s: s.ap)
+    body = []
+    for s in sorted(done, key=lambda s: -s.ap):
+        paper = paper_result(s)
+        body.append([s.name, str(s.n), _fmt_stat(s), _fmt_stat(s, "AP50"), _fmt_stat(s, "AP75"),
+                     f"{paper.ap:.1f} ({paper.table})" if paper else "",
+                     "best" if s is best else _verdict(s, best)])
+    return ["", "## Mean ± std over seeds", "",
+            "Sample std over the finished seeds (n - 1). A difference is a tie when it is under "
+            "2 x the larger of the two settings' std. Paper: Table 1 (R-50, 600 px, COCO minival).", "",
+            *_md_table(["setting", "seeds", "AP", "AP50", "AP75", "paper AP", "vs best"], body, 1)]
+
+
+def _grid_views(keys: Sequence[str], settings: list[Setting], seeds: bool) -> list[str]:
+    """AP over gamma x alpha and the best alpha per gamma (Table 1a/1b), per group of two or
+    more settings (one setting alone, e.g. FL without the prior, is no grid)."""
+    fl = [s for s in settings if s.ap is not None and s.cfg.loss.type in ("focal", "ce")]
+    if not fl or not {"loss.gamma", "loss.alpha"} & set(keys):
         return []
     lines: list[str] = []
-    groups = sorted({_group_of(r, keys) for r in fl_rows})
-    for group in groups:
-        members = [r for r in fl_rows if _group_of(r, keys) == group]
+    for group in sorted({_group_of(s, keys) for s in fl}):
+        members = [s for s in fl if _group_of(s, keys) == group]
+        if len(members) < 2:
+            continue
         suffix = f" ({', '.join(f'{k}={v}' for k, v in group)})" if group else ""
-        gammas = sorted({_loss_family(r)[1] for r in members}, key=_sort_key)
-        alphas = sorted({_loss_family(r)[2] for r in members}, key=_sort_key)
-        cell = {(_loss_family(r)[1], _loss_family(r)[2]): r for r in members}
+        gammas = sorted({s.cfg.loss.gamma for s in members}, key=sort_key)
+        alphas = sorted({s.cfg.loss.alpha for s in members}, key=sort_key)
+        cell = {(s.cfg.loss.gamma, s.cfg.loss.alpha): s for s in members}
         lines += ["", f"## AP: gamma x alpha{suffix}", "",
                   "Focal loss, gamma 0 being alpha-balanced CE (Table 1a is its row; Table 1b the rest).", ""]
-        body = [[fmt_value(g)] + [_fmt_metric(cell[(g, a)].ap) if (g, a) in cell else "" for a in alphas]
+        body = [[fmt_value(g)] + [_fmt_stat(cell[(g, a)], seeds=seeds) if (g, a) in cell else "" for a in alphas]
                 for g in gammas]
         lines += _md_table(["gamma \\ alpha"] + [fmt_value(a) for a in alphas], body, 1)
         lines += ["", f"## Best alpha for each gamma{suffix}", ""]
-        best = []
+        best_rows = []
         for g in gammas:
-            r = max((r for r in members if _loss_family(r)[1] == g), key=lambda r: r.ap)
-            best.append([fmt_value(g), fmt_value(_loss_family(r)[2])]
-                        + [_fmt_metric(r.metrics[m]) for m in ("AP", "AP50", "AP75")])
-        lines += _md_table(["gamma", "alpha", "AP", "AP50", "AP75"], best, 2)
+            row = [s for s in members if s.cfg.loss.gamma == g]
+            b = max(row, key=lambda s: s.ap)
+            ties = [fmt_value(s.cfg.loss.alpha) for s in row if s is not b and tied(s, b)]
+            best_rows.append([fmt_value(g), fmt_value(b.cfg.loss.alpha)]
+                             + [_fmt_stat(b, m, seeds) for m in ("AP", "AP50", "AP75")]
+                             + ([", ".join(ties) or "none"] if seeds else []))
+        lines += _md_table(["gamma", "alpha", "AP", "AP50", "AP75"] + (["tied alphas"] if seeds else []),
+                           best_rows, 2)
     return lines
 
 
-def _summary(rows: list[RunRow]) -> list[str]:
-    """The best run of each loss family, for the paper's ordering (FL > CE, FL > OHEM)."""
-    families = {"FL (gamma > 0)": [], "alpha-balanced CE (gamma 0)": [], "OHEM": [], "FL*": []}
-    for r in rows:
-        if r.ap is None:
-            continue
-        t, gamma, _ = _loss_family(r)
-        if t in ("focal", "ce"):
-            families["FL (gamma > 0)" if gamma else "alpha-balanced CE (gamma 0)"].append(r)
-        else:
-            families["OHEM" if t == "ohem" else "FL*"].append(r)
-    found = {k: max(v, key=lambda r: r.ap) for k, v in families.items() if v}
+def _summary(settings: list[Setting], seeds: bool) -> list[str]:
+    """The best setting of each loss family, then the paper's questions with our answers."""
+    families: dict[str, list[Setting]] = {}
+    for s in settings:
+        if s.ap is not None:
+            families.setdefault(family(s), []).append(s)
+    found = {k: max(v, key=lambda s: s.ap) for k, v in families.items()}
     if len(found) < 2:
         return []
-    lines = ["", "## Best of each loss", ""]
-    body = [[k, r.name] + [_fmt_metric(r.metrics[m]) for m in ("AP", "AP50", "AP75")]
-            for k, r in sorted(found.items(), key=lambda kv: -kv[1].ap)]
-    return lines + _md_table(["loss", "run", "AP", "AP50", "AP75"], body, 2)
+    body = [[k, s.name] + [_fmt_stat(s, m, seeds) for m in ("AP", "AP50", "AP75")]
+            for k, s in sorted(found.items(), key=lambda kv: -kv[1].ap)]
+    lines = ["", "## Best of each loss", "", *_md_table(["loss", "setting", "AP", "AP50", "AP75"], body, 2)]
+    fl = next((s for s in families.get("FL (gamma > 0)", []) if paper_result(s) is PAPER[1]), None)
+    questions = []
+    if fl is not None and "alpha-balanced CE (gamma 0)" in found:
+        ce = found["alpha-balanced CE (gamma 0)"]
+        questions.append(f"- FL (gamma 2, alpha .25) against the best alpha-balanced CE ({ce.name}): "
+                         f"{_verdict(fl, ce)}. Paper (Table 1a/1b): 34.0 against 31.1, +2.9 AP.")
+    if fl is not None and "OHEM" in found:
+        ohem = found["OHEM"]
+        questions.append(f"- The best OHEM ({ohem.name}) against FL (gamma 2, alpha .25): "
+                         f"{_verdict(ohem, fl)}. Paper (Table 1d, R-101): {PAPER_OHEM[0]} against "
+                         f"{PAPER_OHEM[1]}, {PAPER_OHEM[0] - PAPER_OHEM[1]:+.1f} AP.")
+    return lines + (["", "## The paper's questions", "", *questions] if questions else [])
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -246,15 +211,6 @@ def _write_csv(path: Path, keys: Sequence[str], rows: list[RunRow]) -> None:
                         "" if r.loss_cls is None else f"{r.loss_cls:.6g}",
                         "" if r.loss_box is None else f"{r.loss_box:.6g}",
                         "" if r.wall_s is None else f"{r.wall_s:.1f}", r.error or ""])
-
-
-def _shown(row: RunRow, key: str) -> str:
-    """A swept value, or "-" where the run's loss type does not read the key (e.g. loss.gamma
-    of an OHEM run, whose CE has gamma 0; see losses.py)."""
-    t = row.values.get("loss.type", "focal")
-    unused = ((key == "loss.gamma" and t != "focal") or (key.startswith("loss.ohem.") and t != "ohem")
-              or (key.startswith("loss.focal_star.") and t != "focal_star"))
-    return "-" if unused else fmt_value(row.values[key])
 
 
 def _markdown(title: str, keys: Sequence[str], rows: list[RunRow]) -> str:
@@ -272,48 +228,54 @@ def _markdown(title: str, keys: Sequence[str], rows: list[RunRow]) -> str:
     failed = [r for r in rows if r.error]
     if failed:
         lines += ["", *(f"- {r.name}: {r.error}" for r in failed)]
-    lines += _grid_views(rows, keys) + _summary(rows)
-    others = [r for r in rows if r.ap is not None and _loss_family(r)[0] in ("ohem", "focal_star")]
+    seeds = SEED_KEY in keys
+    setting_keys, settings = group_seeds(keys, rows)
+    if seeds:
+        lines += _seed_table(setting_keys, settings)
+    lines += _grid_views(setting_keys, settings, seeds) + _summary(settings, seeds)
+    others = [s for s in settings if s.ap is not None and s.cfg.loss.type in ("ohem", "focal_star")]
     if others:
         lines += ["", "## Other losses (Table 1d: OHEM; appendix A: FL*)", ""]
-        lines += _md_table(["run", "AP", "AP50", "AP75"],
-                           [[r.name] + [_fmt_metric(r.metrics[m]) for m in ("AP", "AP50", "AP75")]
-                            for r in others], 1)
+        lines += _md_table(["setting", "AP", "AP50", "AP75"],
+                           [[s.name] + [_fmt_stat(s, m, seeds) for m in ("AP", "AP50", "AP75")]
+                            for s in others], 1)
     return "\n".join(lines) + "\n"
 
 
 def _plot(path: Path, title: str, keys: Sequence[str], rows: list[RunRow]) -> None:
-    """AP vs gamma, one line per alpha (and group); other losses as dashed levels. Without a
-    gamma sweep: a bar of AP per run."""
+    """AP vs gamma, one line per alpha (and group), error bars of 1 std over seeds; other losses
+    as dashed levels. Without a gamma sweep: a bar of AP per setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finished = [r for r in rows if r.ap is not None]
-    fl_rows = [r for r in finished if _loss_family(r)[0] in ("focal", "ce")]
+    setting_keys, settings = group_seeds(keys, rows)
+    finished = [s for s in settings if s.ap is not None]
+    fl = [s for s in finished if s.cfg.loss.type in ("focal", "ce")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_gamma = len({_loss_family(r)[1] for r in fl_rows}) >= 2
+    by_gamma = len({s.cfg.loss.gamma for s in fl}) >= 2
     if by_gamma:
-        lines: dict[tuple, list[tuple[float, float]]] = {}
-        for r in fl_rows:
-            _, gamma, alpha = _loss_family(r)
-            lines.setdefault((_group_of(r, keys), alpha), []).append((gamma, r.ap))
-        for (group, alpha), pts in sorted(lines.items(), key=lambda kv: (kv[0][0], _sort_key(kv[0][1]))):
+        lines: dict[tuple, list[tuple[float, float, float]]] = {}
+        for s in fl:
+            lines.setdefault((_group_of(s, setting_keys), s.cfg.loss.alpha), []).append(
+                (s.cfg.loss.gamma, s.ap, s.std() or 0.0))
+        for (group, alpha), pts in sorted(lines.items(), key=lambda kv: (kv[0][0], sort_key(kv[0][1]))):
             pts.sort()
             label = f"alpha={fmt_value(alpha)}" + "".join(f", {k.split('.')[-1]}={v}" for k, v in group)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        for i, r in enumerate(r for r in finished if r not in fl_rows):
-            ax.axhline(r.ap, linestyle="--", color=f"C{(i + len(lines)) % 10}", label=f"{r.name} ({r.ap:.1f})")
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        capsize=3, label=label)
+        for i, s in enumerate(s for s in finished if s not in fl):
+            ax.axhline(s.ap, linestyle="--", color=f"C{(i + len(lines)) % 10}", label=f"{s.name} ({s.ap:.1f})")
         ax.set_xlabel("gamma")
-        ax.set_ylabel("AP")
+        ax.set_ylabel("AP" + (" (mean ± std over seeds)" if SEED_KEY in keys else ""))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     else:
-        ax.barh([r.name for r in finished], [r.ap for r in finished])
+        ax.barh([s.name for s in finished], [s.ap for s in finished], xerr=[s.std() or 0.0 for s in finished])
         ax.set_xlabel("AP")
         ax.invert_yaxis()
-    ax.set_title(f"{title}: AP vs gamma" if by_gamma else f"{title}: AP by run")
+    ax.set_title(f"{title}: AP vs gamma" if by_gamma else f"{title}: AP by setting")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,127 @@
+"""``retina analyze imbalance``: counts on a small anchor grid derived by hand, the CE shares at
+the prior and after "training" (a head whose logits are a known constant), COCO's anchor count."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from retina.cli import main
+from retina.config import config_from_dict, find_config, load_config
+from retina.model import build_model
+from retina.studies.imbalance import (Imbalance, anchors_per_image, coco_imbalance, initial_negative_share,
+                                      measure)
+
+# One FPN level, P4 (stride 16), on 64 x 64 images: a 4 x 4 grid of cells, offset 0.5 so the cell
+# centres are 8, 24, 40, 56. Two anchors per cell (scales 1 and 1.5 of size 16, ratio 1): a
+# 16 x 16 anchor that tiles the image and a concentric 24 x 24 one. R = 4 * 4 * 2 = 32. K = 3.
+TINY_GRID = ["model.num_classes=3", "model.backbone.depth=18", "model.backbone.weights=null",
+             "model.backbone.norm=bn", "model.fpn.channels=8", "model.fpn.min_level=4", "model.fpn.max_level=4",
+             "model.anchors.sizes=[16]", "model.anchors.scales=[1,1.5]", "model.anchors.ratios=[1]",
+             "model.anchors.offset=0.5", "model.head.num_convs=0", "model.input.min_size=[64]",
+             "model.input.max_size=64", "model.input.size_divisibility=16"]
+K, R = 3, 32
+LOG_1_PI = -math.log(1 - 0.01)  # -log(1 - pi) = 0.01005: the CE of a negative pair at the prior
+LOG_PI = -math.log(0.01)  # -log(pi) = 4.605: the CE of a positive pair at the prior
+
+
+def _image(boxes: list[list[float]], labels: list[int]):
+    return (torch.zeros(3, 64, 64, dtype=torch.uint8),
+            {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels)})
+
+
+# Image 0: one box [16, 16, 32, 32] (class 2), exactly the small anchor of cell (1, 1): IoU 1,
+# foreground. The large anchor of that cell, [12, 12, 36, 36], holds the box: IoU 256 / 576 =
+# 0.444, in [0.4, 0.5): ignored. Every other anchor overlaps it by IoU <= 64 / 768 = 0.083:
+# background. So 1 positive, 1 ignored, 30 background anchors.
+# Image 1: no box; all 32 anchors background.
+DATASET = [_image([[16, 16, 32, 32]], [2]), _image([], [])]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(config_from_dict({}, TINY_GRID)).eval()
+
+
+def test_counts_on_a_hand_made_grid(tiny_model):
+    stats, shares = measure(tiny_model, DATASET, 2, 0.01, torch.device("cpu"))
+    assert shares is None  # no trained weights asked for
+    # Per image, means of the two images: anchors (32 + 32) / 2; ignored (1 + 0) / 2; positives
+    # (1 + 0) / 2; negative pairs: image 0 (32 - 1 ignored) * 3 - 1 positive = 92, image 1
+    # 32 * 3 = 96, mean 94. Ratio of the means 94 / 0.5 = 188.
+    assert stats == Imbalance(images=2, num_classes=K, prior=0.01, anchors=32.0, ignored=0.5, positives=0.5,
+                              negative_pairs=94.0)
+    assert stats.ratio == 188.0
+    # Image 0 alone: 92 negative pairs, 1 positive.
+    one, _ = measure(tiny_model, DATASET, 1, 0.01, torch.device("cpu"))
+    assert (one.anchors, one.ignored, one.positives, one.negative_pairs) == (32.0, 1.0, 1.0, 92.0)
+
+
+def test_initial_share_of_the_negatives_by_hand():
+    # Image 0 at the prior: 30 background anchors x K pairs each -log(1 - pi), and the positive
+    # anchor -log(pi) + (K - 1)(-log(1 - pi)); the ignored anchor costs nothing. The negatives'
+    # share = (30 K + K - 1)(-log(1 - pi)) / ((30 K + K - 1)(-log(1 - pi)) - log(pi))
+    #       = 92 x 0.0100503 / (92 x 0.0100503 + 4.60517) = 0.924631 / 5.529801 = 0.16721
+    negatives = (30 * K + K - 1) * LOG_1_PI
+    expected = negatives / (negatives + LOG_PI)
+    assert initial_negative_share(92, 1, 0.01) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(0.16721, abs=1e-5)
+    # No prior (bias 0): p = 0.5, every pair costs log 2, so the share is Q / (Q + P) = 92 / 93.
+    assert initial_negative_share(92, 1, 0.5) == pytest.approx(92 / 93, rel=1e-12)
+    assert initial_negative_share(0, 0, 0.01) == 0.0  # nothing to share
+    # A COCO-like image, R = 100,000 anchors, K = 80, 100 positives: Q = 7,999,900;
+    # 7,999,900 x 0.0100503 = 80,401.6 against 100 x 4.60517 = 460.5 -> 99.43%.
+    assert initial_negative_share(7_999_900, 100, 0.01) == pytest.approx(80401.6 / (80401.6 + 460.517), rel=1e-5)
+
+
+def test_trained_shares_with_a_constant_logit(tiny_model):
+    """A head whose class logits are all b: p = sigmoid(b) everywhere, so the CE of each pair is known."""
+    head = tiny_model.head.cls_logits
+    saved = head.weight.detach().clone(), head.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.fill_(math.log(0.05 / 0.95))  # p = 0.05 < 0.1: every negative is easy
+            _, easy = measure(tiny_model, DATASET, 2, 0.01, torch.device("cpu"), trained=True)
+            head.bias.fill_(math.log(0.2 / 0.8))  # p = 0.2: no negative is easy
+            _, hard = measure(tiny_model, DATASET, 2, 0.01, torch.device("cpu"), trained=True)
+    finally:
+        with torch.no_grad():
+            head.weight.copy_(saved[0])
+            head.bias.copy_(saved[1])
+    # Totals over both images: 188 negative pairs at -log(1 - 0.05) = 0.051293 each, 1 positive at
+    # -log(0.05) = 2.995732: easy share = 188 x 0.051293 / (188 x 0.051293 + 2.995732)
+    #                                   = 9.643151 / 12.638883 = 0.76298
+    neg, pos = 188 * -math.log(0.95), -math.log(0.05)
+    assert easy.easy_negative_share == pytest.approx(neg / (neg + pos), rel=1e-5)
+    assert easy.negative_share == pytest.approx(neg / (neg + pos), rel=1e-5)
+    assert easy.easy_fraction == 1.0
+    # p = 0.2: 188 x -log(0.8) = 41.951 against -log(0.2) = 1.609: negatives carry 96.3%, easy none.
+    neg, pos = 188 * -math.log(0.8), -math.log(0.2)
+    assert hard.negative_share == pytest.approx(neg / (neg + pos), rel=1e-5)
+    assert (hard.easy_negative_share, hard.easy_fraction) == (0.0, 0.0)
+
+
+def test_coco_figures_from_the_anchor_count():
+    cfg = load_config(find_config("retinanet_r50_fpn_1x_coco"))
+    # 800 x 1333 padded to multiples of 128: 896 x 1408. Cells per level P3..P7 (stride 8..128):
+    # 112 x 176 + 56 x 88 + 28 x 44 + 14 x 22 + 7 x 11 = 19,712 + 4,928 + 1,232 + 308 + 77
+    # = 26,257; x 9 anchors = 236,313.
+    assert anchors_per_image(cfg, 800, 1333) == 236_313
+    coco = coco_imbalance(cfg, positives=100)
+    # Q = 236,313 x 80 - 100 = 18,904,940 negative pairs; 1:189,049.
+    assert (coco.anchors, coco.negative_pairs, coco.ratio) == (236_313.0, 18_904_940.0, 189_049.4)
+    # 18,904,940 x 0.0100503 = 189,999.7 against 100 x 4.60517 = 460.5: 99.758%
+    assert coco.initial_negative_share == pytest.approx(189999.7 / (189999.7 + 460.517), rel=1e-6)
+
+
+def test_cli_prints_the_table(tiny_shapes_overrides, capsys):
+    assert main(["analyze", "imbalance", "--config", "shapes", "--num-images", "4", "--device", "cpu",
+                 "--set", *tiny_shapes_overrides, "model.input.min_size=[64]", "model.input.max_size=64"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| set | images | K | anchors R |") and "| shapes | 4 | 3 |" in out
+    assert main(["analyze", "imbalance"]) == 2  # needs a config, a run or --coco
+    assert "needs --config C, --weights RUN or --coco" in capsys.readouterr().err
