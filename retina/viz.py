@@ -23,6 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
+from retina.io import atomic_write
+
 # Distinct colours for drawn boxes, indexed by class (contiguous label) modulo its length.
 PALETTE = [
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -86,8 +88,9 @@ def draw_detections(image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor
 
 
 def write_image(image: Tensor, path: str | Path) -> Path:
-    """Save a uint8 (3, H, W) image as JPEG (quality 90) or PNG, as the suffix says; the one
-    way retina writes images."""
+    """Save a uint8 (3, H, W) image as JPEG (quality 90) or PNG, as the suffix says, atomically
+    (``retina.io.atomic_write``, no fsync: drawings can be redrawn); the one way retina writes
+    images."""
     path = Path(path)
     formats = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
     if path.suffix.lower() not in formats:
@@ -96,9 +99,7 @@ def write_image(image: Tensor, path: str | Path) -> Path:
     pixels = Image.fromarray(image.detach().cpu().permute(1, 2, 0).numpy())  # (H, W, 3)
     fmt = formats[path.suffix.lower()]
     pixels.save(buffer, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buffer.getvalue())
-    return path
+    return atomic_write(path, buffer.getvalue(), fsync=False)
 
 
 # ------------------------------------------------------------------------------ label tags

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from retina.data.coco import read_image
-from retina.engine.evaluate import write_json
 from retina.errors import InputError, MissingFileError
+from retina.io import write_json
 from retina.viz import draw_detections, write_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
