@@ -1,15 +1,20 @@
-"""Optimizer groups, the lr schedule and the resumable sample stream, with hand values."""
+"""Optimizer groups, the lr schedule and the resumable sample stream, with hand values; the
+training log's timestamps."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import re
+import time
 
 import pytest
 import torch
 from torch import nn
 
 from retina.config import SolverConfig
+from retina.engine.logger import TrainLogger
 from retina.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from retina.engine.sampler import SeededDataset, TrainSampler
 
@@ -113,3 +118,33 @@ def test_sampler_aspect_groups_make_single_orientation_batches():
 def test_sampler_groups_smaller_than_a_batch_fall_back_to_no_grouping():
     sampler = TrainSampler(3, seed=0, groups=[0, 1, 0], batch_size=4)
     assert sampler.epoch_length == 3 and sampler.groups is None
+
+
+# ----------------------------------------------------------------------------------- logger
+TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ")  # 2025-01-31 14:05:09
+
+
+def test_log_lines_start_with_a_timestamp_and_rows_carry_time(tmp_path, capsys):
+    start = time.time()
+    logger = TrainLogger(tmp_path / "run", start_iter=0, max_iter=20)
+    logger.write("training 20 iterations")
+    logger.log(10, {"loss": 1.5, "lr": 0.01})
+    logger.add_scalars(10, {"val/AP": 12.5})
+    logger.write("evaluation at iteration 10:\n AP | AP50\n12.5 | 30.0")  # a table: every line stamped
+    logger.close()
+    end = time.time()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and all(TIMESTAMP.match(line) for line in lines), lines
+    assert lines[0].endswith(" training 20 iterations") and " iter 10/20 loss 1.5 lr 0.01 " in lines[1]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iter"], "loss" in r, "val/AP" in r) for r in rows] == [(10, True, False), (10, False, True)]
+    assert all(isinstance(r["time"], float) and start <= r["time"] <= end for r in rows)
+    assert rows[0]["time"] <= rows[1]["time"]
+
+
+def test_logger_that_records_nothing_writes_no_files(tmp_path, capsys):
+    logger = TrainLogger(tmp_path / "run", start_iter=20, max_iter=20)
+    logger.write("run already complete")
+    logger.close()
+    assert not (tmp_path / "run").exists()
+    assert TIMESTAMP.match(capsys.readouterr().out)

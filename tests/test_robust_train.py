@@ -1,9 +1,12 @@
 """What the user sees and what is left on disk when training goes wrong: non-finite losses,
-Ctrl-C / SIGTERM, kill -9 (between and during checkpoint writes), unwritable or full disks."""
+Ctrl-C / SIGTERM, kill -9 (between and during checkpoint writes), unwritable or full disks, and
+--resume of a run that is already complete."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from retina.cli import main
 from retina.config import config_to_dict
 from retina.data import generate_shapes
 from retina.engine.checkpoint import load_checkpoint
@@ -222,3 +226,38 @@ def test_resume_skips_an_unreadable_newest_checkpoint(shapes_root, tmp_path, cap
     # periodic checkpoints are written before max_iter only: the one before the final is at 2
     assert trainer.checkpoint_path.name == "model_0000002.pth" and trainer.iteration == 2
     assert "skipping unreadable checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- finished run
+TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ")  # 2025-01-31 14:05:09
+
+
+def files(run: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(run)): (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*")
+            if p.is_file()}
+
+
+def test_resume_of_a_finished_run_leaves_it_as_it_is(shapes_root, tmp_path, capsys):
+    config = write_config(short_config(shapes_root, max_iter=2, eval_at_end=True), tmp_path / "c.yaml")
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--out", str(run), "--device", "cpu"]
+    assert main(argv) == 0
+    log = capsys.readouterr().out.splitlines()
+    assert len(log) > 5 and all(TIMESTAMP.match(line) for line in log), log  # every line stamped
+    before = files(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    # What training writes loads with weights_only=True alone: tensors and plain values.
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(run / "model_final.pth") == []
+
+    assert main(argv + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "run already complete" in out and f"metrics: {run / 'metrics.json'}" in out
+    assert "training 0 iterations" not in out and "evaluation at iteration" not in out
+    assert files(run) == before  # no new weights, metrics row, evaluation, config or tb file
+
+    # A final evaluation that never finished (killed during it) is the one thing still done.
+    (run / "metrics.json").unlink()
+    assert main(argv + ["--resume"]) == 0
+    assert "final evaluation is missing" in capsys.readouterr().out
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert files(run)["model_final.pth"] == before["model_final.pth"]

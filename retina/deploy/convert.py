@@ -200,13 +200,13 @@ def convert_torchvision(state_dict_or_path: dict | str | Path, out_path: str | P
     Raises MissingFileError for a missing input file, InputError (naming the file) for one that
     is not a torchvision RetinaNet state dict of ``variant``: user errors, one line each.
     """
-    from retina.engine.checkpoint import atomic_save
+    from retina.engine.checkpoint import save_checkpoint
 
     state, name = _read(state_dict_or_path)
     model, cfg, class_names, cat_ids = convert_to_model(state, variant, name, overrides)
     ckpt = {"model": model.state_dict(), "config": config_to_dict(cfg), "class_names": class_names,
             "cat_ids": cat_ids, "iteration": 0, "source": f"torchvision retinanet {variant}: {name}"}
-    atomic_save(ckpt, out_path)
+    save_checkpoint(ckpt, out_path)
     return ckpt
 
 

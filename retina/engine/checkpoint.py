@@ -1,17 +1,21 @@
-"""Checkpoints that hold every state a run needs, written atomically.
+"""Checkpoints that hold every state a run needs, written atomically, read without running code.
 
-A checkpoint is a dict: ``model`` (state dict), ``optimizer``, ``scheduler``, ``scaler``,
-``iteration``, ``rng`` (python, numpy, torch, cuda), ``config`` (plain dict), ``class_names``,
-``cat_ids``. Writes go to a temporary file in the same directory, are fsync'ed, then renamed over
-the target, so a kill during a save never leaves a truncated checkpoint under the final name.
+A checkpoint is a dict of tensors and plain Python values only: ``model`` (state dict),
+``optimizer``, ``scheduler``, ``scaler``, ``iteration``, ``rng`` (see ``rng_state``), ``config``
+(plain dict), ``class_names``, ``cat_ids`` (lists). It is written with ``retina.io.atomic_write``
+(temporary file, fsync, rename: a kill during a save never leaves a truncated checkpoint under the
+final name) and read with ``torch.load(weights_only=True)``, which refuses any pickled object that
+is not a tensor or a plain value, so a ``.pth`` from elsewhere cannot run code when loaded. The
+one exception: checkpoints written before RNG states were stored as tensors hold NumPy's RNG state
+as an array; exactly the NumPy types of that array are allowed, and only for such files.
 """
 
 from __future__ import annotations
 
-import os
+import pickle
 import random
 import re
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,45 +23,91 @@ import numpy as np
 import torch
 
 from retina.errors import RetinaError
+from retina.io import atomic_write
 
 CHECKPOINT_RE = re.compile(r"model_(\d{7})\.pth$")
+_GLOBAL_RE = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
 class CheckpointError(RetinaError, RuntimeError):
     """A checkpoint file is missing, unreadable or not a retina checkpoint."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds pickled objects other than tensors and plain values: loading it
+    could run code, so it is refused (never skipped in favour of an older checkpoint)."""
+
+
+def _old_numpy_rng_globals() -> list[Any]:
+    """What a NumPy RNG state array in an old checkpoint unpickles through, under both of
+    NumPy's module names (``numpy.core`` before 2.0, ``numpy._core`` since)."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    return [(multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+            (multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _name(obj: Any) -> str:
+    return obj[1] if isinstance(obj, tuple) else f"{obj.__module__}.{obj.__name__}"
+
+
+def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
+    """Write ``ckpt`` (tensors and plain values only) to ``path`` atomically."""
+    return atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def _torch_load(path: Path, allowed: list[Any]) -> Any:
+    with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says enough
+        warnings.simplefilter("ignore")
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unsafe(path: Path, error: Exception) -> UnsafeCheckpointError:
+    found = _GLOBAL_RE.search(str(error))
+    what = f"it refers to {found.group(1)}, which" if found else "it holds objects that"
+    return UnsafeCheckpointError(f"{path}: not a retina checkpoint or unsafe to load (weights_only): "
+                                 f"{what} a checkpoint never holds; load only files you trust")
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict in ``path``, read with ``weights_only=True``.
+
+    Raises:
+        UnsafeCheckpointError: the file pickles something other than tensors and plain values.
+        CheckpointError: the file is missing, unreadable (truncated) or not a retina checkpoint.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        ckpt = _torch_load(path, [])
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file
+        if not isinstance(e, pickle.UnpicklingError):
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        ckpt = _load_old_format(path, e)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a retina checkpoint (no 'model' entry)")
     return ckpt
+
+
+def _load_old_format(path: Path, error: Exception) -> dict:
+    """A checkpoint of this project written before RNG states were tensors: its only other
+    globals are the NumPy RNG array's. Anything else is refused."""
+    allowed = _old_numpy_rng_globals()
+    try:
+        needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a torch zip file (e.g. a bare pickle)
+        raise _unsafe(path, error) from None
+    if not needed:  # every global is allowed: the pickle itself is damaged
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}") from None
+    if not needed <= {_name(g) for g in allowed}:
+        raise _unsafe(path, error) from None
+    try:
+        return _torch_load(path, allowed)
+    except Exception as e:  # noqa: BLE001
+        raise _unsafe(path, e) from None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -88,15 +138,29 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG's state as tensors and plain values: ``python`` [version, internal state
+    (625 ints), gauss_next], ``numpy`` (MT19937: ``keys`` (624,) int64 tensor, ``pos``,
+    ``has_gauss``, ``cached_gaussian``), ``torch`` (CPU byte tensor), ``cuda`` (one per device)."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": [version, list(internal), gauss_next],
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore ``rng_state()``'s result; also reads old checkpoints' (tuples, a NumPy array)."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -108,7 +172,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: 
 
     Returns ``(model in eval mode, config, class_names, cat_ids)``. The config is the one stored
     in the checkpoint with ``overrides`` (``key=value``, e.g. ``data.root=...``) applied, or
-    ``cfg`` when given (its ``model.num_classes`` is taken from the checkpoint's classes).
+    ``cfg`` when given (its ``model.num_classes`` is taken from the checkpoint's classes). The
+    model is built without pretrained backbone weights (every tensor comes from the checkpoint),
+    so nothing is downloaded or read besides the checkpoint.
     """
     from retina.config import config_from_dict, config_to_dict
     from retina.model import build_model
@@ -127,7 +193,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: 
     elif ckpt.get("class_names"):
         cfg = config_from_dict({**config_to_dict(cfg), "model": {
             **config_to_dict(cfg)["model"], "num_classes": len(ckpt["class_names"])}}, source=str(path))
-    model = build_model(cfg)
+    model = build_model(cfg, pretrained=False)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -1,5 +1,9 @@
 """Training telemetry: a line per log period on stdout (a tqdm bar instead on a terminal),
-TensorBoard scalars and ``metrics.jsonl`` in the run directory. Only the main process logs."""
+TensorBoard scalars and ``metrics.jsonl`` in the run directory. Only the main process logs.
+
+Every printed line starts with the local time (``2025-01-31 14:05:09 iter 20/250 ...``); every
+``metrics.jsonl`` row has ``iter`` and ``time`` (unix seconds, float). The files are opened on
+the first record, so a run that records nothing (a finished run resumed) touches none of them."""
 
 from __future__ import annotations
 
@@ -10,6 +14,11 @@ from pathlib import Path
 from typing import Optional
 
 from tqdm import tqdm
+
+
+def timestamp() -> str:
+    """The local time that starts every log line, e.g. ``2025-01-31 14:05:09``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def format_seconds(s: float) -> str:
@@ -23,32 +32,41 @@ class TrainLogger:
         """``enabled``: write anything at all (the main process); ``echo``: also print."""
         self.enabled, self.echo = enabled, echo
         self.max_iter = max_iter
+        self.run_dir, self.start_iter = run_dir, start_iter
         self.last_iter, self.last_time = start_iter, time.perf_counter()
         self.bar: Optional[tqdm] = None
         self.writer = None
         self.jsonl = None
-        if not enabled:
+
+    def _open(self) -> None:
+        """Open TensorBoard, metrics.jsonl and the progress bar at the first record."""
+        if self.writer is not None:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow to import
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(run_dir / "tb"))
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
-        if echo and sys.stderr.isatty():
-            self.bar = tqdm(total=max_iter, initial=start_iter, desc="train", dynamic_ncols=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        if self.echo and sys.stderr.isatty():
+            self.bar = tqdm(total=self.max_iter, initial=self.start_iter, desc="train", dynamic_ncols=True)
+
+    def _record(self, iteration: int, scalars: dict[str, float]) -> None:
+        """One metrics.jsonl row: ``iter``, ``time`` (unix seconds), then the scalars."""
+        self.jsonl.write(json.dumps({"iter": iteration, "time": time.time(), **scalars}) + "\n")
+        self.jsonl.flush()
 
     def log(self, iteration: int, scalars: dict[str, float]) -> None:
         """Record scalars after ``iteration`` iterations (1-based count of finished steps)."""
         if not self.enabled:
             return
+        self._open()
         now = time.perf_counter()
         sec_per_iter = (now - self.last_time) / max(iteration - self.last_iter, 1)
         self.last_iter, self.last_time = iteration, now
         scalars = dict(scalars, sec_per_iter=sec_per_iter)
         for k, v in scalars.items():
             self.writer.add_scalar(k if "/" in k else f"train/{k}", v, iteration)
-        self.jsonl.write(json.dumps({"iter": iteration, **scalars}) + "\n")
-        self.jsonl.flush()
+        self._record(iteration, scalars)
         eta = format_seconds(sec_per_iter * (self.max_iter - iteration))
         short = {k: v for k, v in scalars.items() if not k.startswith("time/") and k != "sec_per_iter"}
         text = " ".join(f"{k} {v:.4g}" for k, v in short.items())
@@ -56,11 +74,15 @@ class TrainLogger:
             self.bar.update(iteration - self.bar.n)
             self.bar.set_postfix_str(f"{text} eta {eta}", refresh=True)
         elif self.echo:
-            print(f"iter {iteration}/{self.max_iter} {text} {sec_per_iter:.3f} s/it eta {eta}", flush=True)
+            print(f"{timestamp()} iter {iteration}/{self.max_iter} {text} {sec_per_iter:.3f} s/it eta {eta}",
+                  flush=True)
 
     def write(self, line: str) -> None:
+        """Print ``line`` (above the progress bar, if any), each of its lines after a timestamp."""
         if not (self.enabled and self.echo):
             return
+        now = timestamp()
+        line = "\n".join(f"{now} {part}" for part in line.splitlines() or [""])
         if self.bar is not None:
             self.bar.write(line)
         else:
@@ -68,14 +90,15 @@ class TrainLogger:
 
     def add_scalars(self, iteration: int, scalars: dict[str, float]) -> None:
         if self.enabled:
+            self._open()
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, iteration)
-            self.jsonl.write(json.dumps({"iter": iteration, **scalars}) + "\n")
-            self.jsonl.flush()
+            self._record(iteration, scalars)
 
     def add_image(self, tag: str, image, iteration: int) -> None:
         """A uint8 (3, H, W) image in TensorBoard."""
         if self.enabled:
+            self._open()
             self.writer.add_image(tag, image, iteration)
 
     def close(self) -> None:

@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 from retina.config import Config, config_to_dict, dump_config, replace
 from retina.data import build_dataset, collate
 from retina.engine import dist
-from retina.engine.checkpoint import (CheckpointError, atomic_save, last_checkpoint, list_checkpoints,
-                                      load_checkpoint, prune_checkpoints, rng_state, set_rng_state)
+from retina.engine.checkpoint import (CheckpointError, UnsafeCheckpointError, last_checkpoint,
+                                      list_checkpoints, load_checkpoint, prune_checkpoints, rng_state,
+                                      save_checkpoint, set_rng_state)
 from retina.engine.evaluate import check_backend
 from retina.engine.logger import TrainLogger, format_seconds
 from retina.engine.optim import build_optimizer, build_scheduler
@@ -36,6 +37,7 @@ from retina.engine.preflight import check_run_dir, worker_error_line
 from retina.engine.sampler import SeededDataset, TrainSampler
 from retina.engine.validation import Validator
 from retina.errors import RetinaError
+from retina.io import read_json
 from retina.model import build_model
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,7 +110,8 @@ class Trainer:
         self.cfg = cfg
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
 
-        self.model = build_model(cfg).to(self.device)
+        # Resuming: every tensor comes from the checkpoint, so pretrained weights are not read.
+        self.model = build_model(cfg, pretrained=ckpt is None).to(self.device)
         self.optimizer = build_optimizer(cfg.solver, self.model)
         self.scheduler = build_scheduler(cfg.solver, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
@@ -125,7 +128,8 @@ class Trainer:
     # ------------------------------------------------------------------------- checkpoints
     def _checkpoint_to_resume(self, resume: bool) -> tuple[Optional[Path], Optional[dict]]:
         """The newest checkpoint that loads, newest first; an unreadable one (a disk fault; our own
-        writes are atomic) is reported and the one before it is used."""
+        writes are atomic) is reported and the one before it is used. An unsafe one (pickled
+        objects other than tensors: not written by retina) stops the run."""
         found = last_checkpoint(self.run_dir)
         if found is None:
             return None, None
@@ -136,6 +140,8 @@ class Trainer:
         for path in candidates:
             try:
                 return path, load_checkpoint(path)
+            except UnsafeCheckpointError:
+                raise
             except CheckpointError as e:
                 if self.main:
                     print(f"warning: skipping unreadable checkpoint: {e}", file=sys.stderr)
@@ -168,7 +174,7 @@ class Trainer:
             self.logger.write(f"warning: the {self.world_size} replicas' weights differ at iteration "
                               f"{self.iteration}")
         if self.main:
-            atomic_save({
+            save_checkpoint({
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "iteration": self.iteration, "rng": rng_state(), "config": config_to_dict(self.cfg),
@@ -236,8 +242,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def train(self) -> dict:
-        """Run to ``solver.max_iter``; save ``model_final.pth``; evaluate; return the metrics."""
+        """Run to ``solver.max_iter``; save ``model_final.pth``; evaluate; return the metrics.
+        A resumed run that is already complete is left as it is (see ``_already_complete``)."""
         cfg = self.cfg
+        if self.checkpoint_path is not None and self.iteration >= cfg.solver.max_iter:
+            return self._already_complete()
         if self.main:
             dump_config(cfg, self.run_dir / "config.yaml")
         model = self.model
@@ -265,6 +274,25 @@ class Trainer:
         metrics = self.evaluate(final=True) if cfg.train.eval_at_end else {}
         self.logger.close()
         return metrics
+
+    def _already_complete(self) -> dict:
+        """``--resume`` of a run whose checkpoint is at ``solver.max_iter``: nothing is trained,
+        saved or logged again; returns its final metrics. Only a final evaluation that never
+        finished (``model_final.pth`` without ``metrics.json``) is run."""
+        metrics_path = self.run_dir / "metrics.json"
+        if self.cfg.train.eval_at_end and not metrics_path.is_file() \
+                and self.checkpoint_path.name == "model_final.pth":
+            self.logger.write(f"training is complete ({self.checkpoint_path}, iteration {self.iteration}) "
+                              f"but its final evaluation is missing: evaluating")
+            metrics = self.evaluate(final=True)
+            self.logger.close()
+            return metrics
+        where = metrics_path if metrics_path.is_file() else self.run_dir / "metrics.jsonl"
+        self.logger.write(f"run already complete: {self.checkpoint_path} is at iteration {self.iteration} "
+                          f"(solver.max_iter={self.cfg.solver.max_iter}); metrics: {where}; nothing to do "
+                          f"(raise solver.max_iter to train further)")
+        self.logger.close()
+        return read_json(metrics_path) if metrics_path.is_file() else {}
 
     def _next_batch(self, data) -> Optional[tuple]:
         """The next batch; ``None`` when a signal interrupted the wait. A bad image stops the run

@@ -18,10 +18,13 @@ from retina.model.postprocess import PostProcessor
 __all__ = ["build_model", "RetinaNet"]
 
 
-def build_model(cfg: Config) -> RetinaNet:
+def build_model(cfg: Config, pretrained: bool = True) -> RetinaNet:
+    """The model ``cfg`` describes. ``pretrained=False`` builds the same architecture (norm
+    layers and frozen stages as ``model.backbone.weights`` implies) without fetching or reading
+    those weights: for a model whose every tensor then comes from a checkpoint."""
     m = cfg.model
     backbone = ResNetBackbone(m.backbone.depth, m.backbone.weights, m.backbone.norm, m.backbone.freeze_at,
-                              m.backbone.norm_eps)
+                              m.backbone.norm_eps, load_weights=pretrained)
     fpn = FPN(backbone.out_channels, m.fpn.channels, m.fpn.min_level, m.fpn.max_level, m.fpn.p6_from)
     levels = range(m.fpn.min_level, m.fpn.max_level + 1)
     sizes = m.anchors.sizes or default_sizes(m.fpn.min_level, m.fpn.max_level)

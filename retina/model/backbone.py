@@ -45,15 +45,20 @@ def _load_state_dict(depth: int, weights: str) -> dict:
 
 
 class ResNetBackbone(nn.Module):
-    """Returns C3, C4, C5 of a torchvision ResNet."""
+    """Returns C3, C4, C5 of a torchvision ResNet.
+
+    ``weights`` (pretrained, see ``_load_state_dict``) also decide the architecture: ``norm="auto"``
+    means FrozenBatchNorm with them, and ``freeze_at`` stages stop training. ``load_weights=False``
+    keeps those decisions but neither fetches nor reads the weights (a checkpoint fills them).
+    """
 
     def __init__(self, depth: int, weights: str | None = None, norm: str = "auto",
-                 freeze_at: int = 2, norm_eps: float = 1e-5) -> None:
+                 freeze_at: int = 2, norm_eps: float = 1e-5, load_weights: bool = True) -> None:
         super().__init__()
         frozen = norm == "frozen_bn" or (norm == "auto" and weights is not None)
         norm_layer = partial(FrozenBatchNorm2d if frozen else nn.BatchNorm2d, eps=norm_eps)
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm_layer)
-        if weights is not None:
+        if weights is not None and load_weights:
             state = _load_state_dict(depth, weights)
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
             shapes = net.state_dict()
