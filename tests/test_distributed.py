@@ -105,7 +105,7 @@ def _empty_rank_worker(rank: int, port: int, out_dir: str) -> None:
     for _ in range(2):
         losses = model(images, targets)
         opt.zero_grad()
-        sum(losses.values()).backward()
+        sum(v for k, v in losses.items() if k.startswith("loss_")).backward()  # num_pos is logged, not a loss
         opt.step()
     sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
     torch.save(sums, Path(out_dir) / f"rank{rank}.pt")

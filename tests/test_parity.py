@@ -109,9 +109,9 @@ def assert_same_detections(ref: list[dict], out: list[dict], cat_ids: list[int])
 @pytest.fixture(scope="module")
 def v1():
     """torchvision's COCO layout: 91 slots, background and the 10 unused ids never positive."""
-    from retina.deploy.convert import _coco_classes
+    from retina.deploy.convert import coco_classes
 
-    real = set(_coco_classes()[0])
+    real = set(coco_classes()[0])
     tv = torchvision_model("v1", 91, off_slots=tuple(s for s in range(91) if s not in real))
     with torch.no_grad():
         ref = tv(_images())

@@ -106,7 +106,7 @@ def _retina_key(key: str, gn: bool) -> str | None:
     return None
 
 
-def _coco_classes() -> tuple[list[int], list[str]]:
+def coco_classes() -> tuple[list[int], list[str]]:
     """The 80 COCO category ids among torchvision's 91 slots, and their names."""
     from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
@@ -162,7 +162,7 @@ def convert_to_model(state: dict, variant: Variant, name: str = "<state dict>",
     num_anchors = 9  # 3 sizes x 3 ratios per cell, torchvision's _default_anchorgen
     slots = state["head.classification_head.cls_logits.weight"].shape[0] // num_anchors
     if slots == COCO_SLOTS:
-        cat_ids, class_names = _coco_classes()
+        cat_ids, class_names = coco_classes()
     else:
         cat_ids, class_names = list(range(slots)), [f"class_{k}" for k in range(slots)]
     cfg = torchvision_config(variant, len(cat_ids), overrides)
