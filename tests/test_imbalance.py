@@ -125,3 +125,22 @@ def test_cli_prints_the_table(tiny_shapes_overrides, capsys):
     assert out.startswith("| set | images | K | anchors R |") and "| shapes | 4 | 3 |" in out
     assert main(["analyze", "imbalance"]) == 2  # needs a config, a run or --coco
     assert "needs --config C, --weights RUN or --coco" in capsys.readouterr().err
+
+
+def test_cli_with_trained_weights(tiny_shapes_overrides, tmp_path, capsys):
+    """Two training steps of a tiny model, then the imbalance of its run: the trained shares too."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {backbone: {depth: 18}, fpn: {channels: 16, max_level: 5}, "
+                      "anchors: {sizes: [8, 16, 32]}, head: {num_convs: 1, norm: gn}, "
+                      "input: {min_size: [64], max_size: 64, size_divisibility: 32}}\n"
+                      "data: {num_workers: 0}\nsolver: {batch_size: 2, max_iter: 2, warmup_iters: 1}\n"
+                      "train: {log_period: 1, tb_images: 0, eval_at_end: false}\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(run), "--device", "cpu",
+                 "--set", *tiny_shapes_overrides]) == 0
+    capsys.readouterr()
+    assert main(["analyze", "imbalance", "--weights", str(run), "--num-images", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| run |"))
+    assert row.startswith("| run | 4 | 3 |") and row.endswith("% |")  # a trained share, not "-"
+    assert "run: after training, negatives carry" in out

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-__all__ = ["BackboneConfig", "FPNConfig", "AnchorConfig", "HeadConfig", "MatcherConfig", "BoxCoderConfig", "InputConfig", "InferenceConfig", "ModelConfig", "ShapesConfig", "DenseConfig", "DataConfig", "OhemConfig", "FocalStarConfig", "LossConfig", "SolverConfig", "TrainConfig", "EvalConfig", "Config"]
+__all__ = ["BackboneConfig", "FPNConfig", "AnchorConfig", "HeadConfig", "MatcherConfig", "BoxCoderConfig", "InputConfig", "InferenceConfig", "ModelConfig", "ShapesConfig", "DenseConfig", "AugmentConfig", "DataConfig", "OhemConfig", "FocalStarConfig", "LossConfig", "SolverConfig", "EmaConfig", "TrainConfig", "EvalConfig", "Config"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,12 @@ class ModelConfig:
     input: InputConfig = field(default_factory=InputConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     channels_last: bool = False  # memory format of activations
+    # A retina checkpoint to start from (``retina train --init``), e.g. a torchvision COCO
+    # RetinaNet converted by ``retina convert``: every tensor whose name and shape fit is loaded
+    # (its EMA weights when it has them); the class predictor keeps its prior init (Sec. 4.1)
+    # when the classes differ. model.backbone.weights is then not read (it still decides
+    # FrozenBN and freeze_at). Read when a run starts; --resume continues from the run's own.
+    init: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -128,9 +134,34 @@ class DenseConfig:
 
     num_train: int = 4000
     num_val: int = 200
-    image_size: int = 256
+    image_size: int = 192
     num_classes: int = 80  # K <= 80: colour x shape, colour-major
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation for photographs (retina/data/transforms.py, torchvision.transforms.v2),
+    in torchvision's SSD order: photometric, zoom-out, min-IoU crop, then the flip (data.hflip_prob)
+    and the training size (model.input.min_size), optionally jittered. All off by default."""
+
+    # v2.RandomPhotometricDistort: brightness, contrast, saturation, hue and channel order, each
+    # changed with this probability (SSD's photometric distortions).
+    photometric_prob: float = 0.0
+    # v2.RandomZoomOut: with this probability the image is put at a random place on a canvas 1 to
+    # zoom_out_max times its sides, filled with the mean pixel (SSD Sec. 3.6: smaller objects).
+    zoom_out_prob: float = 0.0
+    zoom_out_max: float = 4.0
+    # v2.RandomIoUCrop: with this probability a crop (sides crop_min_scale..1 of the image, aspect
+    # 0.5..2) whose IoU with some box reaches a value drawn from crop_min_ious (1.0: no crop);
+    # boxes whose centre falls outside are dropped (SSD's sampler). Images without boxes are not cut.
+    crop_prob: float = 0.0
+    crop_min_ious: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+    crop_min_scale: float = 0.3
+    # Large-scale jitter (Ghiasi et al. 2021; v2.ScaleJitter): the image is scaled to the training
+    # size times a factor drawn from [lo, hi], then cropped or padded back to it. [1, 1]: off;
+    # the paper's LSJ: [0.1, 2.0].
+    scale_jitter: tuple[float, float] = (1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -155,6 +186,7 @@ class DataConfig:
     val_ann: str = "annotations/instances_val2017.json"
     val_images: str = "val2017"
     hflip_prob: float = 0.5  # random horizontal flip, Sec. 4.1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training images only
     num_workers: int = 4  # DataLoader workers
     aspect_grouping: bool = True  # batches of one orientation (landscape / portrait): less padding
     # A missing, corrupt or wrongly sized training image: "error" stops the run with one line
@@ -225,6 +257,18 @@ class SolverConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    """Exponential moving average of the weights, evaluated and deployed instead of the raw ones
+    (YOLOX's ModelEMA; mmdet's ExpMomentumEMA, whose formula this is). The first update copies
+    the weights; update n + 1 (n done before it) keeps decay_n = decay * (1 - exp(-(n + 1) /
+    warmup)) of the average: ema <- decay_n * ema + (1 - decay_n) * weights. Buffers are copied."""
+
+    enabled: bool = False
+    decay: float = 0.9998  # mmdet's momentum 0.0002 (YOLOX: 0.9999)
+    warmup: float = 2000.0  # iterations: decay_n reaches 63 % of decay at n + 1 = warmup
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     checkpoint_period: int = 5000  # iterations between checkpoints
@@ -236,6 +280,7 @@ class TrainConfig:
     # each one updates model_best.pth when AP improves
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient skipped before stopping
     tb_images: int = 4  # validation images drawn with their detections in TensorBoard per eval
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass(frozen=True)
