@@ -122,7 +122,7 @@ def _group_of(s: Setting, keys: Sequence[str]) -> tuple:
     return tuple((k, fmt_value(s.values[k])) for k in keys if not k.startswith("loss."))
 
 
-def _seed_table(keys: Sequence[str], settings: list[Setting]) -> list[str]:
+def _seed_table(settings: list[Setting]) -> list[str]:
     """Mean +- std over seeds per setting, the paper's AP beside it, each against the best."""
     done = [s for s in settings if s.ap is not None]
     if not done:
@@ -231,7 +231,7 @@ def _markdown(title: str, keys: Sequence[str], rows: list[RunRow]) -> str:
     seeds = SEED_KEY in keys
     setting_keys, settings = group_seeds(keys, rows)
     if seeds:
-        lines += _seed_table(setting_keys, settings)
+        lines += _seed_table(settings)
     lines += _grid_views(setting_keys, settings, seeds) + _summary(settings, seeds)
     others = [s for s in settings if s.ap is not None and s.cfg.loss.type in ("ohem", "focal_star")]
     if others:
