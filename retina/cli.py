@@ -1,4 +1,4 @@
-"""``retina`` command line: train, eval, predict, ablate, analyze, convert, data. Thin: parse
+"""``retina`` command line: train, eval, predict, ablate, analyze, convert, export, data. Thin: parse
 arguments, call the library.
 
 Every error a user can fix (config, missing file, bad checkpoint: a ``retina.errors.RetinaError``)
@@ -31,7 +31,8 @@ def _add_config_args(p: argparse.ArgumentParser, default: Optional[str]) -> None
 
 
 def _add_weights_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", "-w", required=True, help="checkpoint file or run directory")
+    p.add_argument("--weights", "-w", required=True,
+                   help="checkpoint file or run directory, or a file of retina export (.onnx, .pt2)")
     p.add_argument("--config", "-c", help="config to use instead of the one the checkpoint holds")
     p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. data.root=/data/coco model.inference.score_thresh=0.1")
@@ -44,10 +45,16 @@ def _load(args: argparse.Namespace):
     from retina.engine.checkpoint import load_model
     from retina.engine.train import resolve_device
 
+    from retina.deploy.fuse import inference_model
+    from retina.deploy.runtime import is_exported, load_exported
+
     device = resolve_device(args.device)
     cfg = load_config(find_config(args.config), args.set) if args.config else None
+    if is_exported(args.weights):  # retina export's .onnx / .pt2: config and classes inside
+        model, cfg, class_names, cat_ids = load_exported(args.weights, device, tuple(args.set), cfg)
+        return model, cfg, class_names, cat_ids, device
     model, cfg, class_names, cat_ids = load_model(args.weights, device, tuple(args.set), cfg)
-    return model, cfg, class_names, cat_ids, device
+    return inference_model(model), cfg, class_names, cat_ids, device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="v1: retinanet_resnet50_fpn; v2: retinanet_resnet50_fpn_v2")
     p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides stored in the checkpoint, e.g. data.root=/data/coco")
+
+    p = sub.add_parser("export", help="the whole detector as one ONNX / torch.export file; parity "
+                                      "with PyTorch checked on a few images")
+    p.add_argument("--weights", "-w", required=True, help="checkpoint file or run directory")
+    p.add_argument("--format", "-f", choices=["onnx", "torchscript"], default="onnx",
+                   help="onnx (onnxruntime) or torchscript (a torch.export program, .pt2)")
+    p.add_argument("--out", "-o", help="file to write (default: <run dir>/model.onnx or model.pt2)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="any batch size and image size (default: the first check image's shape)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--input", dest="input_dtype", choices=["uint8", "float32"], default="uint8",
+                   help="the file's input dtype: uint8 0..255 or float32 in [0, 1] (default: uint8)")
+    p.add_argument("--images", "-i", nargs="+", default=[], metavar="PATH",
+                   help="images for the parity check (default: the first val images of the config)")
+    p.add_argument("--num-images", type=int, default=4, help="images for the parity check")
+    p.add_argument("--box-tol", type=float, default=1e-3, help="parity: largest box difference, px")
+    p.add_argument("--config", "-c", help="config to use instead of the one the checkpoint holds")
+    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. data.root=/data/coco model.inference.score_thresh=0.1")
 
     p = sub.add_parser("data", help="generate the bundled synthetic dataset, check a dataset, or "
                                     "convert a VOC / YOLO folder to COCO json")
@@ -218,6 +244,13 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from retina.deploy.export import export_cli
+
+    return export_cli(args.weights, args.format, args.out, args.dynamic, args.opset, args.images,
+                      args.config, args.set, args.input_dtype, args.num_images, args.box_tol)
+
+
 def _names(text: str) -> tuple[str, ...]:
     """"train, val" -> ("train", "val")."""
     return tuple(n.strip() for n in text.split(",") if n.strip())
@@ -251,7 +284,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "ablate": _ablate,
-            "analyze": _analyze, "convert": _convert, "data": _data}
+            "analyze": _analyze, "convert": _convert, "export": _export, "data": _data}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
