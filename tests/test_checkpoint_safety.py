@@ -213,3 +213,15 @@ def test_eval_and_predict_from_a_checkpoint_whose_config_names_missing_weights(
                  "--out", str(pred)]) == 0, capsys.readouterr().err
     assert (pred / "detections.json").is_file()
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("loss_type", ["ce", "ohem"])
+def test_checkpoints_of_ce_and_ohem_runs_from_before_the_rule_load_with_gamma_0(
+        tiny_checkpoint, loss_type):
+    # Before `loss.type=ce|ohem` with gamma != 0 became a config error, such runs stored the
+    # default gamma 2.0 and the loss trained them with gamma 0; they load with what they trained.
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt["config"]["loss"].update({"type": loss_type, "gamma": 2.0, "alpha": None})
+    save_checkpoint(ckpt, tiny_checkpoint)
+    _, cfg, _, _ = load_model(tiny_checkpoint)
+    assert (cfg.loss.type, cfg.loss.gamma) == (loss_type, 0.0)

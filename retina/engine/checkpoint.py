@@ -166,6 +166,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def stored_config(ckpt: dict) -> dict:
+    """The config a checkpoint was trained with, as a dict that today's rules accept.
+
+    Checkpoints written before loss settings that do not apply became config errors may hold
+    ``loss.type: ce|ohem`` with the default ``loss.gamma: 2.0``: the loss of that time trained
+    them with gamma 0 (it replaced the value silently), so 0 is what they are read with.
+    """
+    config = dict(ckpt["config"])
+    loss = dict(config.get("loss") or {})
+    if loss.get("type") in ("ce", "ohem") and loss.get("gamma", 0) != 0:
+        config["loss"] = {**loss, "gamma": 0.0}
+    return config
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: tuple[str, ...] = (),
                cfg=None):
     """Rebuild the trained model a checkpoint (or run directory) holds.
@@ -189,7 +203,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: 
     if "config" not in ckpt:
         raise CheckpointError(f"{path} holds no config; was it written by retina train?")
     if cfg is None:
-        cfg = config_from_dict(ckpt["config"], overrides, source=str(path))
+        cfg = config_from_dict(stored_config(ckpt), overrides, source=str(path))
     elif ckpt.get("class_names"):
         cfg = config_from_dict({**config_to_dict(cfg), "model": {
             **config_to_dict(cfg)["model"], "num_classes": len(ckpt["class_names"])}}, source=str(path))
