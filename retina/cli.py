@@ -10,6 +10,7 @@ saving a checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, DEFAULT_CONFIG)
     p.add_argument("--out", "-o", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--init", metavar="CKPT", help="start from a retina checkpoint's weights (model.init): "
+                                                  "every tensor that fits; ignored on --resume")
 
     p = sub.add_parser("eval", help="COCO evaluation of a checkpoint on the val split")
     _add_weights_args(p)
@@ -146,9 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. data.root=/data/coco model.inference.score_thresh=0.1")
 
-    p = sub.add_parser("data", help="generate the bundled synthetic dataset, check a dataset, or "
-                                    "convert a VOC / YOLO folder to COCO json")
-    p.add_argument("what", choices=["shapes", "check", "convert"])
+    p = sub.add_parser("data", help="generate the bundled synthetic dataset, check a dataset, "
+                                    "convert a VOC / YOLO folder to COCO json, or show samples as "
+                                    "the model gets them")
+    p.add_argument("what", choices=["shapes", "check", "convert", "show"])
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG,
+                   help=f"show: the config whose data and augmentation to draw (default: {DEFAULT_CONFIG})")
+    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="show: config overrides, e.g. data.root=../photos data.augment.crop_prob=0.5")
+    p.add_argument("--num", "-n", type=int, default=16, help="show: samples to draw (default: 16)")
+    p.add_argument("--split", choices=["train", "val"], default="train",
+                   help="show: train (augmented, in training order) or val (as read)")
     p.add_argument("--ann", help="check: COCO annotation json")
     p.add_argument("--images", help="check: image directory")
     p.add_argument("--root", help="check, convert: a VOC or YOLO folder (or a YOLO data.yaml)")
@@ -161,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-difficult", action="store_true",
                    help="VOC: difficult objects as boxes, not ignore regions")
     p.add_argument("--out", "-o", help="shapes: dataset directory (default: data/shapes); "
-                                       "convert: where instances_<split>.json go")
+                                       "convert: where instances_<split>.json go; show: where the "
+                                       "PNGs go (default: runs/show/<config name>)")
     p.add_argument("--train", type=int, default=2000, help="number of training images")
     p.add_argument("--val", type=int, default=200, help="number of validation images")
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
@@ -170,11 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from retina.config import load_config
+    from retina.config import load_config, replace
     from retina.engine.train import Trainer
 
     config_path = find_config(args.config)
     cfg = load_config(config_path, args.set)
+    if args.init:  # as model.init, but a path is not parsed as YAML
+        cfg = replace(cfg, model=dataclasses.replace(cfg.model, init=args.init))
     out = Path(args.out) if args.out else Path("runs") / config_path.stem
     Trainer(cfg, out, args.device, args.resume).train()
     return 0
@@ -277,6 +291,13 @@ def _data(args: argparse.Namespace) -> int:
             raise UsageError("retina data convert needs --root DIR (a VOC or YOLO folder) and --out DIR")
         return data_convert_cli(args.root, args.format, args.out, _names(args.splits),
                                 _names(args.classes), args.keep_difficult)  # fmt: skip
+    if args.what == "show":
+        from retina.config import load_config
+        from retina.data.show import data_show_cli
+
+        config_path = find_config(args.config)
+        out = Path(args.out) if args.out else Path("runs") / "show" / config_path.stem
+        return data_show_cli(load_config(config_path, args.set), args.split, args.num, out)
 
     root = ensure_shapes(args.out or "data/shapes", args.train, args.val, args.size, args.seed)
     print(f"shapes dataset ready in {root}")

@@ -30,7 +30,7 @@ _DEFAULTS = Config()
 
 def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
     """(key, ok, requirement) for every value-range rule."""
-    m, loss, s = cfg.model, cfg.loss, cfg.solver
+    m, loss, s, aug = cfg.model, cfg.loss, cfg.solver, cfg.data.augment
     return [
         ("loss.gamma", loss.gamma >= 0, "must be >= 0"),
         ("loss.alpha", loss.alpha is None or 0 <= loss.alpha <= 1, "must be in [0, 1] or null"),
@@ -63,6 +63,15 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.backbone.freeze_at", 0 <= m.backbone.freeze_at <= 5, "must be in 0..5"),
         ("model.backbone.norm_eps", m.backbone.norm_eps >= 0, "must be >= 0"),
         ("data.hflip_prob", 0 <= cfg.data.hflip_prob <= 1, "must be in [0, 1]"),
+        *((f"data.augment.{k}_prob", 0 <= getattr(aug, f"{k}_prob") <= 1, "must be in [0, 1]")
+          for k in ("photometric", "zoom_out", "crop")),
+        ("data.augment.zoom_out_max", aug.zoom_out_max >= 1, "must be >= 1 (a canvas 1 to this many "
+         "times the image's sides)"),
+        ("data.augment.crop_min_ious", len(aug.crop_min_ious) >= 1 and all(0 <= v <= 1 for v in
+         aug.crop_min_ious), "needs values in [0, 1] (1.0: keep the image whole)"),
+        ("data.augment.crop_min_scale", 0 < aug.crop_min_scale <= 1, "must be in (0, 1]"),
+        ("data.augment.scale_jitter", 0.1 <= aug.scale_jitter[0] <= aug.scale_jitter[1],
+         "must be [lo, hi] with 0.1 <= lo <= hi ([1, 1]: off; LSJ: [0.1, 2.0])"),
         ("data.num_workers", cfg.data.num_workers >= 0, "must be >= 0"),
         ("data.max_bad_fraction", 0 <= cfg.data.max_bad_fraction <= 1, "must be in [0, 1]"),
         ("data.shapes.num_train", cfg.data.shapes.num_train >= 1, "must be >= 1"),
@@ -80,6 +89,8 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("train.eval_period", cfg.train.eval_period >= 0, "must be >= 0"),
         ("train.skip_nonfinite", cfg.train.skip_nonfinite >= 0, "must be >= 0"),
         ("train.tb_images", cfg.train.tb_images >= 0, "must be >= 0"),
+        ("train.ema.decay", 0 < cfg.train.ema.decay < 1, "must be in (0, 1)"),
+        ("train.ema.warmup", cfg.train.ema.warmup > 0, "must be > 0"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, "must be >= 1"),
     ]
 
@@ -133,6 +144,14 @@ _SCOPES: tuple[_Scope, ...] = (
            "set solver.warmup_iters above 0"),
     _Scope("model.backbone.freeze_at", "model.backbone.weights", lambda w: w is not None,
            "only pretrained stages are frozen", "set model.backbone.weights"),
+    _Scope("data.augment.zoom_out_max", "data.augment.zoom_out_prob", lambda p: p > 0,
+           "zoom-out is off", "set data.augment.zoom_out_prob above 0"),
+    *(_Scope(f"data.augment.{key}", "data.augment.crop_prob", lambda p: p > 0, "the crop is off",
+             "set data.augment.crop_prob above 0") for key in ("crop_min_ious", "crop_min_scale")),
+    _Scope("train.ema.decay", "train.ema.enabled", lambda e: e, "EMA is off",
+           "set train.ema.enabled=true"),
+    _Scope("train.ema.warmup", "train.ema.enabled", lambda e: e, "EMA is off",
+           "set train.ema.enabled=true"),
     _Scope("data.max_bad_fraction", "data.on_bad_image", lambda p: p == "skip",
            "the first bad image stops the run", "use data.on_bad_image=skip"),
     _Scope("data.shapes", "data.dataset", lambda d: d == "shapes",

@@ -17,7 +17,7 @@ from retina.data.dense import ensure_dense, generate_dense
 from retina.data.formats import detect_format
 from retina.data.robust import SkipBadImages, TooManyBadImages
 from retina.data.shapes import ensure_shapes, generate_shapes
-from retina.data.transforms import build_transforms
+from retina.data.transforms import Augmentation, build_transforms
 from retina.errors import MissingFileError
 
 __all__ = [
@@ -84,8 +84,10 @@ def build_dataset(cfg: Config, split: Literal["train", "val"]) -> CocoDetection 
         raise ValueError(f"split={split!r} should be 'train' or 'val'")
     ann, image_dir, source = dataset_source(cfg, split)
     inp = cfg.model.input
+    mean_pixel = tuple(round(255 * m) for m in inp.pixel_mean)  # padding that normalises to ~0
+    augment = Augmentation(**dataclasses.asdict(cfg.data.augment), fill=mean_pixel)
     transforms = build_transforms(inp.min_size, inp.max_size, cfg.data.hflip_prob,
-                                  train=split == "train")  # fmt: skip
+                                  train=split == "train", augment=augment)  # fmt: skip
     dataset = CocoDetection(ann, image_dir, transforms, source)
     if split == "train" and cfg.data.on_bad_image == "skip":
         return SkipBadImages(dataset, cfg.data.max_bad_fraction)

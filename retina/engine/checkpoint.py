@@ -2,12 +2,15 @@
 
 A checkpoint is a dict of tensors and plain Python values only: ``model`` (state dict),
 ``optimizer``, ``scheduler``, ``scaler``, ``iteration``, ``rng`` (see ``rng_state``), ``config``
-(plain dict), ``class_names``, ``cat_ids`` (lists). It is written with ``retina.io.atomic_write``
-(temporary file, fsync, rename: a kill during a save never leaves a truncated checkpoint under the
-final name) and read with ``torch.load(weights_only=True)``, which refuses any pickled object that
-is not a tensor or a plain value, so a ``.pth`` from elsewhere cannot run code when loaded. The
-one exception: checkpoints written before RNG states were stored as tensors hold NumPy's RNG state
-as an array; exactly the NumPy types of that array are allowed, and only for such files.
+(plain dict), ``class_names``, ``cat_ids`` (lists); with ``train.ema`` also ``model_ema`` (the
+averaged weights, a state dict of the same keys) and ``ema_updates`` (int). The averaged weights
+are the ones evaluated, so they are the ones deployed: ``deployed_weights``. It is written with
+``retina.io.atomic_write`` (temporary file, fsync, rename: a kill during a save never leaves a
+truncated checkpoint under the final name) and read with ``torch.load(weights_only=True)``, which
+refuses any pickled object that is not a tensor or a plain value, so a ``.pth`` from elsewhere
+cannot run code when loaded. The one exception: checkpoints written before RNG states were
+stored as tensors hold NumPy's RNG state as an array; exactly the NumPy types of that array are
+allowed, and only for such files.
 """
 
 from __future__ import annotations
@@ -166,6 +169,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def deployed_weights(ckpt: dict) -> dict:
+    """The state dict a checkpoint's model is evaluated and used with: ``model_ema`` when the run
+    kept an EMA of its weights (``train.ema``), else ``model``."""
+    return ckpt["model_ema"] if ckpt.get("model_ema") is not None else ckpt["model"]
+
+
 def stored_config(ckpt: dict) -> dict:
     """The config a checkpoint was trained with, as a dict that today's rules accept.
 
@@ -184,7 +193,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: 
                cfg=None):
     """Rebuild the trained model a checkpoint (or run directory) holds.
 
-    Returns ``(model in eval mode, config, class_names, cat_ids)``. The config is the one stored
+    Returns ``(model in eval mode, config, class_names, cat_ids)``; the model holds the
+    checkpoint's ``deployed_weights`` (its EMA when it has one). The config is the one stored
     in the checkpoint with ``overrides`` (``key=value``, e.g. ``data.root=...``) applied, or
     ``cfg`` when given (its ``model.num_classes`` is taken from the checkpoint's classes). The
     model is built without pretrained backbone weights (every tensor comes from the checkpoint),
@@ -209,7 +219,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: 
             **config_to_dict(cfg)["model"], "num_classes": len(ckpt["class_names"])}}, source=str(path))
     model = build_model(cfg, pretrained=False)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(deployed_weights(ckpt))
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit its config: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), cfg, list(ckpt.get("class_names", [])), list(ckpt.get("cat_ids", []))

@@ -1,6 +1,10 @@
 """The training loop: data stream -> model -> loss -> optimizer, with checkpoints that hold every
-state (model, optimizer, schedule, grad scaler, iteration, RNG, config, classes, best AP), so a
-run resumed from any checkpoint continues the same stream of batches (``sampler.py``).
+state (model, its EMA, optimizer, schedule, grad scaler, iteration, RNG, config, classes, best AP),
+so a run resumed from any checkpoint continues the same stream of batches (``sampler.py``).
+
+A new run starts from ``model.init`` when given (``init.py``: every tensor of that checkpoint that
+fits); with ``train.ema`` an average of the weights (``ema.py``) is updated after every step and
+is what periodic and final evaluations score and ``model_final.pth`` deploys (``model_ema``).
 
 ``cfg.train.amp`` picks the autocast dtype (fp16 adds a GradScaler); under ``torchrun`` the model
 is wrapped in DDP, one process per device, and every decision to stop is reduced over ranks so
@@ -30,7 +34,9 @@ from retina.engine import dist
 from retina.engine.checkpoint import (CheckpointError, UnsafeCheckpointError, last_checkpoint,
                                       list_checkpoints, load_checkpoint, prune_checkpoints, rng_state,
                                       save_checkpoint, set_rng_state)
+from retina.engine.ema import build_ema, ema_state, load_ema_state
 from retina.engine.evaluate import check_backend
+from retina.engine.init import load_init
 from retina.engine.logger import TrainLogger, format_seconds
 from retina.engine.optim import build_optimizer, build_scheduler
 from retina.engine.preflight import check_run_dir, worker_error_line
@@ -68,6 +74,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def train_stream(train_set, cfg: Config, start: int, rank: int = 0,
+                 world_size: int = 1) -> tuple[SeededDataset, TrainSampler]:  # fmt: skip
+    """The training samples from global position ``start`` on, as the model receives them: the
+    sampler of (image index, sample seed) pairs and the dataset that draws each sample's
+    augmentation from its seed. Shared by the trainer and ``retina data show``."""
+    groups = None
+    if cfg.data.aspect_grouping:  # landscape / portrait, from the annotation file's sizes
+        coco = train_set.coco
+        groups = [int(coco.imgs[i]["width"] >= coco.imgs[i]["height"]) for i in train_set.ids]
+    sampler = TrainSampler(len(train_set), cfg.train.seed, start, rank, world_size, groups,
+                           cfg.solver.batch_size)  # fmt: skip
+    return SeededDataset(train_set), sampler
 
 
 class _LoggerHandler(logging.Handler):
@@ -110,8 +130,16 @@ class Trainer:
         self.cfg = cfg
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
 
-        # Resuming: every tensor comes from the checkpoint, so pretrained weights are not read.
-        self.model = build_model(cfg, pretrained=ckpt is None).to(self.device)
+        # Resuming: every tensor comes from the checkpoint, so pretrained weights are not read;
+        # model.init replaces them too (the backbone config still decides FrozenBN, freeze_at).
+        starts_from = cfg.model.init if ckpt is None else None  # --resume: the run's own weights
+        self.model = build_model(cfg, pretrained=ckpt is None and starts_from is None).to(self.device)
+        init_line = None
+        if starts_from is not None:
+            init_line = load_init(self.model, starts_from, self.train_set.class_names,
+                                  cfg.model.head.prior_prob)  # fmt: skip
+        ema = cfg.train.ema
+        self.model_ema = build_ema(self.model, ema.decay, ema.warmup) if ema.enabled else None
         self.optimizer = build_optimizer(cfg.solver, self.model)
         self.scheduler = build_scheduler(cfg.solver, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
@@ -122,6 +150,8 @@ class Trainer:
             check_run_dir(self.run_dir, self.model, self.optimizer)
         self.logger = TrainLogger(self.run_dir, self.iteration, cfg.solver.max_iter,
                                   enabled=self.main, echo=not quiet)
+        if init_line is not None:
+            self.logger.write(init_line)
         self.stop_signal: Optional[int] = None
         self._validator: Optional[Validator] = None
 
@@ -153,6 +183,8 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
+            if self.model_ema is not None and ckpt.get("model_ema") is not None:
+                load_ema_state(self.model_ema, ckpt)  # else: the average starts at this iteration
         except (KeyError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrainingError(f"{self.checkpoint_path} does not fit this config: {first}") from None
@@ -181,6 +213,7 @@ class Trainer:
                 "class_names": list(self.train_set.class_names), "cat_ids": list(self.train_set.cat_ids),
                 "best_ap": self.best_ap, "skipped_steps": self.skipped,
                 "world_size": self.world_size, "rank_fingerprints": fingerprints,
+                **(ema_state(self.model_ema) if self.model_ema is not None else {}),
             }, path)
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         dist.barrier()
@@ -190,14 +223,10 @@ class Trainer:
     def _loader(self) -> DataLoader:
         cfg = self.cfg
         per_rank = cfg.solver.batch_size // self.world_size
-        groups = None
-        if cfg.data.aspect_grouping:
-            coco = self.train_set.coco
-            groups = [int(coco.imgs[i]["width"] >= coco.imgs[i]["height"]) for i in self.train_set.ids]
-        sampler = TrainSampler(len(self.train_set), cfg.train.seed, self.iteration * cfg.solver.batch_size,
-                               self.rank, self.world_size, groups, cfg.solver.batch_size)
+        stream, sampler = train_stream(self.train_set, cfg, self.iteration * cfg.solver.batch_size,
+                                       self.rank, self.world_size)
         workers = cfg.data.num_workers
-        return DataLoader(SeededDataset(self.train_set), batch_size=per_rank, sampler=sampler,
+        return DataLoader(stream, batch_size=per_rank, sampler=sampler,
                           num_workers=workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
                           persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
@@ -320,6 +349,8 @@ class Trainer:
             t1 = time.perf_counter()
             if batch is not None:
                 losses = self._step(model, *batch)
+                if self.model_ema is not None:
+                    self.model_ema.update_parameters(self.model)
                 self.iteration += 1
                 losses["num_pos_per_image"] = losses.pop("num_pos") / len(batch[0])
                 for k, v in losses.items():
@@ -358,14 +389,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- eval
     def evaluate(self, final: bool = True) -> dict:
-        """COCO metrics of the current weights on the val split, sharded over ranks. Periodic
-        evaluations keep ``model_best.pth``; the final one writes metrics.json and detections.json."""
+        """COCO metrics of the current weights (their EMA with ``train.ema``) on the val split,
+        sharded over ranks. Periodic evaluations keep ``model_best.pth``; the final one writes
+        metrics.json and detections.json."""
         if self._validator is None:
             cfg = self.cfg
             self._validator = Validator(build_dataset(cfg, "val"), cfg.eval.batch_size, self.device,
                                         self.amp_dtype, cfg.data.num_workers, self.logger,
                                         cfg.train.tb_images, cfg.eval.backend)
-        metrics = self._validator(self.model, self.iteration, self.run_dir if final else None)
+        evaluated = self.model_ema.module if self.model_ema is not None else self.model
+        metrics = self._validator(evaluated, self.iteration, self.run_dir if final else None,
+                                  "EMA weights" if self.model_ema is not None else "")
         ap = metrics.get("AP", float("nan"))
         if not final and math.isfinite(ap) and ap > self.best_ap:
             self.best_ap = ap

@@ -43,8 +43,10 @@ class Validator:
         self.amp_dtype, self.num_workers = amp_dtype, num_workers
         self.logger, self.tb_images, self.backend = logger, tb_images, backend
 
-    def __call__(self, model: nn.Module, iteration: int, out_dir: Optional[Path] = None) -> dict:
-        """Metrics on every rank; ``out_dir`` gets detections.json and metrics.json."""
+    def __call__(self, model: nn.Module, iteration: int, out_dir: Optional[Path] = None,
+                 weights: str = "") -> dict:  # fmt: skip
+        """Metrics on every rank; ``out_dir`` gets detections.json and metrics.json. ``weights``
+        says in the log what ``model`` holds ("EMA weights" when the trainer keeps an average)."""
         result = sharded_inference(model, self.dataset, self.batch_size, self.device,
                                    self.amp_dtype, self.num_workers)
         metrics = None
@@ -57,13 +59,15 @@ class Validator:
             if out_dir is not None:
                 write_json(Path(out_dir) / "detections.json", detections)
                 write_json(Path(out_dir) / "metrics.json", metrics)
-            self._log(iteration, metrics, outputs, image_ids)
+            self._log(iteration, metrics, outputs, image_ids, weights)
         return dist.broadcast_from_main(metrics)
 
-    def _log(self, iteration: int, metrics: dict, outputs: list[dict], image_ids: list[int]) -> None:
+    def _log(self, iteration: int, metrics: dict, outputs: list[dict], image_ids: list[int],
+             weights: str) -> None:  # fmt: skip
         self.logger.add_scalars(iteration, {f"val/{k}": v for k, v in metrics.items()
                                             if isinstance(v, float) and math.isfinite(v)})
-        self.logger.write(f"evaluation at iteration {iteration}:\n{format_metrics_table(metrics)}")
+        what = f" ({weights})" if weights else ""
+        self.logger.write(f"evaluation at iteration {iteration}{what}:\n{format_metrics_table(metrics)}")
         by_id = dict(zip(image_ids, outputs))
         for i in range(min(self.tb_images, len(outputs))):
             image, target = self.dataset[i]
