@@ -314,3 +314,16 @@ def test_fold_frozen_batchnorm_is_the_same_affine_map():
     ref = seq(x)
     assert fold_batchnorm(seq) == 1 and isinstance(seq[1], torch.nn.Identity)
     torch.testing.assert_close(seq(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_benchmark_rows_per_lever():
+    from retina.bench.inference import InferenceSpec, format_table, run
+
+    spec = InferenceSpec(model="config", config="shapes", image_size=(64, 64), batch_sizes=(1, 2),
+                         repeats=1, levers=("eager", "fold_bn", "fold_bn+channels_last"))
+    result = run(spec, log=lambda s: None)
+    rows = [(r["batch"], r["lever"]) for r in result["rows"]]
+    assert rows == [(n, lever) for n in (1, 2) for lever in spec.levers]
+    assert all(r["baseline"] == "eager" for r in result["rows"])  # no torchvision model for a config
+    assert [r["ratio"] for r in result["rows"] if r["lever"] == "eager"] == [1.0, 1.0]
+    assert "fold_bn+channels_last" in format_table(result)

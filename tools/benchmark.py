@@ -1,7 +1,10 @@
-"""retina vs torchvision RetinaNet, side by side in one process (see retina/bench/detector.py).
+"""retina vs torchvision RetinaNet, side by side in one process (see retina/bench/detector.py);
+with --levers, inference lever by lever (see retina/bench/inference.py).
 
     python tools/benchmark.py --device cpu --batch-size 2 --image-size 800x1056 --repeats 5 \
         --json runs/bench.json
+    python tools/benchmark.py --levers --image-size 800x1056 --batch-sizes 1 2 --repeats 3
+    python tools/benchmark.py --levers --config shapes --image-size 128x128 --batch-sizes 1 2
 """
 
 from __future__ import annotations
@@ -45,11 +48,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="run retina with model.channels_last=false (default: true)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--levers", action="store_true",
+                   help="inference lever by lever (eager, fold_bn, channels_last, compile, onnxruntime, "
+                        "torchvision) on the R50 parity model, or on --config's model")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2], help="--levers: batch sizes")
+    p.add_argument("--skip", nargs="*", default=[], help="--levers: levers to leave out, e.g. compile")
     a = p.parse_args(argv)
     if a.threads:
         import torch
 
         torch.set_num_threads(a.threads)
+    if a.levers:
+        return _levers(a)
     spec = BenchSpec(device=a.device, batch_size=a.batch_size, image_size=a.image_size, dtype=a.dtype,
                      repeats=a.repeats, warmup=a.warmup, parts=tuple(a.only), depth=a.depth,
                      part_batch_size=a.part_batch_size, part_image_size=a.part_image_size,
@@ -58,6 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     result = run(spec, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(f"config: {result.get('config')}\nweights: {result.get('weights')}")
     print(format_table(result))
+    if a.json is not None:
+        write_json(a.json, result)
+    return 0
+
+
+def _levers(a: argparse.Namespace) -> int:
+    from retina.bench import inference
+
+    spec = inference.InferenceSpec(model="config" if a.config else "parity", config=a.config or "shapes",
+                                   image_size=a.image_size, batch_sizes=tuple(a.batch_sizes),
+                                   repeats=a.repeats, seed=0,
+                                   levers=tuple(v for v in inference.LEVERS if v not in a.skip))
+    result = inference.run(spec, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(inference.format_table(result))
     if a.json is not None:
         write_json(a.json, result)
     return 0

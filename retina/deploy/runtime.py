@@ -128,6 +128,9 @@ class OnnxDetector(ExportedDetector):
         ort = require_onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        # no busy-waiting between runs: the threads would hold the cores that the caller's own
+        # work (decoding images, PyTorch) needs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
