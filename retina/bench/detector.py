@@ -222,7 +222,9 @@ def train_step(model: nn.Module, images: list[Tensor], targets: list[dict], devi
         model.train()
         with _autocast(device, dtype):
             losses = model(images, targets)
-        loss = sum(v for k, v in losses.items() if k.startswith("loss_"))  # num_pos is a count
+        # retina's num_pos is a count, not a loss; torchvision's keys are classification and
+        # bbox_regression, so everything else is summed
+        loss = sum(v for k, v in losses.items() if k != "num_pos")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
