@@ -25,8 +25,9 @@ from retina.model.retinanet import RetinaNet
 
 NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
-# NHWC per device for eager inference: on the CPU, channels_last took the R50 parity model from
-# 1.03x to 0.92x of torchvision's time (issue 13); retina/bench/inference.py measures each lever.
+# NHWC per device for eager inference. CPU, measured by ``tools/benchmark.py --levers`` (2 shared
+# cores, R50 parity model, 800x1056): folded NCHW 0.93x / 0.89x of torchvision's time at batch
+# 1 / 2, folded channels_last 0.66x / 0.73x.
 CHANNELS_LAST = {"cpu": True, "cuda": True}
 
 

@@ -71,6 +71,7 @@ class DetectorGraph(nn.Module):
         n, h, w = images.shape[0], images.shape[2], images.shape[3]
         size = resized_size_tensor(torch.tensor(h), torch.tensor(w), spec.min_size[-1],
                                    spec.max_size, spec.resize)  # (2,)
+        # data-dependent ints for F.interpolate: the rule's float64 rounding is not shape arithmetic
         rh, rw = size[0].item(), size[1].item()
         torch._check(rh >= 1)
         torch._check(rw >= 1)
@@ -92,12 +93,14 @@ class DetectorGraph(nn.Module):
         boxes = torch.minimum(boxes.clamp(min=0), upper)
         return boxes, scores, labels, num
 
-    def _resize_normalise_pad(self, images: Tensor, height, width) -> Tensor:
+    def _resize_normalise_pad(self, images: Tensor, height: int, width: int) -> Tensor:
         """(N, 3, H, W) float in [0, 1] -> normalised (N, 3, H'', W''), resized to (height,
         width) and zero-padded to the size divisibility, as ``RetinaNet.preprocess`` does per
         image ("round": resize, then normalise; "torchvision": normalise, then resize)."""
         m = self.model
         mean, std = m.pixel_mean, m.pixel_std  # (3, 1, 1)
+        # at an unchanged size bilinear interpolation is the identity (source index = target
+        # index), so no branch is needed where eager skips the call
         resize = lambda x: F.interpolate(x, size=(height, width), mode="bilinear",  # noqa: E731
                                          align_corners=False)
         if m.input_spec.resize == "torchvision":
