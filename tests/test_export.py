@@ -109,10 +109,13 @@ def test_resized_size_tensor_is_the_rule(mode):
     # every H, W in a grid crossing the no-resize band (scale within 1e-3 of 1 at 800 x 1333),
     # portrait and landscape, and sizes where the longer side binds
     sides = [1, 7, 63, 64, 65, 480, 599, 640, 799, 800, 801, 1000, 1333, 1334, 4000]
-    for h in sides:
-        for w in sides:
-            got = resized_size_tensor(torch.tensor(h), torch.tensor(w), 800, 1333, mode).tolist()
-            assert tuple(got) == resized_size(h, w, 800, 1333, mode), (h, w)
+    pairs = [(h, w) for h in sides for w in sides]
+    # and every shorter side to 1500: in float64, floor(h * (800 / h)) is 799 for h = 97, 161, ...
+    # and 800 for h = 417, where 800 * (1 / 417) would give 799; the graph rounds as Python does
+    pairs += [(h, w) for h in range(1, 1501) for w in (h, 650)]
+    for h, w in pairs:
+        got = resized_size_tensor(torch.tensor(h), torch.tensor(w), 800, 1333, mode).tolist()
+        assert tuple(got) == resized_size(h, w, 800, 1333, mode), (h, w)
 
 
 def test_pad_per_image_keeps_order_and_caps():

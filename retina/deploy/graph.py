@@ -51,7 +51,10 @@ def resized_size_tensor(height: Tensor, width: Tensor, min_size: int, max_size: 
     ``floor``, at least 1 px, unchanged within ``NO_RESIZE_TOLERANCE`` of scale 1), so the
     exported graph resizes every image to exactly the size eager inference does."""
     hw = torch.stack([height, width]).to(torch.float64)  # (2,)
-    scale = torch.minimum(min_size / hw.min(), max_size / hw.max())
+    # tensor / tensor: a Python number / tensor is computed as number * (1 / tensor), which
+    # rounds differently and floors 417 * (800 / 417) to 799 where Python gets 800
+    limits = torch.tensor([min_size, max_size], dtype=torch.float64)
+    scale = torch.minimum(limits[0] / hw.min(), limits[1] / hw.max())
     if mode == "torchvision":
         return torch.floor(hw * scale).clamp(min=1).to(torch.int64)
     rounded = torch.round(hw * scale).clamp(min=1)
