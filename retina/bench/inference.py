@@ -12,7 +12,8 @@ Variants (``LEVERS``):
 - ``fold_bn``: BatchNorm folded into the convolutions (``retina.deploy.fuse.fold_batchnorm``);
 - ``fold_bn+channels_last``: and NHWC activations and weights (``inference_model``, what
   ``retina eval``/``predict`` run);
-- ``compile``: that model with backbone, FPN and head through ``torch.compile`` (inductor);
+- ``compile``: that model with backbone, FPN and head through ``torch.compile`` (inductor,
+  ``freezing``);
 - ``onnxruntime``: ``retina export --dynamic``'s ONNX file run by onnxruntime (CPU);
 - ``torchvision``: ``torchvision.models.detection.retinanet_resnet50_fpn`` (parity model only).
 
@@ -66,8 +67,10 @@ def _models(spec: InferenceSpec) -> tuple[RetinaNet, Optional[nn.Module], str]:
 
 
 def _compiled(model: RetinaNet) -> RetinaNet:
+    """Backbone, FPN and head through inductor with ``freezing`` (weights as constants: conv
+    weight prepacking and conv + ReLU fusion on the CPU); pre/post-processing stay eager."""
     for name in ("backbone", "fpn", "head"):
-        setattr(model, name, torch.compile(getattr(model, name)))
+        setattr(model, name, torch.compile(getattr(model, name), options={"freezing": True}))
     return model
 
 

@@ -25,9 +25,9 @@ from retina.model.retinanet import RetinaNet
 
 NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
-# NHWC per device for eager inference. CPU, measured by ``tools/benchmark.py --levers`` (2 shared
-# cores, R50 parity model, 800x1056): folded NCHW 0.93x / 0.89x of torchvision's time at batch
-# 1 / 2, folded channels_last 0.66x / 0.73x.
+# NHWC per device for eager inference. CPU, measured by ``tools/benchmark.py --levers`` (2 cores,
+# quiet, R50 parity model, 800x1056): folded NCHW 0.87x / 0.98x of torchvision's time at batch
+# 1 / 2, folded channels_last 0.74x / 0.81x.
 CHANNELS_LAST = {"cpu": True, "cuda": True}
 
 
