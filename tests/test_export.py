@@ -342,8 +342,9 @@ def test_predict_gives_the_model_one_size_at_a_time(tmp_path):
     class Recorder(torch.nn.Module):
         def forward(self, images):
             calls.append([tuple(im.shape[-2:]) for im in images])
-            return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
-                    for _ in images]
+            empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                     "labels": torch.zeros(0, dtype=torch.long)}
+            return [dict(empty) for _ in images]
 
     paths = []
     for i, (h, w) in enumerate([(20, 30), (20, 30), (40, 10), (20, 30)]):

@@ -15,8 +15,8 @@ Parity holds when there is no mismatch, every paired score is within ``score_tol
 paired box within ``box_tol`` px at the resolution the network sees: a box difference in the
 input's pixels is divided by ``max(1, px_scale)``, the input pixels per network pixel (an image
 shrunk 10x to the test size magnifies the float noise of the network's coordinates 10x when its
-boxes are mapped back; an enlarged image is held to ``box_tol`` input px). Labels are compared through the pairing: a detection whose
-partner would need another label counts as a mismatch.
+boxes are mapped back; an enlarged image is held to ``box_tol`` input px). Labels are compared
+through the pairing: a detection whose partner would need another label counts as a mismatch.
 
 Shape legend: D detections of one image.
 """
