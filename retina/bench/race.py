@@ -1,0 +1,332 @@
+"""A training race at equal wall-clock time: ``retina train`` against torchvision's own RetinaNet.
+
+Contestants (``CONTESTANTS``):
+
+- ``torchvision``: ``torchvision.models.detection.RetinaNet`` (ResNet trunk with trainable
+  BatchNorm, FPN 256 on P3-P7 with P6 from P5, 4-conv heads; ``bench.detector.torchvision_retinanet``),
+  its own loss and ``GeneralizedRCNNTransform`` (resize, normalise, pad), trained by a loop in the
+  style of torchvision's detection references (``train_one_epoch``: SGD with momentum and weight
+  decay, linear warm-up, then a cosine schedule, as ``--lr-scheduler cosineannealinglr`` does).
+  Images are decoded by retina's reader (the same files, the same decoder) and flipped; the model
+  resizes them.
+- ``retina-same``: ``retina train`` with ``retina.deploy.convert.torchvision_config('v1')``: the same
+  architecture, preprocessing and loss (focal + L1, each image normalised by its positives),
+  the same solver, image size and batch. Only the system differs.
+- ``retina-recipe``: ``retina train`` with retina's recommended config for photos.
+
+Equal wall-clock: each contestant first runs ``calib_iters`` iterations whose last two thirds give
+its seconds per iteration (data + step); it then trains for ``budget / sec_per_iter``
+iterations, so that its schedule ends at the budget. Training time (data + step; evaluations,
+checkpoints and start-up excluded, for all contestants alike) is measured, not assumed, and the
+learning curve is the COCO AP on the val split at ``eval_points`` evenly spaced iterations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from retina.config import Config, SolverConfig, find_config, load_config
+from retina.data import build_dataset, dataset_source
+from retina.data.coco import CocoDetection, collate
+from retina.data.transforms import hflip
+from retina.engine.evaluate import evaluate_detections, inference, to_coco_results
+from retina.io import write_json
+
+CONTESTANTS = ("torchvision", "retina-same", "retina-recipe")
+
+
+@dataclass
+class RaceSpec:
+    root: str  # the photo folder (VOC, YOLO or COCO; data.format auto)
+    recipe: str  # retina's config for photos (a bundled name or a path)
+    out: Path
+    budget_s: float = 900.0  # training seconds per contestant
+    calib_iters: int = 30
+    eval_points: int = 6  # evaluations along the run (the last one at the end)
+    seed: int = 0
+    contestants: Sequence[str] = CONTESTANTS
+    overrides: Sequence[str] = ()  # --set for every contestant's config (e.g. data.num_workers=1)
+
+
+@dataclass
+class Curve:
+    """AP (0.5:0.95) and AP50 in percent after ``seconds`` of training, at ``iters``."""
+
+    name: str
+    sec_per_iter: float = math.nan  # calibrated
+    max_iter: int = 0
+    iters: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    ap: list[float] = field(default_factory=list)
+    ap50: list[float] = field(default_factory=list)
+
+    def add(self, it: int, seconds: float, metrics: dict) -> None:
+        self.iters.append(it)
+        self.seconds.append(seconds)
+        self.ap.append(float(metrics["AP"]))
+        self.ap50.append(float(metrics["AP50"]))
+
+
+# ----------------------------------------------------------------------------- configs
+def recipe_config(spec: RaceSpec) -> Config:
+    return load_config(find_config(spec.recipe), [f"data.root={spec.root}", f"train.seed={spec.seed}",
+                                     *spec.overrides])
+
+
+def same_overrides(recipe: Config, depth: Optional[int] = None) -> list[str]:
+    """``--set`` keys that make torchvision's v1 architecture, loss and preprocessing train with the
+    recipe's image size, batch, solver and data (flip only: torchvision's references flip). The
+    cosine schedule reads no steps: they go back to the schema's default, which the rules accept."""
+    s, inp = recipe.solver, recipe.model.input
+    return [
+        f"model.backbone.depth={depth or recipe.model.backbone.depth}", "model.backbone.norm=bn",
+        "model.backbone.norm_eps=1e-5", "model.backbone.weights=null",
+        f"model.input.min_size=[{','.join(map(str, inp.min_size))}]", f"model.input.max_size={inp.max_size}",
+        f"model.inference.detections_per_image={recipe.model.inference.detections_per_image}",
+        f"data.root={recipe.data.root}", f"data.num_workers={recipe.data.num_workers}",
+        f"data.hflip_prob={recipe.data.hflip_prob}", "data.aspect_grouping=false",
+        f"solver.optimizer={s.optimizer}", f"solver.lr={s.lr}", f"solver.momentum={s.momentum}",
+        f"solver.weight_decay={s.weight_decay}", f"solver.batch_size={s.batch_size}",
+        "solver.schedule=cosine", f"solver.steps=[{','.join(map(str, SolverConfig().steps))}]",
+        f"solver.warmup_iters={s.warmup_iters}",
+        f"solver.warmup_factor={s.warmup_factor}", f"train.seed={recipe.train.seed}",
+        f"eval.batch_size={recipe.eval.batch_size}",
+    ]
+
+
+# ---------------------------------------------------------------------- retina contestants
+def sec_per_iter_from_log(rows: list[dict], skip: int) -> float:
+    """Mean data + step seconds per iteration over the logged periods after iteration ``skip``."""
+    total, count, prev = 0.0, 0, 0
+    for row in rows:
+        if "time/step_per_iter" not in row:
+            continue
+        n = row["iter"] - prev
+        if prev >= skip:
+            total += (row["time/data_per_iter"] + row["time/step_per_iter"]) * n
+            count += n
+        prev = row["iter"]
+    if count == 0:
+        raise ValueError(f"no logged iterations after iteration {skip}")
+    return total / count
+
+
+def curve_from_log(name: str, rows: list[dict], final: Optional[dict], max_iter: int) -> Curve:
+    """Training seconds (data + step, summed over the logged periods) at each ``val/AP`` row, and
+    the final metrics at ``max_iter``."""
+    curve, elapsed, prev = Curve(name, max_iter=max_iter), 0.0, 0
+    at: dict[int, float] = {0: 0.0}
+    for row in rows:
+        if "time/step_per_iter" in row:
+            elapsed += (row["time/data_per_iter"] + row["time/step_per_iter"]) * (row["iter"] - prev)
+            prev = row["iter"]
+            at[prev] = elapsed
+        elif "val/AP" in row and (final is None or row["iter"] < max_iter):  # the final one: below
+            curve.add(row["iter"], at[row["iter"]], {"AP": row["val/AP"], "AP50": row["val/AP50"]})
+    if final is not None:
+        curve.add(max_iter, at[max_iter], final)
+    return curve
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _retina_train(config: str, overrides: Sequence[str], out: Path) -> None:
+    cmd = [sys.executable, "-m", "retina.cli", "train", "--config", config, "--out", str(out),
+           "--set", *overrides]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def run_retina(name: str, config: str, overrides: Sequence[str], spec: RaceSpec) -> Curve:
+    out = spec.out / name
+    calib = [*overrides, f"solver.max_iter={spec.calib_iters}", "train.log_period=1",
+             "train.eval_at_end=false", "train.checkpoint_period=1000000"]
+    _retina_train(config, calib, out / "calib")
+    s_it = sec_per_iter_from_log(_read_rows(out / "calib" / "metrics.jsonl"), spec.calib_iters // 3)
+    max_iter = max(int(spec.budget_s / s_it), spec.eval_points)
+    period = -(-max_iter // spec.eval_points)  # evaluations at period, 2 period, ... and the end
+    log_period = math.gcd(period, 10)
+    _retina_train(config, [*overrides, f"solver.max_iter={max_iter}", f"train.eval_period={period}",
+                           f"train.log_period={log_period}", "train.checkpoint_period=1000000",
+                           "train.tb_images=0"], out / "run")
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    curve = curve_from_log(name, _read_rows(out / "run" / "metrics.jsonl"), metrics, max_iter)
+    curve.sec_per_iter = s_it
+    return curve
+
+
+# ---------------------------------------------------------------- torchvision contestant
+def _tv_train_transform(prob: float):
+    def transform(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+        if torch.rand(()) < prob:
+            image, target = hflip(image, target)
+        keep = ~target["iscrowd"]  # torchvision's RetinaNet has no ignore regions
+        return image, {"boxes": target["boxes"][keep], "labels": target["labels"][keep]}
+    return transform
+
+
+def _lr_factor(it: int, cfg: Config, max_iter: int) -> float:
+    """Linear warm-up from ``warmup_factor``, then cosine to 0 (the references' schedulers)."""
+    s = cfg.solver
+    warm = 1.0
+    if it < s.warmup_iters:
+        a = it / s.warmup_iters
+        warm = s.warmup_factor * (1 - a) + a
+    return warm * 0.5 * (1 + math.cos(math.pi * it / max_iter))
+
+
+class TorchvisionRun:
+    """torchvision's RetinaNet with the recipe's depth, size, batch and solver."""
+
+    def __init__(self, cfg: Config, seed: int) -> None:
+        from retina.bench.detector import torchvision_retinanet
+
+        self.cfg = cfg
+        ann, image_dir, _ = dataset_source(cfg, "train")
+        self.train_set = CocoDetection(ann, image_dir, _tv_train_transform(cfg.data.hflip_prob))
+        self.val_set = build_dataset(cfg, "val")
+        inp = cfg.model.input
+        torch.manual_seed(seed)
+        self.model = torchvision_retinanet(cfg.model.backbone.depth, self.train_set.num_classes,
+                                           min(inp.min_size), inp.max_size,
+                                           cfg.model.inference.detections_per_image)
+        self.model.transform.min_size = tuple(inp.min_size)  # one drawn per image, as retina
+        s = cfg.solver
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _batches(self):
+        loader = DataLoader(self.train_set, batch_size=self.cfg.solver.batch_size, drop_last=True,
+                            sampler=RandomSampler(self.train_set, generator=self.generator),
+                            num_workers=self.cfg.data.num_workers, collate_fn=collate)
+        while True:
+            yield from loader
+
+    def train(self, max_iter: int, on_eval=None, eval_every: int = 0) -> list[float]:
+        """``max_iter`` steps; returns the data + step seconds of each."""
+        self.model.train()
+        times, batches = [], self._batches()
+        for it in range(max_iter):
+            t0 = time.perf_counter()
+            images, targets = next(batches)
+            images = [img.float().div_(255) for img in images]
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.cfg.solver.lr * _lr_factor(it, self.cfg, max_iter)
+            losses = self.model(images, targets)
+            loss = sum(losses.values())
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"torchvision: loss is {loss.item()} at iteration {it}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            times.append(time.perf_counter() - t0)
+            if on_eval is not None and eval_every and (it + 1) % eval_every == 0 and it + 1 < max_iter:
+                on_eval(it + 1, sum(times))
+                self.model.train()
+        return times
+
+    def evaluate(self) -> dict:
+        class Float01(torch.nn.Module):  # retina's inference hands over uint8
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def forward(self, images):
+                return self.model([img.float() / 255 for img in images])
+
+        outputs, ids = inference(Float01(self.model), self.val_set, self.cfg.eval.batch_size, "cpu",
+                                 progress=False, num_workers=self.cfg.data.num_workers)
+        cat_ids = list(self.val_set.cat_ids)
+        results = to_coco_results(outputs, ids, cat_ids)
+        return evaluate_detections(self.val_set.coco, results, list(self.val_set.class_names),
+                                   cat_ids, ids)
+
+
+def run_torchvision(cfg: Config, spec: RaceSpec) -> Curve:
+    calib = TorchvisionRun(cfg, spec.seed)
+    times = calib.train(spec.calib_iters)
+    skip = spec.calib_iters // 3
+    s_it = sum(times[skip:]) / len(times[skip:])
+    max_iter = max(int(spec.budget_s / s_it), spec.eval_points)
+    period = -(-max_iter // spec.eval_points)  # evaluations at period, 2 period, ... and the end
+    curve = Curve("torchvision", sec_per_iter=s_it, max_iter=max_iter)
+    run = TorchvisionRun(cfg, spec.seed)
+
+    def on_eval(it: int, seconds: float) -> None:
+        metrics = run.evaluate()
+        curve.add(it, seconds, metrics)
+        print(f"torchvision iter {it}/{max_iter} {seconds:.0f} s: AP {metrics['AP']:.1f} "
+              f"AP50 {metrics['AP50']:.1f}", flush=True)
+
+    print(f"torchvision: {s_it:.3f} s/it calibrated -> {max_iter} iterations", flush=True)
+    times = run.train(max_iter, on_eval, period)
+    on_eval(max_iter, sum(times))
+    torch.save(run.model.state_dict(), spec.out / "torchvision" / "model_final.pth")
+    return curve
+
+
+# ------------------------------------------------------------------------------ the race
+def run(spec: RaceSpec) -> list[Curve]:
+    unknown = set(spec.contestants) - set(CONTESTANTS)
+    if unknown:
+        raise ValueError(f"unknown contestants {sorted(unknown)}; choose from {', '.join(CONTESTANTS)}")
+    recipe = recipe_config(spec)
+    curves = []
+    for name in spec.contestants:
+        (spec.out / name).mkdir(parents=True, exist_ok=True)
+        if name == "torchvision":
+            same = load_config(find_config(_TV_SAME), same_overrides(recipe))
+            curve = run_torchvision(same, spec)
+        elif name == "retina-same":
+            curve = run_retina(name, _TV_SAME, same_overrides(recipe), spec)
+        else:
+            curve = run_retina(name, spec.recipe, [f"data.root={spec.root}", f"train.seed={spec.seed}",
+                                                   *spec.overrides], spec)
+        curves.append(curve)
+        write_json(spec.out / f"{name}.json", curve.__dict__)
+    return curves
+
+
+_TV_SAME = "torchvision_retinanet_r50_fpn"  # bundled: convert.torchvision_config('v1')'s model
+
+
+def format_table(curves: Sequence[Curve], budget_s: float) -> str:
+    lines = ["| contestant | s/it | iterations | training time | AP | AP50 |", "|---|---|---|---|---|---|"]
+    for c in curves:
+        lines.append(f"| {c.name} | {c.sec_per_iter:.2f} | {c.max_iter} | {c.seconds[-1] / 60:.1f} min "
+                     f"| {c.ap[-1]:.1f} | {c.ap50[-1]:.1f} |")
+    return "\n".join(lines) + f"\n\nbudget: {budget_s / 60:.1f} min of training per contestant"
+
+
+def plot(curves: Sequence[Curve], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for c in curves:
+        minutes = [0.0] + [s / 60 for s in c.seconds]
+        axes[0].plot(minutes, [0.0] + c.ap, marker="o", label=c.name)
+        axes[1].plot(minutes, [0.0] + c.ap50, marker="o", label=c.name)
+    for ax, what in zip(axes, ("AP (0.5:0.95)", "AP50")):
+        ax.set_xlabel("training time (min)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

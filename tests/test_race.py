@@ -1,0 +1,86 @@
+"""The training race (retina/bench/race.py, tools/race.py): its clock and curves from hand-made
+log rows, the matched configs, and one tiny race end to end on a generated VOC folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retina.bench import race
+from retina.config import find_config, load_config
+
+from test_voc_yolo import make_voc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Three logged periods: iterations 1-5 (1.0 s each), 6-10 (1.2 s each), 11-20 (0.5 s each), and
+# evaluations at iteration 10 and at the end.
+ROWS = [
+    {"iter": 5, "time/data_per_iter": 0.1, "time/step_per_iter": 0.9},
+    {"iter": 10, "time/data_per_iter": 0.2, "time/step_per_iter": 1.0},
+    {"iter": 10, "val/AP": 3.0, "val/AP50": 9.0},
+    {"iter": 20, "time/data_per_iter": 0.0, "time/step_per_iter": 0.5},
+    {"iter": 20, "val/AP": 5.0, "val/AP50": 12.0},  # the final evaluation's row
+]
+
+
+def test_seconds_per_iteration_skips_the_first_periods():
+    # after iteration 5: 5 x 1.2 + 10 x 0.5 = 11 s over 15 iterations
+    assert race.sec_per_iter_from_log(ROWS, skip=5) == pytest.approx(11 / 15)
+    assert race.sec_per_iter_from_log(ROWS, skip=0) == pytest.approx(16 / 20)
+    with pytest.raises(ValueError, match="after iteration 20"):
+        race.sec_per_iter_from_log(ROWS, skip=20)
+
+
+def test_curve_counts_training_seconds_only():
+    curve = race.curve_from_log("r", ROWS, {"AP": 5.0, "AP50": 12.0}, max_iter=20)
+    # 5 x 1.0 + 5 x 1.2 = 11 s at iteration 10; + 10 x 0.5 = 16 s at 20
+    assert curve.iters == [10, 20]
+    assert curve.seconds == pytest.approx([11.0, 16.0])
+    assert (curve.ap, curve.ap50) == ([3.0, 5.0], [9.0, 12.0])
+
+
+def test_torchvision_schedule_is_warmup_then_cosine():
+    cfg = load_config(find_config("photos_cpu"), ["solver.warmup_iters=100", "solver.warmup_factor=0.001"])
+    assert race._lr_factor(0, cfg, 200) == pytest.approx(0.001)
+    # warm-up 0.001 * 0.5 + 0.5 = 0.5005; cosine 0.5 (1 + cos(pi / 4)) = 0.853553
+    assert race._lr_factor(50, cfg, 200) == pytest.approx(0.5005 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert race._lr_factor(150, cfg, 200) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+
+
+def test_same_config_is_torchvision_architecture_with_the_recipe_settings():
+    recipe = load_config(find_config("photos_cpu"), ["data.root=somewhere"])
+    same = load_config(find_config(race._TV_SAME), race.same_overrides(recipe))
+    m = same.model
+    assert (m.backbone.depth, m.backbone.norm, m.backbone.weights) == (18, "bn", None)
+    assert (m.fpn.channels, m.fpn.min_level, m.fpn.max_level, m.fpn.p6_from) == (256, 3, 7, "p5")
+    assert (m.head.num_convs, m.head.norm) == (4, "none")
+    assert (same.loss.box_loss, same.loss.normalizer) == ("l1", "image")
+    assert m.input.min_size == recipe.model.input.min_size
+    assert m.input.max_size == recipe.model.input.max_size
+    for key in ("lr", "batch_size", "momentum", "weight_decay", "warmup_iters"):
+        assert getattr(same.solver, key) == getattr(recipe.solver, key)
+    assert same.solver.schedule == "cosine" and same.data.root == "somewhere"
+    assert same.data.augment == type(same.data.augment)()  # flip only, as torchvision's references
+
+
+def test_tiny_race_end_to_end(tmp_path):
+    root = make_voc(tmp_path / "voc")
+    out = tmp_path / "race"
+    tiny = ["solver.batch_size=2", "model.input.min_size=[64]", "model.input.max_size=64",
+            "solver.warmup_iters=1", "data.num_workers=0", "eval.batch_size=2"]
+    cmd = [sys.executable, str(ROOT / "tools" / "race.py"), "--root", str(root), "--budget-min", "0.02",
+           "--calib-iters", "3", "--eval-points", "2", "--out", str(out), "--set", *tiny]
+    subprocess.run(cmd, check=True, cwd=tmp_path)
+    table = (out / "race.md").read_text()
+    for name in race.CONTESTANTS:
+        assert f"| {name} |" in table
+        curve = json.loads((out / f"{name}.json").read_text())
+        assert curve["iters"][-1] == curve["max_iter"] >= 2
+        assert len(curve["ap"]) == 2 and all(0 <= ap <= 100 for ap in curve["ap"])
+    assert (out / "race.png").stat().st_size > 0
