@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retina.bench.race import CONTESTANTS, RaceSpec, format_table, plot, run  # noqa: E402
+from retina.bench.race import CONTESTANTS, RaceSpec, format_table, load_curves, plot, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = RaceSpec(root=args.root, recipe=args.recipe, out=Path(args.out), budget_s=args.budget_min * 60,
                     calib_iters=args.calib_iters, eval_points=args.eval_points, seed=args.seed,
                     contestants=args.contestants, overrides=args.set)
-    curves = run(spec)
+    run(spec)
+    curves = load_curves(spec.out)  # with contestants of earlier invocations into the same --out
     table = format_table(curves, spec.budget_s)
     print(table)
     (spec.out / "race.md").write_text(table + "\n")

@@ -8,10 +8,11 @@ Contestants (``CONTESTANTS``):
   style of torchvision's detection references (``train_one_epoch``: SGD with momentum and weight
   decay, linear warm-up, then a cosine schedule, as ``--lr-scheduler cosineannealinglr`` does).
   Images are decoded by retina's reader (the same files, the same decoder) and flipped; the model
-  resizes them.
+  resizes them. The recipe's ``train.amp`` is applied as ``torch.autocast`` around forward and loss.
 - ``retina-same``: ``retina train`` with ``retina.deploy.convert.torchvision_config('v1')``: the same
   architecture, preprocessing and loss (focal + L1, each image normalised by its positives),
-  the same solver, image size and batch. Only the system differs.
+  the same solver (the references', ``same_overrides``), image size, batch and precision. Only
+  the system differs.
 - ``retina-recipe``: ``retina train`` with retina's recommended config for photos.
 
 Equal wall-clock: each contestant first runs ``calib_iters`` iterations whose last two thirds give
@@ -83,11 +84,16 @@ def recipe_config(spec: RaceSpec) -> Config:
                                      *spec.overrides])
 
 
-def same_overrides(recipe: Config, depth: Optional[int] = None) -> list[str]:
-    """``--set`` keys that make torchvision's v1 architecture, loss and preprocessing train with the
-    recipe's image size, batch, solver and data (flip only: torchvision's references flip). The
-    cosine schedule reads no steps: they go back to the schema's default, which the rules accept."""
-    s, inp = recipe.solver, recipe.model.input
+def same_overrides(recipe: Config, num_train: int, depth: Optional[int] = None) -> list[str]:
+    """``--set`` keys for (a): torchvision's v1 architecture, loss and preprocessing with the solver
+    of torchvision's detection references, at the recipe's image size, batch, precision and data.
+
+    References' solver (``references/detection/train.py``): SGD, momentum 0.9, weight decay 1e-4,
+    lr 0.01 at 16 images scaled linearly to the batch, warm-up from 1/1000 over
+    ``min(1000, len(data_loader) - 1)`` iterations, flip only; their cosine option
+    (``--lr-scheduler cosineannealinglr``). The cosine schedule reads no steps: they go back to the
+    schema's default, which the rules accept."""
+    inp, batch = recipe.model.input, recipe.solver.batch_size
     return [
         f"model.backbone.depth={depth or recipe.model.backbone.depth}", "model.backbone.norm=bn",
         "model.backbone.norm_eps=1e-5", "model.backbone.weights=null",
@@ -95,12 +101,12 @@ def same_overrides(recipe: Config, depth: Optional[int] = None) -> list[str]:
         f"model.inference.detections_per_image={recipe.model.inference.detections_per_image}",
         f"data.root={recipe.data.root}", f"data.num_workers={recipe.data.num_workers}",
         f"data.hflip_prob={recipe.data.hflip_prob}", "data.aspect_grouping=false",
-        f"solver.optimizer={s.optimizer}", f"solver.lr={s.lr}", f"solver.momentum={s.momentum}",
-        f"solver.weight_decay={s.weight_decay}", f"solver.batch_size={s.batch_size}",
+        "solver.optimizer=sgd", f"solver.lr={0.01 * batch / 16:g}", "solver.momentum=0.9",
+        "solver.weight_decay=0.0001", f"solver.batch_size={batch}",
         "solver.schedule=cosine", f"solver.steps=[{','.join(map(str, SolverConfig().steps))}]",
-        f"solver.warmup_iters={s.warmup_iters}",
-        f"solver.warmup_factor={s.warmup_factor}", f"train.seed={recipe.train.seed}",
-        f"eval.batch_size={recipe.eval.batch_size}",
+        f"solver.warmup_iters={max(min(1000, num_train // batch - 1), 1)}", "solver.warmup_factor=0.001",
+        f"train.seed={recipe.train.seed}", f"eval.batch_size={recipe.eval.batch_size}",
+        f"train.amp={recipe.train.amp}",
     ]
 
 
@@ -208,6 +214,11 @@ class TorchvisionRun:
         self.optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
         self.generator = torch.Generator().manual_seed(seed)
 
+    def _autocast(self):
+        amp = self.cfg.train.amp  # the recipe's precision, as retina's trainer applies it
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
     def _batches(self):
         loader = DataLoader(self.train_set, batch_size=self.cfg.solver.batch_size, drop_last=True,
                             sampler=RandomSampler(self.train_set, generator=self.generator),
@@ -225,7 +236,8 @@ class TorchvisionRun:
             images = [img.float().div_(255) for img in images]
             for g in self.optimizer.param_groups:
                 g["lr"] = self.cfg.solver.lr * _lr_factor(it, self.cfg, max_iter)
-            losses = self.model(images, targets)
+            with self._autocast():
+                losses = self.model(images, targets)
             loss = sum(losses.values())
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"torchvision: loss is {loss.item()} at iteration {it}")
@@ -245,7 +257,10 @@ class TorchvisionRun:
                 self.model = model
 
             def forward(self, images):
-                return self.model([img.float() / 255 for img in images])
+                with run._autocast():
+                    return self.model([img.float() / 255 for img in images])
+
+        run = self
 
         outputs, ids = inference(Float01(self.model), self.val_set, self.cfg.eval.batch_size, "cpu",
                                  progress=False, num_workers=self.cfg.data.num_workers)
@@ -284,14 +299,15 @@ def run(spec: RaceSpec) -> list[Curve]:
     if unknown:
         raise ValueError(f"unknown contestants {sorted(unknown)}; choose from {', '.join(CONTESTANTS)}")
     recipe = recipe_config(spec)
+    num_train = len(CocoDetection(*dataset_source(recipe, "train")[:2]))
     curves = []
     for name in spec.contestants:
         (spec.out / name).mkdir(parents=True, exist_ok=True)
         if name == "torchvision":
-            same = load_config(find_config(_TV_SAME), same_overrides(recipe))
+            same = load_config(find_config(_TV_SAME), same_overrides(recipe, num_train))
             curve = run_torchvision(same, spec)
         elif name == "retina-same":
-            curve = run_retina(name, _TV_SAME, same_overrides(recipe), spec)
+            curve = run_retina(name, _TV_SAME, same_overrides(recipe, num_train), spec)
         else:
             curve = run_retina(name, spec.recipe, [f"data.root={spec.root}", f"train.seed={spec.seed}",
                                                    *spec.overrides], spec)
@@ -301,6 +317,13 @@ def run(spec: RaceSpec) -> list[Curve]:
 
 
 _TV_SAME = "torchvision_retinanet_r50_fpn"  # bundled: convert.torchvision_config('v1')'s model
+
+
+def load_curves(out: Path) -> list[Curve]:
+    """Every contestant's curve written to ``out`` so far (races can be run one contestant at a
+    time), in ``CONTESTANTS`` order."""
+    return [Curve(**json.loads((out / f"{name}.json").read_text()))
+            for name in CONTESTANTS if (out / f"{name}.json").is_file()]
 
 
 def format_table(curves: Sequence[Curve], budget_s: float) -> str:
