@@ -13,10 +13,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pycocotools.coco import COCO
 from torch import nn
+from torch.testing import assert_close
 
 from retina.engine.evaluate import (
     METRIC_NAMES,
@@ -230,3 +232,50 @@ def test_inference_batches_in_order_on_cpu():
     assert ids == [3, 1, 2]  # dataset order, across a batch boundary (2 + 1)
     assert [float(o["boxes"][0, 0]) for o in outs] == [0.0, 1.0, 2.0]
     assert all(o["boxes"].device.type == "cpu" for o in outs)
+
+
+def test_same_size_batches_group_by_stored_size():
+    from retina.engine.evaluate import same_size_batches
+
+    sizes = np.array([[10, 20], [30, 40], [10, 20], [30, 40], [10, 20]])
+    # sizes in order of first appearance, at most 2 per batch, indices ascending
+    assert same_size_batches(sizes, 5, 2) == [[0, 2], [4], [1, 3]]
+    assert same_size_batches(None, 5, 2) == [[0, 1], [2, 3], [4]]
+    assert same_size_batches(sizes, 5, 8) == [[0, 2, 4], [1, 3]]
+
+
+def test_inference_outputs_do_not_depend_on_neighbours_and_keep_dataset_order(tmp_path):
+    """Two image sizes in one eval batch: every image's detections equal those of the image run
+    alone (no padding by a larger neighbour), and outputs come back in dataset order."""
+    from torch.utils.data import Subset
+
+    from retina.config import config_from_dict
+    from retina.data import CocoDetection
+    from retina.data.transforms import build_transforms
+    from retina.engine.evaluate import image_sizes, inference
+    from retina.model import build_model
+
+    from test_voc_yolo import make_voc
+    from retina.data.convert import read_folder
+
+    root = make_voc(tmp_path / "voc")
+    (root / "ImageSets" / "Main" / "all.txt").write_text("a\nc\n")
+    folder = read_folder(root, "voc", ("all",))
+    # a.jpg 40x30 -> 85x64, padded to 96x64; c.jpg 32x32 -> 64x64, which a batch with a would pad
+    tf = build_transforms((64,), 200, 0.0, train=False)
+    ds = CocoDetection(folder.splits["all"], folder.image_dirs["all"], tf)
+    assert image_sizes(ds).tolist() == [[30, 40], [32, 32]]
+    assert image_sizes(Subset(ds, [1])).tolist() == [[32, 32]]
+    cfg = config_from_dict({"model": {"num_classes": 3, "backbone": {"depth": 18, "weights": None},
+                                      "fpn": {"channels": 64}, "head": {"num_convs": 1, "norm": "gn"},
+                                      "input": {"min_size": [64], "max_size": 200,
+                                                "size_divisibility": 32},
+                                      "inference": {"score_thresh": 0.0}}})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    both, ids = inference(model, ds, 2, "cpu", num_workers=0)
+    assert ids == [int(ds.ids[0]), int(ds.ids[1])]
+    for k in range(2):
+        alone, _ = inference(model, Subset(ds, [k]), 1, "cpu", num_workers=0)
+        assert_close(both[k]["boxes"], alone[0]["boxes"])
+        assert_close(both[k]["scores"], alone[0]["scores"])

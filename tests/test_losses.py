@@ -328,3 +328,27 @@ def test_elementwise_losses_keep_fp64_and_lift_half_to_fp32():
         assert sigmoid_focal_loss(x.to(dtype), t).dtype == torch.float32
         assert focal_star_loss(x.to(dtype), t.to(dtype)).dtype == torch.float32
         assert box_regression_loss(x.to(dtype), t.to(dtype), "l1", 0.1).dtype == torch.float32
+
+
+def test_giou_box_loss_hand_values():
+    """Anchor [0, 0, 10, 10], prediction delta 0 (the anchor itself), target [0, 0, 10, 20]:
+    intersection 100, union 200, enclosing box = the target (area 200): GIoU = 0.5 - 0 = 0.5, so
+    the loss is 1 - 0.5 = 0.5. Image 2 has only a background anchor: no box loss. Normaliser:
+    1 positive in the batch."""
+    from retina.model.box_coder import BoxCoder
+
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]])  # (R=1, 4)
+    gt = coder.encode(torch.tensor([[0.0, 0.0, 10.0, 20.0]]), anchors)  # (1, 4): 0, 0.5, 0, log 2
+    assert_close(gt, torch.tensor([[0.0, 0.5, 0.0, math.log(2)]]))
+    gt_deltas = torch.cat([gt, torch.zeros(1, 4)])[:, None]  # (N=2, R=1, 4)
+    gt_classes = torch.tensor([[0], [1]])  # image 1: class 0; image 2: background (K = 1)
+    logits = torch.zeros(2, 1, 1)
+    pred = torch.zeros(2, 1, 4, requires_grad=True)
+    out = retinanet_losses(logits, pred, gt_classes, gt_deltas, LossSettings(box_loss="giou"),
+                           anchors, decode=coder.decode)
+    assert_close(out.losses["loss_box"], torch.tensor(0.5))
+    out.losses["loss_box"].backward()
+    assert pred.grad[1].abs().sum() == 0 and pred.grad[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="giou"):
+        retinanet_losses(logits, pred, gt_classes, gt_deltas, LossSettings(box_loss="giou"), anchors)

@@ -132,7 +132,7 @@ _SCOPES: tuple[_Scope, ...] = (
            "use loss.type=focal_star"),
     _Scope("loss.ema_momentum", "loss.normalizer", lambda n: n == "ema",
            "only the ema normaliser keeps a running mean", "use loss.normalizer=ema"),
-    _Scope("loss.smooth_l1_beta", "loss.box_loss", lambda b: b == "smooth_l1", "L1 has no beta",
+    _Scope("loss.smooth_l1_beta", "loss.box_loss", lambda b: b == "smooth_l1", "only smooth L1 has a beta",
            "use loss.box_loss=smooth_l1"),
     _Scope("solver.steps", "solver.schedule", lambda s: s == "step",
            "the cosine schedule has no steps", "use solver.schedule=step"),

@@ -229,7 +229,9 @@ class LossConfig:
     type: Literal["focal", "ce", "ohem", "focal_star"] = "focal"
     alpha: Optional[float] = 0.25  # weight of positives; None: no weighting
     gamma: float = 2.0  # focusing parameter of focal; 0 with alpha None is BCE; ce, ohem: 0
-    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    # giou: 1 - generalized IoU of the decoded boxes (Rezatofighi et al. 2019; torchvision v2,
+    # detectron2's box_reg_loss_type "giou"), instead of a loss on the deltas
+    box_loss: Literal["smooth_l1", "l1", "giou"] = "smooth_l1"
     smooth_l1_beta: float = 0.1  # detectron2's RetinaNet default
     box_weight: float = 1.0
     # batch: divide by the batch's positive anchors (paper); ema: detectron2's running mean;
@@ -275,6 +277,10 @@ class TrainConfig:
     keep_checkpoints: int = 3  # periodic checkpoints kept (newest); 0 keeps all
     log_period: int = 20  # iterations between logged scalars (and lines in non-tty logs)
     amp: Literal["off", "bf16", "fp16"] = "off"  # autocast dtype; fp16 adds a GradScaler
+    # torch.compile (inductor) the backbone, FPN and head in place (assignment, loss and
+    # post-processing stay eager). Compiling takes minutes on a CPU and each new input shape may
+    # compile again; README "Train on your own photos" has the measurement.
+    compile: bool = False
     eval_at_end: bool = True
     eval_period: int = 0  # iterations between evaluations during training (0: only at the end);
     # each one updates model_best.pth when AP improves

@@ -192,6 +192,11 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def image_sizes(self) -> np.ndarray:
+        """(N, 2) int64 height and width of every image as stored (before any transform)."""
+        return self._sizes
+
     def image_path(self, index: int) -> Path:
         return self.image_dir / self.coco.imgs[self.ids[index]]["file_name"]
 

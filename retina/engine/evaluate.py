@@ -22,7 +22,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
@@ -212,6 +212,30 @@ def _outputs_to_cpu(out: dict[str, Tensor]) -> dict[str, Tensor]:
     return moved
 
 
+def image_sizes(dataset: Dataset) -> np.ndarray | None:
+    """(N, 2) stored image sizes of a ``CocoDetection`` (or a ``Subset`` of one), else None."""
+    if isinstance(dataset, Subset):
+        sizes = image_sizes(dataset.dataset)
+        return None if sizes is None else sizes[np.asarray(dataset.indices, dtype=np.int64)]
+    return getattr(dataset, "image_sizes", None)
+
+
+def same_size_batches(sizes: np.ndarray | None, num_images: int, batch_size: int) -> list[list[int]]:
+    """Batches of at most ``batch_size`` indices whose images have one stored size (so one size
+    after the deterministic eval resize), sizes in order of first appearance, indices ascending.
+
+    The model pads a batch to its largest image; padding changes a smaller image's features (near
+    its border, and everywhere through GroupNorm's statistics), so an image's detections would
+    depend on its neighbours, and differ from an exported model's, which runs each size alone.
+    ``sizes`` None (unknown): plain consecutive batches."""
+    if sizes is None:
+        return [list(range(i, min(i + batch_size, num_images))) for i in range(0, num_images, batch_size)]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (h, w) in enumerate(np.asarray(sizes).tolist()):
+        groups.setdefault((h, w), []).append(i)
+    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
 def inference(
     model: nn.Module,
     dataset: Dataset,
@@ -221,7 +245,8 @@ def inference(
     progress: bool = True,
     num_workers: int = 2,
 ) -> tuple[list[dict[str, Tensor]], list[int]]:
-    """Run ``model`` in eval mode over ``dataset`` in order.
+    """Run ``model`` in eval mode over ``dataset``, in batches of one image size
+    (``same_size_batches``); the outputs come back in dataset order.
 
     Images (uint8 (3, H, W)) go to ``device`` as they are (the model converts them);
     ``amp_dtype`` (e.g. ``torch.bfloat16``) enables autocast. The model's train/eval mode is
@@ -232,10 +257,10 @@ def inference(
         image ids taken from each target's ``image_id``.
     """
     device = torch.device(device)
+    batches = same_size_batches(image_sizes(dataset), len(dataset), batch_size)
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=_list_collate,
         pin_memory=device.type == "cuda",
@@ -255,7 +280,8 @@ def inference(
                 image_ids.extend(int(target["image_id"]) for _, target in batch)
     finally:
         model.train(was_training)
-    return outputs, image_ids
+    order = np.argsort([i for batch in batches for i in batch], kind="stable")  # back to dataset order
+    return [outputs[k] for k in order], [image_ids[k] for k in order]
 
 
 def evaluate(

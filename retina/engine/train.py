@@ -140,6 +140,9 @@ class Trainer:
                                   cfg.model.head.prior_prob)  # fmt: skip
         ema = cfg.train.ema
         self.model_ema = build_ema(self.model, ema.decay, ema.warmup) if ema.enabled else None
+        if cfg.train.compile:  # in place: parameter names, checkpoints and the EMA copy unchanged
+            for part in (self.model.backbone, self.model.fpn, self.model.head):
+                part.compile()
         self.optimizer = build_optimizer(cfg.solver, self.model)
         self.scheduler = build_scheduler(cfg.solver, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
@@ -283,6 +286,7 @@ class Trainer:
             model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
         model.train()
         ds = self.train_set
+        self.logger.write(f"train set: {ds.source}")
         self.logger.write(f"train set: {len(ds)} images, {ds.num_classes} classes, "
                           f"{ds.num_degenerate} degenerate boxes dropped (under 1 px or not finite)")
         self.logger.write(f"training {cfg.solver.max_iter - self.iteration} iterations from "

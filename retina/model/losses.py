@@ -28,13 +28,13 @@ Shape legend: N images, R anchors per image, K classes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import nms
+from torchvision.ops import generalized_box_iou_loss, nms
 
 # detectron2 starts its running positive count (normalizer "ema") at 100.
 EMA_INIT = 100.0
@@ -66,7 +66,7 @@ class LossSettings:
     type: Literal["focal", "ce", "ohem", "focal_star"] = "focal"
     alpha: Optional[float] = 0.25  # weight of positives; None: no weighting
     gamma: float = 2.0  # focusing parameter of focal, ce and ohem (used as given)
-    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    box_loss: Literal["smooth_l1", "l1", "giou"] = "smooth_l1"
     smooth_l1_beta: float = 0.1
     box_weight: float = 1.0
     normalizer: Literal["batch", "ema", "image"] = "batch"
@@ -298,6 +298,20 @@ def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) ->
     return F.smooth_l1_loss(pred, target, beta=beta, reduction="none")
 
 
+def giou_loss_per_image(pred_deltas: Tensor, gt_deltas: Tensor, fg: Tensor, anchors: Tensor,
+                        decode: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """(N,) summed ``1 - GIoU`` (torchvision.ops.generalized_box_iou_loss) of each image's
+    foreground anchors; both boxes are decoded from their deltas on the anchor (``decode``: the
+    model's box coder), only for the P foreground anchors. fp32 (fp64 stays fp64)."""
+    n, r = fg.nonzero(as_tuple=True)  # (P,), (P,)
+    dtype = _compute_dtype(pred_deltas)
+    a = anchors[r].to(dtype)  # (P, 4)
+    pred = decode(pred_deltas[n, r].to(dtype), a).to(dtype)  # (P, 4)
+    gt = decode(gt_deltas[n, r].to(dtype), a).to(dtype)  # (P, 4)
+    loss = generalized_box_iou_loss(pred, gt, reduction="none")  # (P,)
+    return torch.zeros(fg.shape[0], dtype=loss.dtype, device=loss.device).index_add_(0, n, loss)
+
+
 def _mean_over_ranks(x: Tensor) -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()
@@ -325,7 +339,8 @@ def _cls_loss_per_image(pred_logits: Tensor, gt_classes: Tensor, valid: Tensor, 
 
 def retinanet_losses(pred_logits: Tensor, pred_deltas: Tensor, gt_classes: Tensor, gt_deltas: Tensor,
                      settings: LossSettings = LossSettings(), anchors: Optional[Tensor] = None,
-                     num_pos_ema: Optional[Tensor] = None) -> LossOutput:
+                     num_pos_ema: Optional[Tensor] = None,
+                     decode: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> LossOutput:
     """Classification + box loss of a batch, one call for the whole batch.
 
     Args:
@@ -333,10 +348,12 @@ def retinanet_losses(pred_logits: Tensor, pred_deltas: Tensor, gt_classes: Tenso
         gt_classes: (N, R) int64, -1 ignored anchor, 0..K-1 its box's class, K background.
         gt_deltas: (N, R, 4) encoded boxes the foreground anchors regress to (others unread).
         settings: the loss type and its plain settings.
-        anchors: (R, 4) XYXY, needed by ``ohem`` only (its NMS).
+        anchors: (R, 4) XYXY, needed by ``ohem`` (its NMS) and box loss ``giou``.
         num_pos_ema: () running positive count before this batch; needed by normalizer ``ema``
             (start at ``EMA_INIT``). The updated value comes back in ``num_pos_ema``: the caller
             stores it (the model keeps it as a buffer).
+        decode: ``(deltas (P, 4), anchors (P, 4)) -> boxes (P, 4)``, the box coder's inverse;
+            needed by box loss ``giou`` (which compares boxes, not deltas).
     Returns:
         ``LossOutput(losses={"loss_cls", "loss_box"}, num_pos, num_pos_ema)``.
     """
@@ -344,8 +361,13 @@ def retinanet_losses(pred_logits: Tensor, pred_deltas: Tensor, gt_classes: Tenso
     valid = gt_classes >= 0  # (N, R)
     fg = valid & (gt_classes < pred_logits.shape[-1])  # (N, R)
     cls_per_image, num_kept = _cls_loss_per_image(pred_logits, gt_classes, valid, fg, s, anchors)  # (N,)
-    box = box_regression_loss(pred_deltas, gt_deltas, s.box_loss, s.smooth_l1_beta)  # (N, R, 4)
-    box_per_image = (box.sum(-1) * fg).sum(-1)  # (N,)
+    if s.box_loss == "giou":
+        if anchors is None or decode is None:
+            raise ValueError("box loss 'giou' needs the anchors (R, 4) and the box coder's decode")
+        box_per_image = giou_loss_per_image(pred_deltas, gt_deltas, fg, anchors, decode)  # (N,)
+    else:
+        box = box_regression_loss(pred_deltas, gt_deltas, s.box_loss, s.smooth_l1_beta)  # (N, R, 4)
+        box_per_image = (box.sum(-1) * fg).sum(-1)  # (N,)
     pos_per_image = fg.sum(-1).float()  # (N,)
     new_ema = None
     if s.normalizer == "image":  # torchvision: each image by its own positives, then mean

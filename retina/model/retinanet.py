@@ -194,7 +194,7 @@ class RetinaNet(nn.Module):
         """
         gt = self.assigner(pad_targets(targets, pred_logits.device), anchors)
         out = retinanet_losses(pred_logits, pred_deltas, gt.gt_classes, gt.gt_deltas, self.loss_settings,
-                               anchors, self.num_pos_ema)  # anchors: OHEM's NMS
+                               anchors, self.num_pos_ema, self.assigner.box_coder.decode)
         if out.num_pos_ema is not None:
             self.num_pos_ema.copy_(out.num_pos_ema)
         return {**out.losses, "num_pos": out.num_pos}
