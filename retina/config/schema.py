@@ -277,10 +277,6 @@ class TrainConfig:
     keep_checkpoints: int = 3  # periodic checkpoints kept (newest); 0 keeps all
     log_period: int = 20  # iterations between logged scalars (and lines in non-tty logs)
     amp: Literal["off", "bf16", "fp16"] = "off"  # autocast dtype; fp16 adds a GradScaler
-    # torch.compile (inductor) the backbone, FPN and head in place (assignment, loss and
-    # post-processing stay eager). Compiling takes minutes on a CPU and each new input shape may
-    # compile again; README "Train on your own photos" has the measurement.
-    compile: bool = False
     eval_at_end: bool = True
     eval_period: int = 0  # iterations between evaluations during training (0: only at the end);
     # each one updates model_best.pth when AP improves

@@ -140,9 +140,6 @@ class Trainer:
                                   cfg.model.head.prior_prob)  # fmt: skip
         ema = cfg.train.ema
         self.model_ema = build_ema(self.model, ema.decay, ema.warmup) if ema.enabled else None
-        if cfg.train.compile:  # in place: parameter names, checkpoints and the EMA copy unchanged
-            for part in (self.model.backbone, self.model.fpn, self.model.head):
-                part.compile()
         self.optimizer = build_optimizer(cfg.solver, self.model)
         self.scheduler = build_scheduler(cfg.solver, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
