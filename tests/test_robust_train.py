@@ -117,8 +117,10 @@ def write_config(cfg, path: Path) -> Path:
     return path
 
 
-def train_process(config: Path, out: Path, *extra: str, prelude: str = "") -> subprocess.Popen:
-    """``retina train`` in a real subprocess; ``prelude`` runs first (fault injection)."""
+def train_process(config: Path, out: Path, *extra: str, prelude: str = "",
+                  new_session: bool = False) -> subprocess.Popen:
+    """``retina train`` in a real subprocess; ``prelude`` runs first (fault injection);
+    ``new_session``: in a process group of its own (``os.killpg`` signals it and its workers)."""
     code = textwrap.dedent(prelude) + textwrap.dedent(f"""
         import sys
         from retina.cli import main
@@ -127,7 +129,7 @@ def train_process(config: Path, out: Path, *extra: str, prelude: str = "") -> su
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=new_session)
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -246,6 +248,46 @@ def test_signal_saves_checkpoint_and_exits_cleanly(straight_run, tmp_path, signu
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert_same_weights(final_weights(run), reference)
+
+
+def children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (from /proc/*/stat: pid (comm) state ppid ...)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the workers")
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_workers_leave_signals_to_the_trainer(shapes_root, tmp_path, signum, status):
+    """Ctrl-C in a terminal, ``pkill -f``, SLURM and ``timeout`` signal the DataLoader workers
+    too. A worker killed by the signal made the DataLoader raise ``DataLoader worker ... is
+    killed by signal`` inside the step, before the trainer could save. Now the workers ignore
+    the signal and keep serving; the trainer's own signal stops the run with a checkpoint."""
+    cfg = with_changes(short_config(shapes_root, max_iter=400), data={"num_workers": 2})
+    config = write_config(cfg, tmp_path / "workers.yaml")
+    run = tmp_path / "run"
+    proc = train_process(config, run, new_session=True)
+    wait_for(lambda: (run / "model_0000004.pth").exists(), proc)
+    workers = children(proc.pid)
+    assert len(workers) >= 2, workers  # the two DataLoader workers (and maybe a pin thread's)
+    for pid in workers:
+        os.kill(pid, signum)
+    time.sleep(2.0)
+    assert proc.poll() is None, proc.communicate()[1][-500:]  # still training
+    os.killpg(proc.pid, signum)  # the whole group, as a terminal's Ctrl-C
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("retina: stopped at iteration") and "--resume" in last
+    stopped = int(last.split("stopped at iteration ")[1].split(";")[0])
+    assert (run / f"model_{stopped:07d}.pth").is_file()
 
 
 def test_resume_skips_an_unreadable_newest_checkpoint(shapes_root, tmp_path, capsys):

@@ -90,6 +90,15 @@ def train_stream(train_set, cfg: Config, start: int, rank: int = 0,
     return SeededDataset(train_set), sampler
 
 
+def leave_signals_to_trainer(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM: Ctrl-C in a terminal, ``pkill -f``, SLURM or
+    ``timeout`` signal the whole process group, and a worker killed first made the DataLoader
+    raise inside the training step, before the trainer could save. The trainer alone stops
+    (checkpoint, then exit); its workers then shut down with the DataLoader."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _LoggerHandler(logging.Handler):
     """Routes ``logging`` records (the data pipeline's) into the run's log."""
 
@@ -228,7 +237,8 @@ class Trainer:
         workers = cfg.data.num_workers
         return DataLoader(stream, batch_size=per_rank, sampler=sampler,
                           num_workers=workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
-                          persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                          persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                          worker_init_fn=leave_signals_to_trainer)
 
     def _on_signal(self, signum: int, frame) -> None:
         if self.stop_signal is not None:  # a second Ctrl-C stops at once
