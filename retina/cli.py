@@ -44,7 +44,7 @@ def _load(args: argparse.Namespace):
     """(model, cfg, class_names, cat_ids) from --weights, with --config / --set applied."""
     from retina.config import load_config
     from retina.engine.checkpoint import load_model
-    from retina.engine.train import resolve_device
+    from retina.engine.dist import resolve_device
 
     from retina.deploy.fuse import inference_model
     from retina.deploy.runtime import is_exported, load_exported
@@ -149,14 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. data.root=/data/coco model.inference.score_thresh=0.1")
 
-    p = sub.add_parser("data", help="generate the bundled synthetic dataset, check a dataset, "
-                                    "convert a VOC / YOLO folder to COCO json, or show samples as "
-                                    "the model gets them")
-    p.add_argument("what", choices=["shapes", "check", "convert", "show"])
-    p.add_argument("--config", "-c", default=DEFAULT_CONFIG,
-                   help=f"show: the config whose data and augmentation to draw (default: {DEFAULT_CONFIG})")
+    p = sub.add_parser("data", help="generate the bundled synthetic sets (shapes, or the Table 1 "
+                                    "benchmark: dense), check a dataset, convert a VOC / YOLO "
+                                    "folder to COCO json, or show samples as the model gets them")
+    p.add_argument("what", choices=["shapes", "dense", "check", "convert", "show"])
+    p.add_argument("--config", "-c",
+                   help=f"show: the config whose data and augmentation to draw (default: {DEFAULT_CONFIG}); "
+                        "dense: the config whose data.dense and data.root to generate (default: dense)")
     p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="show: config overrides, e.g. data.root=../photos data.augment.crop_prob=0.5")
+                   help="show, dense: config overrides, e.g. data.root=../photos data.augment.crop_prob=0.5")
     p.add_argument("--num", "-n", type=int, default=16, help="show: samples to draw (default: 16)")
     p.add_argument("--split", choices=["train", "val"], default="train",
                    help="show: train (augmented, in training order) or val (as read)")
@@ -171,12 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(default: every object name, sorted)")
     p.add_argument("--keep-difficult", action="store_true",
                    help="VOC: difficult objects as boxes, not ignore regions")
-    p.add_argument("--out", "-o", help="shapes: dataset directory (default: data/shapes); "
+    p.add_argument("--out", "-o", help="shapes: dataset directory (default: data/shapes); dense: "
+                                       "dataset directory (default: the config's data.root); "
                                        "convert: where instances_<split>.json go; show: where the "
                                        "PNGs go (default: runs/show/<config name>)")
-    p.add_argument("--train", type=int, default=2000, help="number of training images")
-    p.add_argument("--val", type=int, default=200, help="number of validation images")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--train", type=int, default=2000, help="shapes: number of training images")
+    p.add_argument("--val", type=int, default=200, help="shapes: number of validation images")
+    p.add_argument("--size", type=int, default=128, help="shapes: image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -295,10 +297,19 @@ def _data(args: argparse.Namespace) -> int:
         from retina.config import load_config
         from retina.data.show import data_show_cli
 
-        config_path = find_config(args.config)
+        config_path = find_config(args.config or DEFAULT_CONFIG)
         out = Path(args.out) if args.out else Path("runs") / "show" / config_path.stem
         return data_show_cli(load_config(config_path, args.set), args.split, args.num, out)
 
+    if args.what == "dense":
+        from retina.config import load_config
+        from retina.data.dense import ensure_dense
+
+        cfg = load_config(find_config(args.config or "dense"), args.set)
+        d = cfg.data.dense
+        root = ensure_dense(args.out or cfg.data.root, d.num_train, d.num_val, d.image_size, d.num_classes, d.seed)
+        print(f"dense dataset ready in {root}")
+        return 0
     root = ensure_shapes(args.out or "data/shapes", args.train, args.val, args.size, args.seed)
     print(f"shapes dataset ready in {root}")
     return 0

@@ -337,6 +337,17 @@ def test_seed_groups_by_hand_and_a_single_seed_has_no_verdict(tmp_path):
     assert "| gamma=1 | 1 | 20.0 (n=1) |" in md and "-14.5 AP (no std: fewer than 2 seeds) |" in md
 
 
+def test_equal_means_without_spread_are_a_tie_and_a_zero_spread_difference_is_not(tmp_path):
+    # two settings at 0 AP on every seed (std 0) tie; 0.5 AP on every seed against them does not
+    _seed_runs(tmp_path, ["loss.gamma=0", "loss.alpha=0.25"], [0.0, 0.0])
+    _seed_runs(tmp_path, ["loss.gamma=0", "loss.alpha=0.75"], [0.0, 0.0])
+    _seed_runs(tmp_path, ["loss.gamma=2", "loss.alpha=0.25"], [0.5, 0.5])
+    _, (ce25, ce75, fl) = group_seeds(*collect_runs(tmp_path))
+    assert (ce25.std(), ce75.std(), fl.std()) == (0.0, 0.0, 0.0)
+    assert tied(ce25, ce75) is True
+    assert tied(ce25, fl) is False
+
+
 # ------------------------------------------------------------------------------------ OHEM
 # Seven 10 x 10 anchors on a row; a1 is a0 shifted by 1 px: IoU = 90 / (100 + 100 - 90) = 0.818.
 BOXES = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [20, 0, 30, 10], [40, 0, 50, 10],

@@ -121,3 +121,13 @@ def test_decode_encode_round_trip(bx, by, bw, bh, ax, ay, aw, ah, weighted):
     box = t([bx, by, bx + bw, by + bh])
     anchor = t([ax, ay, ax + aw, ay + ah])
     assert_close(coder.decode(coder.encode(box, anchor), anchor), box, atol=2e-3, rtol=1e-5)
+
+
+def test_decode_keeps_fp64():
+    # anchor [1e6, 1e6, 1e6 + 10, 1e6 + 10] (centre 1e6 + 5), dx = 1e-7: the box moves by
+    # 1e-7 * 10 = 1e-6 px, below fp32's spacing at 1e6 (0.0625) but kept in fp64
+    coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    anchor = torch.tensor([1e6, 1e6, 1e6 + 10, 1e6 + 10], dtype=torch.float64)
+    box = coder.decode(torch.tensor([1e-7, 0.0, 0.0, 0.0], dtype=torch.float64), anchor)
+    assert box.dtype == torch.float64
+    assert_close(box[0] - 1e6, torch.tensor(1e-6, dtype=torch.float64), rtol=0, atol=1e-9)

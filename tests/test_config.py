@@ -117,6 +117,8 @@ def test_range_errors():
     # the generated set's own limits, named before any drawing starts
     assert config_error(None, ["data.dataset=shapes", "data.shapes.image_size=8"]) == (
         "--set data.shapes.image_size=8: data.shapes.image_size=8 must be >= 16")
+    assert config_error(None, ["data.dataset=dense", "data.dense.num_classes=81"]) == (
+        "--set data.dense.num_classes=81: data.dense.num_classes=81 must be in 1..80 (colour x shape)")
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path: Path):
@@ -249,6 +251,7 @@ def test_variant_settings_need_their_variant(tmp_path: Path):
     assert "use solver.optimizer=sgd" in config_error(None, ["solver.optimizer=adamw", "solver.momentum=0.5"])
     assert "use data.on_bad_image=skip" in config_error(None, ["data.max_bad_fraction=0.5"])
     assert "use data.dataset=shapes" in config_error(None, ["data.shapes.num_train=5"])
+    assert "use data.dataset=dense" in config_error(None, ["data.dense.num_classes=12"])
     assert "use data.dataset=coco" in config_error(None, ["data.dataset=shapes", "data.val_ann=x.json"])
     assert "set model.backbone.weights" in config_error(None, ["model.backbone.freeze_at=0"])
     # a file names itself; the choice it made is in the message

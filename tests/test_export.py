@@ -330,25 +330,3 @@ def test_inference_benchmark_rows_per_lever():
     assert all(r["baseline"] == "eager" for r in result["rows"])  # no torchvision model for a config
     assert [r["ratio"] for r in result["rows"] if r["lever"] == "eager"] == [1.0, 1.0]
     assert "fold_bn+channels_last" in format_table(result)
-
-
-def test_predict_gives_the_model_one_size_at_a_time(tmp_path):
-    # as the exported graph runs each size alone: files of sizes A, A, B, A in one batch of 4
-    # reach the model as three calls [A, A], [B], [A]
-    from retina.engine.predict import predict_paths
-
-    calls = []
-
-    class Recorder(torch.nn.Module):
-        def forward(self, images):
-            calls.append([tuple(im.shape[-2:]) for im in images])
-            empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
-                     "labels": torch.zeros(0, dtype=torch.long)}
-            return [dict(empty) for _ in images]
-
-    paths = []
-    for i, (h, w) in enumerate([(20, 30), (20, 30), (40, 10), (20, 30)]):
-        paths.append(tmp_path / f"{i}.png")
-        Image.new("RGB", (w, h)).save(paths[-1])
-    predict_paths(Recorder(), paths, tmp_path / "out", ["a"], [1], "cpu", batch_size=4)
-    assert calls == [[(20, 30), (20, 30)], [(40, 10)], [(20, 30)]]

@@ -184,3 +184,28 @@ def test_cli_predict_names_a_path_that_matches_nothing_before_loading(tmp_path: 
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert err == f"retina: error: no file or directory matches {tmp_path}/nope/*.jpg"
+
+
+class SizeScoreModel(nn.Module):
+    """One detection per image whose score is the image's height / 100; records each call's shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[list[tuple[int, ...]]] = []
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict]:
+        self.calls.append([tuple(im.shape) for im in images])
+        return [{"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]]), "scores": torch.tensor([im.shape[1] / 100]),
+                 "labels": torch.tensor([0])} for im in images]
+
+
+def test_predict_calls_the_model_once_per_image_size_and_keeps_input_order(tmp_path: Path):
+    # a batch of sizes 40x50, 32x32, 40x50: the model sees [40x50, 40x50] then [32x32] (no padding
+    # between sizes), and each record still carries its own image's score (height / 100)
+    for name, h, w in [("a.png", 40, 50), ("b.png", 32, 32), ("c.png", 40, 50)]:
+        gray_png(tmp_path / name, h, w)
+    model = SizeScoreModel()
+    dets = predict_paths(model, list_images(tmp_path), tmp_path / "out", class_names=["x"], cat_ids=[1],
+                         device="cpu", score_thresh=0.0, batch_size=3)  # fmt: skip
+    assert model.calls == [[(3, 40, 50), (3, 40, 50)], [(3, 32, 32)]]
+    assert [(d["file_name"], d["score"]) for d in dets] == [("a.png", 0.4), ("b.png", 0.32), ("c.png", 0.4)]

@@ -128,3 +128,20 @@ def test_build_dataset_generates_and_loads_dense(tmp_path):
     image, target = val[0]
     assert tuple(image.shape) == (3, 64, 64) and target["boxes"].shape[1] == 4
     assert (target["labels"] < 12).all()
+
+
+def test_cli_data_dense_generates_the_configs_set_once_and_refuses_another(tmp_path, capsys):
+    from retina.cli import main
+
+    tiny = ["data.dense.num_train=3", "data.dense.num_val=2", "data.dense.image_size=64", "data.dense.num_classes=12"]
+    root = tmp_path / "dense"
+    assert main(["data", "dense", "--out", str(root), "--set", *tiny]) == 0
+    assert f"dense dataset ready in {root}" in capsys.readouterr().out
+    meta = json.loads((root / "meta.json").read_text())
+    assert (meta["num_train"], meta["num_val"], meta["image_size"], meta["num_classes"]) == (3, 2, 64, 12)
+    assert len(json.loads((root / "annotations" / "instances_val.json").read_text())["images"]) == 2
+    # the same request again is a no-op; another one is a one-line error naming the folder and key
+    assert main(["data", "dense", "--out", str(root), "--set", *tiny]) == 0
+    assert main(["data", "dense", "--out", str(root), "--set", *tiny[:3], "data.dense.num_classes=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(root) in err and "num_classes=12" in err

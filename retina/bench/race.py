@@ -31,9 +31,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
 from retina.config import Config, SolverConfig, find_config, load_config
@@ -44,6 +45,7 @@ from retina.engine.evaluate import evaluate_detections, inference, to_coco_resul
 from retina.io import write_json
 
 CONTESTANTS = ("torchvision", "retina-same", "retina-recipe")
+_TV_SAME = "torchvision_retinanet_r50_fpn"  # bundled: convert.torchvision_config('v1')'s model
 
 
 @dataclass
@@ -251,23 +253,25 @@ class TorchvisionRun:
         return times
 
     def evaluate(self) -> dict:
-        class Float01(torch.nn.Module):  # retina's inference hands over uint8
-            def __init__(self, model):
-                super().__init__()
-                self.model = model
-
-            def forward(self, images):
-                with run._autocast():
-                    return self.model([img.float() / 255 for img in images])
-
-        run = self
-
-        outputs, ids = inference(Float01(self.model), self.val_set, self.cfg.eval.batch_size, "cpu",
-                                 progress=False, num_workers=self.cfg.data.num_workers)
+        outputs, ids = inference(_Float01(self.model, self._autocast), self.val_set,
+                                 self.cfg.eval.batch_size, "cpu", progress=False,
+                                 num_workers=self.cfg.data.num_workers)
         cat_ids = list(self.val_set.cat_ids)
         results = to_coco_results(outputs, ids, cat_ids)
         return evaluate_detections(self.val_set.coco, results, list(self.val_set.class_names),
                                    cat_ids, ids)
+
+
+class _Float01(torch.nn.Module):
+    """torchvision's model behind retina's inference, which hands over uint8 images."""
+
+    def __init__(self, model: torch.nn.Module, autocast: Callable[[], ContextManager]) -> None:
+        super().__init__()
+        self.model, self.autocast = model, autocast
+
+    def forward(self, images: list[Tensor]) -> list[dict]:
+        with self.autocast():
+            return self.model([img.float() / 255 for img in images])
 
 
 def run_torchvision(cfg: Config, spec: RaceSpec) -> Curve:
@@ -315,8 +319,6 @@ def run(spec: RaceSpec) -> list[Curve]:
         write_json(spec.out / f"{name}.json", curve.__dict__)
     return curves
 
-
-_TV_SAME = "torchvision_retinanet_r50_fpn"  # bundled: convert.torchvision_config('v1')'s model
 
 
 def load_curves(out: Path) -> list[Curve]:

@@ -9,8 +9,9 @@ time:
 - the resized size is computed from the input's shape inside the graph, in float64 as Python
   computes ``retina.model.resize.resized_size`` (``resized_size_tensor``; a test holds the two
   equal over a grid of sizes and both modes);
-- the top-k counts are ``min(topk_candidates, anchors of the level)`` as symbolic sizes
-  (``torch.sym_min``), so one graph serves any image size;
+- the top-k is the post-processor's own (``top_candidates``), whose counts
+  ``min(topk_candidates, anchors of the level)`` are symbolic sizes here (``torch.sym_min``), so
+  one graph serves any image size;
 - NMS is torchvision's ``nms`` over boxes offset by group (image, class), the coordinate trick of
   ``torchvision.ops.batched_nms`` with the same offset (largest coordinate + 1); the eager path's
   ``grouped_nms`` keeps the same boxes (see ``retina.model.postprocess``);
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms
 
+from retina.model.postprocess import top_candidates
 from retina.model.resize import NO_RESIZE_TOLERANCE
 from retina.model.retinanet import RetinaNet, to_float
 
@@ -71,7 +73,7 @@ class DetectorGraph(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         m, spec = self.model, self.model.input_spec
-        n, h, w = images.shape[0], images.shape[2], images.shape[3]
+        h, w = images.shape[2], images.shape[3]
         size = resized_size_tensor(torch.tensor(h), torch.tensor(w), spec.min_size[-1],
                                    spec.max_size, spec.resize)  # (2,)
         # data-dependent ints for F.interpolate: the rule's float64 rounding is not shape arithmetic
@@ -125,24 +127,8 @@ class DetectorGraph(nn.Module):
         (N, D), labels (N, D) (-1 padding), num_detections (N,)."""
         post = self.model.postprocessor
         n, _, k = pred_logits.shape
-        boxes_all, scores_all, labels_all = [], [], []
-        start = 0
-        for count in counts:  # the post-processor's two-stage top-k per level
-            logits = pred_logits[:, start:start + count]  # (N, R_l, K)
-            num_anchors = torch.sym_min(post.topk_candidates, count)
-            top_anchor = logits.amax(dim=2).topk(num_anchors, dim=1).indices  # (N, A')
-            cand = torch.gather(logits, 1, top_anchor[..., None].expand(-1, -1, k))  # (N, A', K)
-            num = torch.sym_min(post.topk_candidates, num_anchors * k)
-            top_logits, flat_idx = cand.float().reshape(n, -1).topk(num, dim=1)  # (N, num)
-            anchor_idx = torch.gather(top_anchor, 1, flat_idx // k) + start  # (N, num)
-            deltas = torch.gather(pred_deltas, 1, anchor_idx[..., None].expand(-1, -1, 4))
-            boxes_all.append(post.box_coder.decode(deltas, anchors[anchor_idx]))  # (N, num, 4)
-            scores_all.append(torch.sigmoid(top_logits))
-            labels_all.append(flat_idx % k)
-            start = start + count
-        boxes = torch.cat(boxes_all, dim=1)  # (N, C, 4)
-        scores = torch.cat(scores_all, dim=1)  # (N, C)
-        labels = torch.cat(labels_all, dim=1)  # (N, C)
+        boxes, scores, labels = top_candidates(pred_logits, pred_deltas, anchors, counts, post.box_coder,
+                                               post.topk_candidates)  # (N, C, .)
         upper = size.flip(0).repeat(2)  # (4,) w, h, w, h
         boxes = torch.minimum(boxes.clamp(min=0), upper)
 

@@ -1,4 +1,5 @@
-"""torch.distributed helpers: process-group setup from torchrun's environment, rank queries."""
+"""Where this process runs: its device, and torch.distributed (process-group setup from
+torchrun's environment, rank queries)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,18 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from retina.errors import InputError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when there is one, else the CPU; a CUDA request without CUDA is refused."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+    return device
 
 
 def init_distributed(device_kind: str) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import sys
 from pathlib import Path
@@ -220,7 +219,8 @@ def image_sizes(dataset: Dataset) -> np.ndarray | None:
     return getattr(dataset, "image_sizes", None)
 
 
-def same_size_batches(sizes: np.ndarray | None, num_images: int, batch_size: int) -> list[list[int]]:
+def same_size_batches(sizes: Sequence[tuple[int, int]] | np.ndarray | None, num_images: int,
+                      batch_size: int) -> list[list[int]]:
     """Batches of at most ``batch_size`` indices whose images have one stored size (so one size
     after the deterministic eval resize), sizes in order of first appearance, indices ascending.
 

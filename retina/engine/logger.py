@@ -8,6 +8,7 @@ the first record, so a run that records nothing (a finished run resumed) touches
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -108,3 +109,14 @@ class TrainLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+class LoggingHandler(logging.Handler):
+    """Routes ``logging`` records (the data pipeline's) into the run's log."""
+
+    def __init__(self, logger: TrainLogger) -> None:
+        super().__init__(logging.WARNING)
+        self.train_logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.train_logger.write(self.format(record))

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from retina.data.coco import read_image
+from retina.engine.evaluate import same_size_batches
 from retina.errors import InputError, MissingFileError
 from retina.io import write_json
 from retina.viz import draw_detections, write_image
@@ -115,8 +116,8 @@ def predict_paths(
         class_names, cat_ids: K names and COCO category ids, indexed by contiguous label.
         score_thresh: detections with a lower score are neither written nor drawn.
 
-    Images are read ``batch_size`` at a time and given to the model in runs of one size, so
-    each image's detections are those of the image alone.
+    Images are read ``batch_size`` at a time and given to the model one size at a time
+    (``same_size_batches``), so each image's detections are those of the image alone.
 
     Returns:
         The detections written to JSON, in input order then model order.
@@ -138,9 +139,12 @@ def predict_paths(
         for start in range(0, len(paths), batch_size):
             batch = slice(start, start + batch_size)
             images = [read_image(p) for p in paths[batch]]  # uint8 (3, H, W) each
-            with torch.inference_mode():  # one call per run of same-size images, see the docstring
-                outputs = [out for run in _same_size_runs(images)
-                           for out in model([img.to(device) for img in run])]
+            outputs: list[dict] = [{} for _ in images]
+            with torch.inference_mode():  # one call per image size, see the docstring
+                sizes = [tuple(img.shape[-2:]) for img in images]
+                for group in same_size_batches(sizes, len(images), len(images)):
+                    for i, out in zip(group, model([images[i].to(device) for i in group])):
+                        outputs[i] = out
             for name, dst, image, out in zip(record_names[batch], out_paths[batch], images, outputs):
                 keep = out["scores"] >= score_thresh  # (D,)
                 boxes = out["boxes"][keep].detach().cpu().float()  # (D', 4)
@@ -153,20 +157,6 @@ def predict_paths(
         model.train(was_training)
     write_json(out_dir / "detections.json", detections)
     return detections
-
-
-def _same_size_runs(images: list[Tensor]) -> list[list[Tensor]]:
-    """Consecutive images of one size, in order: the model pads a batch to its largest image,
-    which would change a smaller image's features near its border, so an image's detections
-    would depend on its neighbours (and differ from an exported model's, which runs each size
-    alone)."""
-    runs: list[list[Tensor]] = []
-    for image in images:
-        if runs and runs[-1][0].shape == image.shape:
-            runs[-1].append(image)
-        else:
-            runs.append([image])
-    return runs
 
 
 def _to_records(

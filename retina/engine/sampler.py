@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from retina.config import Config
 from retina.errors import InputError
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) over 64 bits
@@ -88,3 +89,17 @@ class SeededDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.dataset[index]
+
+
+def train_stream(train_set, cfg: Config, start: int, rank: int = 0,
+                 world_size: int = 1) -> tuple[SeededDataset, TrainSampler]:  # fmt: skip
+    """The training samples from global position ``start`` on, as the model receives them: the
+    sampler of (image index, sample seed) pairs and the dataset that draws each sample's
+    augmentation from its seed. Shared by the trainer and ``retina data show``."""
+    groups = None
+    if cfg.data.aspect_grouping:  # landscape / portrait, from the annotation file's sizes
+        coco = train_set.coco
+        groups = [int(coco.imgs[i]["width"] >= coco.imgs[i]["height"]) for i in train_set.ids]
+    sampler = TrainSampler(len(train_set), cfg.train.seed, start, rank, world_size, groups,
+                           cfg.solver.batch_size)  # fmt: skip
+    return SeededDataset(train_set), sampler

@@ -37,10 +37,10 @@ from retina.engine.checkpoint import (CheckpointError, UnsafeCheckpointError, la
 from retina.engine.ema import build_ema, ema_state, load_ema_state
 from retina.engine.evaluate import check_backend
 from retina.engine.init import load_init
-from retina.engine.logger import TrainLogger, format_seconds
+from retina.engine.logger import LoggingHandler, TrainLogger, format_seconds
 from retina.engine.optim import build_optimizer, build_scheduler
 from retina.engine.preflight import check_run_dir, worker_error_line
-from retina.engine.sampler import SeededDataset, TrainSampler
+from retina.engine.sampler import train_stream
 from retina.engine.validation import Validator
 from retina.errors import RetinaError
 from retina.io import read_json
@@ -61,33 +61,10 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device '{name}' requested but CUDA is not available; use --device cpu")
-    return device
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def train_stream(train_set, cfg: Config, start: int, rank: int = 0,
-                 world_size: int = 1) -> tuple[SeededDataset, TrainSampler]:  # fmt: skip
-    """The training samples from global position ``start`` on, as the model receives them: the
-    sampler of (image index, sample seed) pairs and the dataset that draws each sample's
-    augmentation from its seed. Shared by the trainer and ``retina data show``."""
-    groups = None
-    if cfg.data.aspect_grouping:  # landscape / portrait, from the annotation file's sizes
-        coco = train_set.coco
-        groups = [int(coco.imgs[i]["width"] >= coco.imgs[i]["height"]) for i in train_set.ids]
-    sampler = TrainSampler(len(train_set), cfg.train.seed, start, rank, world_size, groups,
-                           cfg.solver.batch_size)  # fmt: skip
-    return SeededDataset(train_set), sampler
 
 
 def leave_signals_to_trainer(worker_id: int) -> None:
@@ -99,23 +76,12 @@ def leave_signals_to_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class _LoggerHandler(logging.Handler):
-    """Routes ``logging`` records (the data pipeline's) into the run's log."""
-
-    def __init__(self, logger: TrainLogger) -> None:
-        super().__init__(logging.WARNING)
-        self.train_logger = logger
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.train_logger.write(self.format(record))
-
-
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, device: str = "auto", resume: bool = False,
                  quiet: bool = False) -> None:
         self.run_dir = Path(run_dir)
         check_backend(cfg.eval.backend)  # an evaluator that is not installed fails now, not after training
-        device_ = resolve_device(device)
+        device_ = dist.resolve_device(device)
         if dist.init_distributed(device_.type) and device_.type == "cuda":
             device_ = torch.device("cuda", torch.cuda.current_device())
         self.device = device_
@@ -299,7 +265,7 @@ class Trainer:
         self.logger.write(f"training {cfg.solver.max_iter - self.iteration} iterations from "
                           f"{self.iteration} on {self.device} x{self.world_size}; run dir {self.run_dir}")
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        data_log = _LoggerHandler(self.logger)  # skipped bad images (data.on_bad_image=skip)
+        data_log = LoggingHandler(self.logger)  # skipped bad images (data.on_bad_image=skip)
         logging.getLogger("retina.data").addHandler(data_log)
         start = time.perf_counter()
         try:

@@ -24,8 +24,10 @@ class BoxCoder:
         self.scale_clamp = scale_clamp
 
     def encode(self, boxes: Tensor, anchors: Tensor) -> Tensor:
-        """Deltas (..., 4) that take ``anchors`` (..., 4) to ``boxes`` (..., 4); computed in fp32."""
-        boxes, anchors = boxes.float(), anchors.float()
+        """Deltas (..., 4) that take ``anchors`` (..., 4) to ``boxes`` (..., 4); computed in fp32,
+        or fp64 when either input is fp64."""
+        dtype = _compute_dtype(boxes, anchors)
+        boxes, anchors = boxes.to(dtype), anchors.to(dtype)
         wx, wy, ww, wh = self.weights
         aw = anchors[..., 2] - anchors[..., 0]
         ah = anchors[..., 3] - anchors[..., 1]
@@ -44,8 +46,10 @@ class BoxCoder:
         )
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
-        """Boxes (..., 4) XYXY from ``deltas`` (..., 4) applied to ``anchors`` (..., 4); fp32."""
-        deltas, anchors = deltas.float(), anchors.float()
+        """Boxes (..., 4) XYXY from ``deltas`` (..., 4) applied to ``anchors`` (..., 4); fp32, or
+        fp64 when either input is fp64 (half precision is computed in fp32)."""
+        dtype = _compute_dtype(deltas, anchors)
+        deltas, anchors = deltas.to(dtype), anchors.to(dtype)
         wx, wy, ww, wh = self.weights
         aw = anchors[..., 2] - anchors[..., 0]
         ah = anchors[..., 3] - anchors[..., 1]
@@ -57,3 +61,8 @@ class BoxCoder:
         cx, cy = dx * aw + ax, dy * ah + ay
         w, h = torch.exp(dw) * aw, torch.exp(dh) * ah
         return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+def _compute_dtype(a: Tensor, b: Tensor) -> torch.dtype:
+    """fp32 for half-precision (and fp32) inputs, fp64 when either is fp64."""
+    return torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)

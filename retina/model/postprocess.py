@@ -38,6 +38,35 @@ def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float
     return keep[scores[keep].sort(descending=True)[1]]
 
 
+def top_candidates(pred_logits: Tensor, pred_deltas: Tensor, anchors: Tensor, num_anchors_per_level: list,
+                   box_coder: BoxCoder, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each image's ``topk`` best (anchor, class) pairs of every level, decoded: boxes (N, C, 4)
+    XYXY (not clipped), scores (N, C) (sigmoid, fp32), labels (N, C); C candidates per image.
+
+    pred_logits (N, R, K), pred_deltas (N, R, 4), anchors (R, 4); ``num_anchors_per_level``: R
+    split by level (ints, or symbolic sizes when exported: ``torch.sym_min`` serves both)."""
+    n, _, k = pred_logits.shape
+    boxes_all, scores_all, labels_all = [], [], []
+    start = 0
+    for count in num_anchors_per_level:  # one top-k per level for the whole batch
+        logits = pred_logits[:, start:start + count]  # (N, R_l, K)
+        # Two-stage top-k, the same set as one top-k over R_l * K: each of the top ``topk``
+        # (anchor, class) pairs lies in an anchor whose best class is among the top ``topk``
+        # anchors. A max over K and two small top-ks cost less than a top-k over the whole level.
+        num_anchors = torch.sym_min(topk, count)
+        top_anchor = logits.amax(dim=2).topk(num_anchors, dim=1).indices  # (N, A')
+        cand = torch.gather(logits, 1, top_anchor[..., None].expand(-1, -1, k))  # (N, A', K)
+        num = torch.sym_min(topk, num_anchors * k)
+        top_logits, flat_idx = cand.float().reshape(n, -1).topk(num, dim=1)  # (N, num)
+        anchor_idx = torch.gather(top_anchor, 1, flat_idx // k) + start  # (N, num)
+        deltas = torch.gather(pred_deltas, 1, anchor_idx[..., None].expand(-1, -1, 4))
+        boxes_all.append(box_coder.decode(deltas, anchors[anchor_idx]))  # (N, num, 4)
+        scores_all.append(torch.sigmoid(top_logits))
+        labels_all.append(flat_idx % k)
+        start = start + count
+    return torch.cat(boxes_all, dim=1), torch.cat(scores_all, dim=1), torch.cat(labels_all, dim=1)
+
+
 class PostProcessor:
     def __init__(self, box_coder: BoxCoder, score_thresh: float = 0.05, topk_candidates: int = 1000,
                  nms_thresh: float = 0.5, detections_per_image: int = 100) -> None:
@@ -59,29 +88,8 @@ class PostProcessor:
             N dicts with ``boxes`` (D, 4) XYXY, ``scores`` (D,), ``labels`` (D,) int64.
         """
         n, _, k = pred_logits.shape
-        boxes_all, scores_all, labels_all = [], [], []
-        start = 0
-        for count in num_anchors_per_level:  # one top-k per level for the whole batch
-            logits = pred_logits[:, start:start + count]  # (N, R_l, K)
-            # Two-stage top-k, the same set as one top-k over R_l * K: each of the top
-            # ``topk_candidates`` (anchor, class) pairs lies in an anchor whose best class is among
-            # the top ``topk_candidates`` anchors. A max over K and two small top-ks cost less
-            # than a top-k over the whole level.
-            num_anchors = min(self.topk_candidates, count)
-            top_anchor = logits.amax(dim=2).topk(num_anchors, dim=1).indices  # (N, A')
-            cand = torch.gather(logits, 1, top_anchor[..., None].expand(-1, -1, k))  # (N, A', K)
-            num = min(self.topk_candidates, num_anchors * k)
-            top_logits, flat_idx = cand.float().reshape(n, -1).topk(num, dim=1)  # (N, num)
-            anchor_idx = torch.gather(top_anchor, 1, flat_idx // k) + start  # (N, num)
-            deltas = torch.gather(pred_deltas, 1, anchor_idx[..., None].expand(-1, -1, 4))
-            boxes_all.append(self.box_coder.decode(deltas, anchors[anchor_idx]))  # (N, num, 4)
-            scores_all.append(torch.sigmoid(top_logits))
-            labels_all.append(flat_idx % k)
-            start += count
-        boxes = torch.cat(boxes_all, dim=1)  # (N, C, 4), C candidates per image
-        scores = torch.cat(scores_all, dim=1)  # (N, C)
-        labels = torch.cat(labels_all, dim=1)  # (N, C)
-
+        boxes, scores, labels = top_candidates(pred_logits, pred_deltas, anchors, num_anchors_per_level,
+                                               self.box_coder, self.topk_candidates)  # (N, C, .)
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)  # (N, 2) h, w
         upper = sizes.flip(1).repeat(1, 2)[:, None, :]  # (N, 1, 4): w, h, w, h
         boxes = torch.minimum(boxes.clamp(min=0), upper)

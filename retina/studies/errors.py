@@ -213,7 +213,7 @@ def _run_detections(weights: str, config: Optional[str], overrides: Sequence[str
     from retina.data import build_dataset
     from retina.engine.checkpoint import load_model
     from retina.engine.evaluate import inference, to_coco_results
-    from retina.engine.train import resolve_device
+    from retina.engine.dist import resolve_device
 
     dev = resolve_device(device)
     cfg = load_config(find_config(config), list(overrides)) if config else None

@@ -207,7 +207,7 @@ def imbalance_cli(config: Optional[str], weights: Optional[str], sets: Sequence[
     config (or ``--config``) and its CE shares."""
     from retina.config import find_config
     from retina.data import build_dataset
-    from retina.engine.train import resolve_device
+    from retina.engine.dist import resolve_device
     from retina.errors import UsageError
 
     if config is None and weights is None and not coco:

@@ -102,7 +102,7 @@ def loss_cdf(cfg: Optional[Config], weights: str | Path, gammas: Sequence[float]
     """
     from retina.data import build_dataset
     from retina.engine.checkpoint import load_model
-    from retina.engine.train import resolve_device
+    from retina.engine.dist import resolve_device
 
     dev = resolve_device(device)
     model, cfg, _, _ = load_model(weights, dev, cfg=cfg)

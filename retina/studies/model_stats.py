@@ -14,7 +14,6 @@ normalisation, activations, decoding and NMS are not counted.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -126,7 +125,7 @@ def model_cli(config: Optional[str] = None, weights: Optional[str] = None, overr
               json_path: Optional[str] = None, device: str = "cpu") -> int:
     """``retina analyze model --config C | --weights RUN [--set k=v] [--json F]``."""
     from retina.config import find_config, load_config
-    from retina.engine.train import resolve_device
+    from retina.engine.dist import resolve_device
 
     if config is None and weights is None:
         raise UsageError("retina analyze model needs --config C or --weights RUN")

@@ -217,8 +217,10 @@ def group_seeds(keys: Sequence[str], rows: Sequence[RunRow]) -> tuple[list[str],
 
 
 def tied(a: Setting, b: Setting, metric: str = "AP") -> Optional[bool]:
-    """|mean_a - mean_b| < 2 max(std_a, std_b); None when either side has fewer than 2 seeds."""
+    """|mean_a - mean_b| < 2 max(std_a, std_b), or equal means (e.g. every seed of both at 0 AP,
+    std 0); None when either side has fewer than 2 seeds."""
     sa, sb = a.std(metric), b.std(metric)
     if sa is None or sb is None:
         return None
-    return abs(a.mean(metric) - b.mean(metric)) < TIE_STDS * max(sa, sb)
+    diff = abs(a.mean(metric) - b.mean(metric))
+    return diff == 0 or diff < TIE_STDS * max(sa, sb)
