@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", "-j", type=int, default=1, help="runs at once")
     p.add_argument("--device", default="auto")
     p.add_argument("--report", metavar="DIR", help="only rebuild table.md/.csv and ablation.png")
+    p.add_argument("--metrics", default="metrics.json", metavar="FILE",
+                   help="with --report: each run's metrics file to report, e.g. eval_thr0/metrics.json "
+                        "after `retina eval --weights RUN --out RUN/eval_thr0 ...` (written as "
+                        "table.eval_thr0.md etc.; default: metrics.json, the training's own)")
     p.add_argument("--seeds", type=int, metavar="N",
                    help="run every combination with train.seed=0..N-1 (runs named ...,seed=S); the "
                         "report shows mean +- std (default: the config's ablate.seeds, else one run)")
@@ -227,7 +231,7 @@ def _ablate(args: argparse.Namespace) -> int:
     from retina.studies.ablate import ablate_cli
 
     return ablate_cli(args.config, args.grid, args.set, args.out, args.jobs, args.device, args.report,
-                      args.seeds)
+                      args.seeds, args.metrics)
 
 
 def _analyze(args: argparse.Namespace) -> int:

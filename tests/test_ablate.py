@@ -480,3 +480,24 @@ def test_normalized_cdf_by_hand():
     # margin x_t = 0: CE = log 2, FL(gamma 2) = 0.5^2 log 2
     torch.testing.assert_close(focal_loss_of_margin(torch.tensor([0.0]), 2.0),
                                torch.tensor([0.25 * math.log(2)], dtype=torch.float64))
+
+
+def test_report_from_a_re_evaluation_of_every_run(tmp_path):
+    # training's metrics.json says CE 0 and FL 1 AP; eval_thr0/metrics.json (a re-evaluation) says
+    # 0.3 and 1.5; one FL seed has no re-evaluation yet: its row stays done, with no AP
+    _seed_runs(tmp_path, ["loss.gamma=0", "loss.alpha=0.75"], [0.0, 0.0])
+    _seed_runs(tmp_path, ["loss.gamma=2", "loss.alpha=0.25"], [1.0, 1.0])
+    for name, ap in [("gamma=0,alpha=0.75,seed=0", 0.2), ("gamma=0,alpha=0.75,seed=1", 0.4),
+                     ("gamma=2,alpha=0.25,seed=0", 1.5)]:
+        (tmp_path / name / "eval_thr0").mkdir()
+        (tmp_path / name / "eval_thr0" / "metrics.json").write_text(json.dumps({"AP": ap, "AP50": 2 * ap}))
+    paths = build_report(tmp_path, "eval_thr0/metrics.json")
+    assert [p.name for p in paths.values()] == ["table.eval_thr0.md", "table.eval_thr0.csv",
+                                                "ablation.eval_thr0.png"]
+    assert not (tmp_path / "table.md").exists()  # the training's report is left alone
+    md = paths["table.md"].read_text()
+    assert md.startswith("# Ablation: " + tmp_path.name + ", metrics from each run's eval_thr0/metrics.json")
+    # CE: 0.2, 0.4 -> mean 0.3, std sqrt(0.01 + 0.01) = 0.1414; FL: one seed re-evaluated
+    assert "| gamma=0,alpha=0.75 | 2 | 0.3 ± 0.1 |" in md
+    assert "| gamma=2,alpha=0.25 | 1 | 1.5 (n=1) |" in md
+    assert "| gamma=2,alpha=0.25,seed=1 | 2 | 0.25 | 1 |  |" in md

@@ -1,5 +1,6 @@
 """Training telemetry: a line per log period on stdout (a tqdm bar instead on a terminal),
 TensorBoard scalars and ``metrics.jsonl`` in the run directory. Only the main process logs.
+``LoggingHandler`` routes ``logging`` records (the data pipeline's warnings) into the same log.
 
 Every printed line starts with the local time (``2025-01-31 14:05:09 iter 20/250 ...``); every
 ``metrics.jsonl`` row has ``iter`` and ``time`` (unix seconds, float). The files are opened on

@@ -280,13 +280,14 @@ def run_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str]
 # --------------------------------------------------------------------------------------- CLI
 def ablate_cli(config: Optional[str], grids: Sequence[str] = (), sets: Sequence[str] = (),
                out: Optional[str] = None, jobs: int = 1, device: str = "auto",
-               report_only: Optional[str] = None, seeds: Optional[int] = None) -> int:
+               report_only: Optional[str] = None, seeds: Optional[int] = None,
+               metrics_file: str = "metrics.json") -> int:
     """``retina ablate --config C --grid k=v1,v2 [--grid ...] [--set k=v ...] [--out DIR]
     [--jobs J] [--seeds N]`` (default out: runs/ablate/<config name>), or ``retina ablate
-    --report DIR``.
+    --report DIR [--metrics FILE]``.
     Errors are ConfigError / TrainingError for the CLI to print; returns the exit status."""
     if report_only is not None:
-        paths = build_report(report_only)
+        paths = build_report(report_only, metrics_file)
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
         return 0
     if config is None:

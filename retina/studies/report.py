@@ -281,16 +281,24 @@ def _plot(path: Path, title: str, keys: Sequence[str], rows: list[RunRow]) -> No
     plt.close(fig)
 
 
-def build_report(out_dir: str | Path) -> dict[str, Path]:
-    """Write table.md, table.csv and ablation.png into ``out_dir``; returns their paths."""
+def build_report(out_dir: str | Path, metrics_file: str = "metrics.json") -> dict[str, Path]:
+    """Write table.md, table.csv and ablation.png into ``out_dir``; returns their paths.
+
+    ``metrics_file`` other than the training's ``metrics.json`` (a re-evaluation of every run, e.g.
+    ``eval_thr0/metrics.json``): the same report from those metrics, as table.eval_thr0.md,
+    table.eval_thr0.csv and ablation.eval_thr0.png (the name of the file's folder)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"{out_dir}: no such sweep directory")
-    keys, rows = collect_runs(out_dir)
+    keys, rows = collect_runs(out_dir, metrics_file)
     if not rows:
         raise FileNotFoundError(f"{out_dir}: no run directories (with ablate_run.json or config.yaml)")
-    paths = {name: out_dir / name for name in ("table.md", "table.csv", "ablation.png")}
+    source = Path(metrics_file)
+    tag = "" if metrics_file == "metrics.json" else "." + (source.parent.name or source.stem)
+    paths = {"table.md": out_dir / f"table{tag}.md", "table.csv": out_dir / f"table{tag}.csv",
+             "ablation.png": out_dir / f"ablation{tag}.png"}
     _write_csv(paths["table.csv"], keys, rows)
-    paths["table.md"].write_text(_markdown(out_dir.name, keys, rows))
-    _plot(paths["ablation.png"], out_dir.name, keys, rows)
+    title = out_dir.name if not tag else f"{out_dir.name}, metrics from each run's {metrics_file}"
+    paths["table.md"].write_text(_markdown(title, keys, rows))
+    _plot(paths["ablation.png"], title, keys, rows)
     return paths

@@ -127,8 +127,12 @@ def sort_key(v: Any) -> tuple:
     return (2, 0.0, str(v))
 
 
-def collect_runs(out_dir: str | Path) -> tuple[list[str], list[RunRow]]:
-    """(swept keys, one row per run directory of ``out_dir``, sorted by the swept values)."""
+def collect_runs(out_dir: str | Path, metrics_file: str = "metrics.json") -> tuple[list[str], list[RunRow]]:
+    """(swept keys, one row per run directory of ``out_dir``, sorted by the swept values).
+
+    ``metrics_file``: where in each run directory the metrics are read, e.g.
+    ``eval_thr0/metrics.json`` for a re-evaluation (``retina eval --weights RUN --out RUN/eval_thr0``);
+    a run is finished when its training wrote ``metrics.json``, whichever file is read."""
     dirs = sorted(d for d in Path(out_dir).iterdir()
                   if d.is_dir() and ((d / "ablate_run.json").is_file() or (d / "config.yaml").is_file()))
     infos = []
@@ -152,14 +156,15 @@ def collect_runs(out_dir: str | Path) -> tuple[list[str], list[RunRow]]:
     rows = []
     for d, run_file, overrides, config in infos:
         flat = {**defaults, **overrides, **(config or {})}
-        metrics = _read_json(d / "metrics.json")
-        status = "done" if metrics is not None else run_file.get("status", "unfinished")
-        status = "unfinished" if status == "done" and metrics is None else status
+        finished = _read_json(d / "metrics.json")
+        status = "done" if finished is not None else run_file.get("status", "unfinished")
+        status = "unfinished" if status == "done" and finished is None else status
+        metrics = finished if metrics_file == "metrics.json" else _read_json(d / metrics_file)
         loss_cls, loss_box = _last_losses(d / "metrics.jsonl")
         rows.append(RunRow(d.name, status, {k: flat.get(k) for k in keys},
                            {m: _number((metrics or {}).get(m)) for m in METRICS},
                            _number(loss_cls), _number(loss_box), _number(run_file.get("wall_s")),
-                           run_file.get("error") if metrics is None else None, _config_as_written(flat)))
+                           run_file.get("error") if finished is None else None, _config_as_written(flat)))
     order = [k for k in keys if k != SEED_KEY] + [k for k in keys if k == SEED_KEY]  # a setting's seeds together
     rows.sort(key=lambda r: tuple(sort_key(r.values[k]) for k in order) + (r.name,))
     return keys, rows
