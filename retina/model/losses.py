@@ -306,8 +306,8 @@ def giou_loss_per_image(pred_deltas: Tensor, gt_deltas: Tensor, fg: Tensor, anch
     n, r = fg.nonzero(as_tuple=True)  # (P,), (P,)
     dtype = _compute_dtype(pred_deltas)
     a = anchors[r].to(dtype)  # (P, 4)
-    pred = decode(pred_deltas[n, r].to(dtype), a).to(dtype)  # (P, 4)
-    gt = decode(gt_deltas[n, r].to(dtype), a).to(dtype)  # (P, 4)
+    pred = decode(pred_deltas[n, r].to(dtype), a)  # (P, 4): decode keeps fp64, lifts half to fp32
+    gt = decode(gt_deltas[n, r].to(dtype), a)  # (P, 4)
     loss = generalized_box_iou_loss(pred, gt, reduction="none")  # (P,)
     return torch.zeros(fg.shape[0], dtype=loss.dtype, device=loss.device).index_add_(0, n, loss)
 
