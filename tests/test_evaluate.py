@@ -244,6 +244,15 @@ def test_same_size_batches_group_by_stored_size():
     assert same_size_batches(sizes, 5, 8) == [[0, 2, 4], [1, 3]]
 
 
+def test_in_input_order_inverts_the_batches():
+    from retina.engine.evaluate import in_input_order
+
+    # batches [[0, 2], [4], [1, 3]] produce the items of images 0, 2, 4, 1, 3 in that order
+    assert in_input_order([[0, 2], [4], [1, 3]], ["a", "c", "e", "b", "d"]) == ["a", "b", "c", "d", "e"]
+    with pytest.raises(ValueError):  # an item missing: never a silent None
+        in_input_order([[0, 1]], ["a"])
+
+
 def test_inference_outputs_do_not_depend_on_neighbours_and_keep_dataset_order(tmp_path):
     """Two image sizes in one eval batch: every image's detections equal those of the image run
     alone (no padding by a larger neighbour), and outputs come back in dataset order."""

@@ -5,6 +5,8 @@ scores pass the threshold (ResNet-18, 48-channel FPN on P3-P5, 64 px test size).
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import io
 import json
@@ -133,8 +135,12 @@ def test_pad_per_image_keeps_order_and_caps():
     assert b[0, 1].tolist() == [0.0, 0.0, 0.0, 0.0]
 
 
-def test_graph_in_eager_equals_model_on_two_sizes(run_dir: Path):
+@pytest.mark.parametrize("test_size", [None, (48, 80)])
+def test_graph_in_eager_equals_model_on_two_sizes(run_dir: Path, test_size):
     model = _eager(run_dir)
+    if test_size is not None:  # model.input.test_min_size / test_max_size: both resize to it
+        model.input_spec = dataclasses.replace(model.input_spec, test_min_size=test_size[0],
+                                               test_max_size=test_size[1])
     graph = DetectorGraph(model)
     for shape in [(64, 64), (50, 90)]:
         batch = torch.stack(_images(shape, shape))  # (2, 3, H, W)

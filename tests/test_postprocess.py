@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from torchvision.ops import batched_nms
 
 from retina.model.box_coder import BoxCoder
-from retina.model.postprocess import PostProcessor, grouped_nms
+from retina.model.postprocess import PostProcessor, grouped_nms, scored_candidates
 
 NEG = -20.0  # sigmoid(-20) ~ 2e-9: far below any threshold
 
@@ -162,3 +162,20 @@ def test_grouped_nms_equals_torchvision_batched_nms(num_boxes):
     assert len(keep) < num_boxes  # something was suppressed
     assert torch.equal(keep, expected)
     assert torch.equal(grouped_nms(boxes[:0], scores[:0], groups[:0], 0.5), expected[:0])
+
+
+def test_scored_candidates_clip_threshold_flatten():
+    # two images of (h, w) = (10, 20) and (30, 5); C = 2 candidates each
+    boxes = torch.tensor([[[-3.0, 2.0, 25.0, 12.0], [1.0, 1.0, 2.0, 2.0]],
+                          [[4.0, -1.0, 9.0, 40.0], [0.0, 0.0, 1.0, 1.0]]])  # (2, 2, 4)
+    scores = torch.tensor([[0.9, 0.05], [0.06, 0.5]])  # 0.05 is not above the threshold
+    labels = torch.tensor([[3, 1], [0, 2]])
+    sizes = torch.tensor([[10.0, 20.0], [30.0, 5.0]])[:, None, :]  # (N, 1, 2) h, w
+    b, s, l, i = scored_candidates(boxes, scores, labels, sizes, 0.05)
+    # clipped to [0, w] x [0, h]: (-3, 2, 25, 12) in 20 x 10 -> (0, 2, 20, 10); (4, -1, 9, 40) in 5 x 30 -> (4, 0, 5, 30)
+    assert torch.equal(b, torch.tensor([[0.0, 2.0, 20.0, 10.0], [4.0, 0.0, 5.0, 30.0], [0.0, 0.0, 1.0, 1.0]]))
+    assert torch.equal(s, torch.tensor([0.9, 0.06, 0.5]))
+    assert l.tolist() == [3, 0, 2] and i.tolist() == [0, 1, 1]
+    # one (h, w) for the whole batch, as the exported graph clips: (2,)
+    b2, *_ = scored_candidates(boxes, scores, labels, torch.tensor([10.0, 20.0]), 0.05)
+    assert torch.equal(b2[1], torch.tensor([4.0, 0.0, 9.0, 10.0]))

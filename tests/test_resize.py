@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from retina.config import load_config
+from retina.config import ConfigError, load_config
 from retina.data import build_transforms
 from retina.model import build_model
-from retina.model.resize import axis_scale, resize_scale, resized_size
+from retina.model.resize import axis_scale, eval_size, resize_scale, resized_size
 
 TINY = ["model.backbone.depth=18", "model.fpn.channels=32", "model.head.num_convs=1",
         "model.num_classes=3", "model.input.max_size=200"]
@@ -100,6 +100,24 @@ def test_eval_resizes_to_the_test_size_and_maps_back():
     with torch.no_grad():
         boxes = model([image])[0]["boxes"]
     assert len(boxes) > 0 and boxes[:, 2].max() <= 190 and boxes[:, 3].max() <= 150
+
+
+def test_test_size_keys_set_the_inference_size_only():
+    model = model_at("model.input.min_size=[64,96]", "model.input.test_min_size=80",
+                     "model.input.test_max_size=100").eval()
+    image = torch.randint(0, 256, (3, 150, 190), dtype=torch.uint8)
+    # s = min(80 / 150, 100 / 190) = 0.5263 (the cap binds): 150 * 0.5263 = 78.95 -> 79, 100
+    assert model.input_spec.eval_size == (80, 100)
+    assert model.preprocess([image])[1] == [(79, 100)]
+    # training keeps the training sizes: an image at min_size 64 (cap 200) is left as it is
+    assert model.train().preprocess([torch.rand(3, 64, 81)])[1] == [(64, 81)]
+    assert eval_size((64, 96), 200, None, None) == (96, 200)  # unset: the last training size
+    assert eval_size((64, 96), 200, 80, None) == (80, 200)
+
+
+def test_test_size_keys_are_range_checked():
+    with pytest.raises(ConfigError, match="model.input.test_min_size"):
+        load_config(None, TINY + ["model.input.test_min_size=0"])
 
 
 def test_uint8_and_float_in_0_1_are_the_same_image_other_dtypes_refused():

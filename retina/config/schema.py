@@ -80,6 +80,10 @@ class BoxCoderConfig:
 class InputConfig:
     min_size: tuple[int, ...] = (800,)  # shorter side; several: random choice per image in training
     max_size: int = 1333  # cap on the longer side
+    # Inference size (detectron2's MIN_SIZE_TEST / MAX_SIZE_TEST): shorter side and longer-side
+    # cap that eval, predict and export resize to; null: min_size[-1] and max_size.
+    test_min_size: Optional[int] = None
+    test_max_size: Optional[int] = None
     pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, for [0, 1] input
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     size_divisibility: int = 128  # pad the batch to a multiple of the largest stride (P7)

@@ -147,7 +147,7 @@ def check_parity(model: RetinaNet, detector: ExportedDetector, images: Sequence[
             out = detector([image])[0]
         spec = model.input_spec
         h, w = image.shape[-2:]
-        rh, rw = resized_size(h, w, spec.min_size[-1], spec.max_size, spec.resize)
+        rh, rw = resized_size(h, w, *spec.eval_size, spec.resize)
         compare_image(parity, ref, out, post.score_thresh, post.detections_per_image, name=name,
                       px_scale=max(h / rh, w / rw))
     return parity

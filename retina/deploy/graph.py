@@ -9,9 +9,9 @@ time:
 - the resized size is computed from the input's shape inside the graph, in float64 as Python
   computes ``retina.model.resize.resized_size`` (``resized_size_tensor``; a test holds the two
   equal over a grid of sizes and both modes);
-- the top-k is the post-processor's own (``top_candidates``), whose counts
-  ``min(topk_candidates, anchors of the level)`` are symbolic sizes here (``torch.sym_min``), so
-  one graph serves any image size;
+- the top-k, clipping and score threshold are the post-processor's own (``top_candidates``,
+  ``scored_candidates``); the top-k counts ``min(topk_candidates, anchors of the level)`` are
+  symbolic sizes here (``torch.sym_min``), so one graph serves any image size;
 - NMS is torchvision's ``nms`` over boxes offset by group (image, class), the coordinate trick of
   ``torchvision.ops.batched_nms`` with the same offset (largest coordinate + 1); the eager path's
   ``grouped_nms`` keeps the same boxes (see ``retina.model.postprocess``);
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms
 
-from retina.model.postprocess import top_candidates
+from retina.model.postprocess import scored_candidates, top_candidates
 from retina.model.resize import NO_RESIZE_TOLERANCE
 from retina.model.retinanet import RetinaNet, to_float
 
@@ -74,8 +74,7 @@ class DetectorGraph(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         m, spec = self.model, self.model.input_spec
         h, w = images.shape[2], images.shape[3]
-        size = resized_size_tensor(torch.tensor(h), torch.tensor(w), spec.min_size[-1],
-                                   spec.max_size, spec.resize)  # (2,)
+        size = resized_size_tensor(torch.tensor(h), torch.tensor(w), *spec.eval_size, spec.resize)  # (2,)
         # data-dependent ints for F.interpolate: the rule's float64 rounding is not shape arithmetic
         rh, rw = size[0].item(), size[1].item()
         torch._check(rh >= 1)
@@ -129,13 +128,8 @@ class DetectorGraph(nn.Module):
         n, _, k = pred_logits.shape
         boxes, scores, labels = top_candidates(pred_logits, pred_deltas, anchors, counts, post.box_coder,
                                                post.topk_candidates)  # (N, C, .)
-        upper = size.flip(0).repeat(2)  # (4,) w, h, w, h
-        boxes = torch.minimum(boxes.clamp(min=0), upper)
-
-        keep_mask = scores > post.score_thresh  # (N, C)
-        image_idx = torch.arange(n, device=boxes.device)[:, None].expand_as(labels)  # (N, C)
-        flat_boxes, flat_scores = boxes[keep_mask], scores[keep_mask]  # (B, 4), (B,)
-        flat_labels, flat_images = labels[keep_mask], image_idx[keep_mask]  # (B,), (B,)
+        flat_boxes, flat_scores, flat_labels, flat_images = scored_candidates(
+            boxes, scores, labels, size, post.score_thresh)  # (B, 4), (B,), (B,), (B,)
         keep = _batched_nms(flat_boxes, flat_scores, flat_images * k + flat_labels, post.nms_thresh)
         return _pad_per_image(flat_boxes[keep], flat_scores[keep], flat_labels[keep], flat_images[keep],
                               n, post.detections_per_image)

@@ -236,6 +236,15 @@ def same_size_batches(sizes: Sequence[tuple[int, int]] | np.ndarray | None, num_
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
+def in_input_order(batches: Sequence[Sequence[int]], items: Sequence) -> list:
+    """``items`` produced batch by batch (one per index of ``batches``, in that order) back in
+    the order of the indices: ``same_size_batches``' inverse."""
+    ordered: list = [None] * len(items)
+    for index, item in zip((i for batch in batches for i in batch), items, strict=True):
+        ordered[index] = item
+    return ordered
+
+
 def inference(
     model: nn.Module,
     dataset: Dataset,
@@ -280,8 +289,7 @@ def inference(
                 image_ids.extend(int(target["image_id"]) for _, target in batch)
     finally:
         model.train(was_training)
-    order = np.argsort([i for batch in batches for i in batch], kind="stable")  # back to dataset order
-    return [outputs[k] for k in order], [image_ids[k] for k in order]
+    return in_input_order(batches, outputs), in_input_order(batches, image_ids)
 
 
 def evaluate(

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from retina.data.coco import read_image
-from retina.engine.evaluate import same_size_batches
+from retina.engine.evaluate import in_input_order, same_size_batches
 from retina.errors import InputError, MissingFileError
 from retina.io import write_json
 from retina.viz import draw_detections, write_image
@@ -139,12 +139,10 @@ def predict_paths(
         for start in range(0, len(paths), batch_size):
             batch = slice(start, start + batch_size)
             images = [read_image(p) for p in paths[batch]]  # uint8 (3, H, W) each
-            outputs: list[dict] = [{} for _ in images]
+            groups = same_size_batches([tuple(img.shape[-2:]) for img in images], len(images), len(images))
             with torch.inference_mode():  # one call per image size, see the docstring
-                sizes = [tuple(img.shape[-2:]) for img in images]
-                for group in same_size_batches(sizes, len(images), len(images)):
-                    for i, out in zip(group, model([images[i].to(device) for i in group])):
-                        outputs[i] = out
+                outputs = in_input_order(groups, [out for group in groups
+                                                  for out in model([images[i].to(device) for i in group])])
             for name, dst, image, out in zip(record_names[batch], out_paths[batch], images, outputs):
                 keep = out["scores"] >= score_thresh  # (D,)
                 boxes = out["boxes"][keep].detach().cpu().float()  # (D', 4)

@@ -46,7 +46,7 @@ def build_model(cfg: Config, pretrained: bool = True) -> RetinaNet:
     post = PostProcessor(box_coder, m.inference.score_thresh, m.inference.topk_candidates,
                          m.inference.nms_thresh, m.inference.detections_per_image)
     spec = InputSpec(m.input.min_size, m.input.max_size, m.input.pixel_mean, m.input.pixel_std,
-                     m.input.size_divisibility, m.input.resize)
+                     m.input.size_divisibility, m.input.resize, m.input.test_min_size, m.input.test_max_size)
     model = RetinaNet(backbone, fpn, head, anchors, TargetAssigner(matcher, box_coder, m.num_classes),
                       loss, post, spec, m.channels_last)
     if m.channels_last:

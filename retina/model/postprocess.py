@@ -67,6 +67,21 @@ def top_candidates(pred_logits: Tensor, pred_deltas: Tensor, anchors: Tensor, nu
     return torch.cat(boxes_all, dim=1), torch.cat(scores_all, dim=1), torch.cat(labels_all, dim=1)
 
 
+def scored_candidates(boxes: Tensor, scores: Tensor, labels: Tensor, sizes: Tensor, score_thresh: float
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``top_candidates``' output clipped to the image and kept above ``score_thresh``, flattened
+    over the batch: boxes (B, 4), scores (B,), labels (B,), image index (B,) in image-major order.
+
+    boxes (N, C, 4) XYXY, scores / labels (N, C); ``sizes`` the (h, w) to clip to, (N, 1, 2)
+    per image or (2,) for the whole batch. The eager post-processor and the exported graph
+    (``retina.deploy.graph``) both select with this; they differ only in their NMS call."""
+    upper = torch.cat([sizes.flip(-1), sizes.flip(-1)], dim=-1)  # (N, 1, 4) or (4,): w, h, w, h
+    boxes = torch.minimum(boxes.clamp(min=0), upper)
+    keep_mask = scores > score_thresh  # (N, C)
+    image_idx = torch.arange(scores.shape[0], device=boxes.device)[:, None].expand_as(labels)  # (N, C)
+    return boxes[keep_mask], scores[keep_mask], labels[keep_mask], image_idx[keep_mask]
+
+
 class PostProcessor:
     def __init__(self, box_coder: BoxCoder, score_thresh: float = 0.05, topk_candidates: int = 1000,
                  nms_thresh: float = 0.5, detections_per_image: int = 100) -> None:
@@ -91,15 +106,10 @@ class PostProcessor:
         boxes, scores, labels = top_candidates(pred_logits, pred_deltas, anchors, num_anchors_per_level,
                                                self.box_coder, self.topk_candidates)  # (N, C, .)
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)  # (N, 2) h, w
-        upper = sizes.flip(1).repeat(1, 2)[:, None, :]  # (N, 1, 4): w, h, w, h
-        boxes = torch.minimum(boxes.clamp(min=0), upper)
-
         # One NMS for the whole batch: boxes of different images or classes never suppress
-        # each other because batched_nms offsets them by their group id.
-        keep_mask = scores > self.score_thresh  # (N, C)
-        image_idx = torch.arange(n, device=boxes.device)[:, None].expand_as(labels)
-        flat_boxes, flat_scores = boxes[keep_mask], scores[keep_mask]
-        flat_labels, flat_images = labels[keep_mask], image_idx[keep_mask]
+        # each other because they are grouped by (image, class).
+        flat_boxes, flat_scores, flat_labels, flat_images = scored_candidates(
+            boxes, scores, labels, sizes[:, None, :], self.score_thresh)
         keep = grouped_nms(flat_boxes, flat_scores, flat_images * k + flat_labels, self.nms_thresh)
         # keep is sorted by score; split it by image and cap the count.
         kept_images = flat_images[keep]

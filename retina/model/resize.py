@@ -43,6 +43,14 @@ def resized_size(height: int, width: int, min_size: int, max_size: int,
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def eval_size(min_sizes: Sequence[int], max_size: int, test_min_size: int | None,
+              test_max_size: int | None) -> tuple[int, int]:
+    """(shorter side, longer-side cap) at inference: the test keys when set, else the last
+    training size and the training cap."""
+    return (min_sizes[-1] if test_min_size is None else test_min_size,
+            max_size if test_max_size is None else test_max_size)
+
+
 def axis_scale(new_size: Sequence[int], old_size: Sequence[int]) -> Tensor:
     """(4,) factors (W' / W, H' / H, W' / W, H' / H) that take XYXY boxes of an image of
     ``old_size`` (H, W) to ``new_size``: the sizes' own ratio, not the nominal scale."""

@@ -13,7 +13,8 @@ What the model expects (``images``: N tensors (3, H, W), RGB, each its own size)
   (torchvision's convention: ``model(images)`` works on what torchvision's detectors take).
   Any other dtype is refused.
 - eval mode: images of any size; each is resized by the rule of ``retina.model.resize`` to the
-  test size (shorter side ``min_size[-1]``, longer at most ``max_size``), and the detections are
+  test size (``InputSpec.eval_size``: shorter side ``test_min_size``, by default ``min_size[-1]``,
+  longer at most ``test_max_size``, by default ``max_size``), and the detections are
   mapped back to and clipped to the input image's pixels. The resize is part of the model, so an
   exported graph takes raw images too.
 - training mode: the size is the data pipeline's decision (``retina.data.transforms``: a shorter
@@ -44,15 +45,17 @@ from retina.model.anchors import AnchorGenerator
 from retina.model.backbone import FPN, ResNetBackbone
 from retina.model.head import RetinaHead
 from retina.model.postprocess import PostProcessor
-from retina.model.resize import ResizeMode, axis_scale, resize_scale, resized_size
+from retina.model.resize import ResizeMode, axis_scale, eval_size, resize_scale, resized_size
 
 
 @dataclass(frozen=True)
 class InputSpec:
     """How images become a padded, normalised batch (see the module docstring for the contract).
 
-    ``min_size``: the training shorter sides (the data pipeline draws one per image); the last is
-    the test size. ``pixel_mean`` / ``pixel_std`` are for images in [0, 1].
+    ``min_size``: the training shorter sides (the data pipeline draws one per image), the longer
+    at most ``max_size``; ``test_min_size`` / ``test_max_size``: the inference size
+    (``eval_size``, by the rule ``retina.model.resize.eval_size``). ``pixel_mean`` /
+    ``pixel_std`` are for images in [0, 1].
     """
 
     min_size: tuple[int, ...]
@@ -61,6 +64,13 @@ class InputSpec:
     pixel_std: tuple[float, float, float]
     size_divisibility: int
     resize: ResizeMode = "round"  # see retina.model.resize and InputConfig.resize
+    test_min_size: Optional[int] = None  # None: min_size[-1]
+    test_max_size: Optional[int] = None  # None: max_size
+
+    @property
+    def eval_size(self) -> tuple[int, int]:
+        """(shorter side, longer-side cap) at inference."""
+        return eval_size(self.min_size, self.max_size, self.test_min_size, self.test_max_size)
 
 
 def to_float(image: Tensor) -> Tensor:
@@ -97,15 +107,15 @@ class RetinaNet(nn.Module):
         return self.head.num_classes
 
     # ------------------------------------------------------------------------------- input
-    def _target_size(self, height: int, width: int) -> Optional[int]:
-        """The shorter side an image is resized to, ``None`` to keep it as it is: eval mode, the
-        test size; training mode, none (the data pipeline chose and resized) unless there is a
-        single training size. Decides nothing at random."""
+    def _target_size(self, height: int, width: int) -> Optional[tuple[int, int]]:
+        """(shorter side, longer-side cap) an image is resized to, ``None`` to keep it as it is:
+        eval mode, the test size; training mode, none (the data pipeline chose and resized)
+        unless there is a single training size. Decides nothing at random."""
         sizes, max_size = self.input_spec.min_size, self.input_spec.max_size
         if not self.training:
-            return sizes[-1]
+            return self.input_spec.eval_size
         if len(sizes) == 1:
-            return sizes[0]
+            return sizes[0], max_size
         # The pipeline resizes by the "round" rule, whose output the rule leaves unchanged.
         if any(resized_size(height, width, s, max_size) == (height, width) for s in sizes):
             return None
@@ -129,12 +139,12 @@ class RetinaNet(nn.Module):
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"images should be (3, H, W) tensors; image {i} is {tuple(image.shape)}")
             h, w = image.shape[-2:]
-            min_size = self._target_size(h, w)
-            size = (h, w) if min_size is None else resized_size(h, w, min_size, spec.max_size, spec.resize)
+            limits = self._target_size(h, w)  # (shorter side, cap) or None
+            size = (h, w) if limits is None else resized_size(h, w, *limits, spec.resize)
             img = self._resize_and_normalise(to_float(image), size)  # (3, H', W')
             resized.append(img)
             sizes.append(size)
-            scales.append(1.0 if size == (h, w) else resize_scale(h, w, min_size, spec.max_size))
+            scales.append(1.0 if size == (h, w) else resize_scale(h, w, *limits))
             if targets is not None:
                 t = dict(targets[i])
                 # per-axis ratio of the rounded size, so box edges stay on the image edges

@@ -4,8 +4,9 @@
 Parameters are counted per top-level module (backbone, fpn, head); trainable ones are those with
 ``requires_grad`` (a pretrained backbone's FrozenBatchNorm holds buffers, not parameters, and its
 first ``freeze_at`` stages are frozen). FLOPs are those of one inference forward on a dummy
-image of the config's inference size (shorter side ``model.input.min_size[-1]``, longer side
-``model.input.max_size``: 800 x 1333 for the COCO configs), counted by
+image of the config's inference size (shorter side ``model.input.test_min_size``, by default
+``min_size[-1]``, longer side ``test_max_size``, by default ``max_size``: 800 x 1333 for the COCO
+configs), counted by
 ``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products only, 2 FLOPs per
 multiply-add (detectron2 and mmdet count 1 per multiply-add: halve to compare). Resizing,
 normalisation, activations, decoding and NMS are not counted.
@@ -23,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from retina.config import Config, replace
 from retina.errors import UsageError
 from retina.engine.evaluate import write_json
+from retina.model.resize import eval_size
 
 TOP_MODULES = ("backbone", "fpn", "head")
 
@@ -69,7 +71,8 @@ def count_flops(model: nn.Module, image_size: tuple[int, int]) -> dict[str, int]
 
 def inference_size(cfg: Config) -> tuple[int, int]:
     """(H, W) of the dummy image: the config's inference shorter side x its longer-side cap."""
-    return int(cfg.model.input.min_size[-1]), int(cfg.model.input.max_size)
+    i = cfg.model.input
+    return eval_size(i.min_size, i.max_size, i.test_min_size, i.test_max_size)
 
 
 def padded_size(size: tuple[int, int], divisibility: int) -> tuple[int, int]:
