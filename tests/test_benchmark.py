@@ -58,3 +58,14 @@ def test_eval_benchmark_tiny_run(tmp_path):
     # the same metrics up to floating-point summation order (percent units)
     assert result["max_metric_diff"] < 1e-9 and result["max_per_class_diff"] < 1e-9
     assert "speedup" in proc.stdout
+
+
+def test_benchmarked_model_keeps_the_requested_size_whatever_the_config_tests_at():
+    # photos_cpu evaluates at 320 (test_min_size): the benchmark's 200 x 300 must stay 200 x 300
+    import torch
+
+    from retina.bench.inference import InferenceSpec, _models
+
+    model, _, _ = _models(InferenceSpec(model="config", config="photos_cpu", image_size=(200, 300)))
+    assert model.input_spec.eval_size == (200, 300)
+    assert model.preprocess([torch.rand(3, 200, 300)])[1] == [(200, 300)]

@@ -172,7 +172,8 @@ def test_scored_candidates_clip_threshold_flatten():
     labels = torch.tensor([[3, 1], [0, 2]])
     sizes = torch.tensor([[10.0, 20.0], [30.0, 5.0]])[:, None, :]  # (N, 1, 2) h, w
     b, s, l, i = scored_candidates(boxes, scores, labels, sizes, 0.05)
-    # clipped to [0, w] x [0, h]: (-3, 2, 25, 12) in 20 x 10 -> (0, 2, 20, 10); (4, -1, 9, 40) in 5 x 30 -> (4, 0, 5, 30)
+    # clipped to [0, w] x [0, h]: (-3, 2, 25, 12) in 20 x 10 -> (0, 2, 20, 10);
+    # (4, -1, 9, 40) in 5 x 30 -> (4, 0, 5, 30)
     assert torch.equal(b, torch.tensor([[0.0, 2.0, 20.0, 10.0], [4.0, 0.0, 5.0, 30.0], [0.0, 0.0, 1.0, 1.0]]))
     assert torch.equal(s, torch.tensor([0.9, 0.06, 0.5]))
     assert l.tolist() == [3, 0, 2] and i.tolist() == [0, 1, 1]

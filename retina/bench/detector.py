@@ -42,6 +42,14 @@ PARTS: tuple[Part, ...] = ("train", "infer", "loss", "post")
 TV_RANDOM_INIT = ("model.backbone.norm=bn", "model.backbone.norm_eps=1e-5")
 
 
+def input_size_overrides(height: int, width: int) -> tuple[str, ...]:
+    """Config overrides under which the model keeps an H x W image as it is, in training and at
+    inference (the test keys too: a config's own test size would otherwise resize it)."""
+    short, long = min(height, width), max(height, width)
+    return (f"model.input.min_size=[{short}]", f"model.input.max_size={long}",
+            f"model.input.test_min_size={short}", f"model.input.test_max_size={long}")
+
+
 @dataclass(frozen=True)
 class BenchSpec:
     device: str = "cpu"
@@ -125,8 +133,7 @@ def build_models(spec: BenchSpec, image_size: tuple[int, int]) -> tuple[RetinaNe
     weights. With ``spec.config`` both are built from one seed.
     """
     h, w = image_size
-    sizes = (f"model.input.min_size=[{min(h, w)}]", f"model.input.max_size={max(h, w)}",
-             f"model.backbone.depth={spec.depth}", "model.backbone.weights=null",
+    sizes = (*input_size_overrides(h, w), f"model.backbone.depth={spec.depth}", "model.backbone.weights=null",
              f"model.channels_last={str(spec.channels_last).lower()}")
     if spec.config is None:
         overrides = TV_RANDOM_INIT + sizes + tuple(spec.overrides)

@@ -33,7 +33,7 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from retina.bench.detector import BenchSpec, build_models
+from retina.bench.detector import BenchSpec, build_models, input_size_overrides
 from retina.config import find_config, load_config
 from retina.deploy.fuse import fold_batchnorm, inference_model
 from retina.model import RetinaNet, build_model
@@ -60,7 +60,7 @@ def _models(spec: InferenceSpec) -> tuple[RetinaNet, Optional[nn.Module], str]:
     if spec.model == "parity":
         ours, theirs, desc, _ = build_models(BenchSpec(channels_last=False, seed=spec.seed), spec.image_size)
         return ours.eval(), theirs.eval(), "R50 parity model (torchvision's random init converted), " + desc
-    overrides = (f"model.input.min_size=[{min(h, w)}]", f"model.input.max_size={max(h, w)}")
+    overrides = input_size_overrides(h, w)
     torch.manual_seed(spec.seed)
     cfg = load_config(find_config(spec.config), overrides)
     return build_model(cfg, pretrained=False).eval(), None, f"{spec.config} (random init) " + " ".join(overrides)
