@@ -98,7 +98,7 @@ def test_wrong_type():
 
 def test_literal_choice():
     msg = config_error(None, ["loss.type=focall"])
-    assert "loss.type='focall'" in msg and "should be one of ['focal', 'ce', 'ohem', 'focal_star']" in msg
+    assert "loss.type='focall'" in msg and "should be one of ['focal', 'ce', 'ohem', 'focal_star', 'quality_focal']" in msg
     msg = config_error(None, ["model.backbone.depth=42"])
     assert "should be one of [18, 34, 50, 101]" in msg
     assert load_config(None, ["model.backbone.depth=18"]).model.backbone.depth == 18
@@ -237,6 +237,15 @@ def test_focal_star_reads_its_own_gamma():
                    "(FL* reads loss.focal_star.gamma); set loss.gamma=2 or use loss.type=focal")
     cfg = load_config(None, ["loss.type=focal_star", "loss.focal_star.gamma=4"])
     assert cfg.loss.focal_star.gamma == 4.0
+
+
+def test_quality_focal_has_no_alpha():
+    msg = config_error(None, ["loss.type=quality_focal"])
+    assert msg == ("--set loss.type=quality_focal: loss.alpha=0.25 (the default) does not apply to "
+                   "loss.type=quality_focal (GFL's QFL weights positives by their IoU, not by alpha); "
+                   "set loss.alpha=null or use loss.type=focal")
+    cfg = load_config(None, ["loss.type=quality_focal", "loss.alpha=null", "loss.gamma=1.5"])
+    assert (cfg.loss.type, cfg.loss.alpha, cfg.loss.gamma) == ("quality_focal", None, 1.5)
 
 
 def test_variant_settings_need_their_variant(tmp_path: Path):

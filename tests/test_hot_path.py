@@ -159,3 +159,47 @@ def test_two_stage_topk_keeps_the_top_pairs_not_the_top_anchors():
     assert det["labels"].tolist() == [0, 1]  # both from anchor 2, different classes
     assert_close(det["scores"], torch.sigmoid(torch.tensor([3.0, 2.5])))
     assert_close(det["boxes"], anchors[[2, 2]])  # zero deltas decode to the anchor
+
+
+# ------------------------------------------------------------- quality focal loss (soft targets)
+def test_fused_quality_focal_hand_values():
+    # One anchor, K = 2, logits 0 -> p = 0.5; class 0 is foreground with IoU target y = 0.25,
+    # class 1 a negative; alpha None, gamma 2. BCE(0, y) = log 2 whatever y.
+    x = torch.zeros(1, 1, 2, requires_grad=True)
+    loss = focal_loss_per_image(x, torch.tensor([[0]]), torch.ones(1, 1), alpha=None, gamma=2.0,
+                                fg_targets=torch.tensor([[0.25]]))
+    ln2 = math.log(2)
+    # positive: |0.25 - 0.5|^2 log 2; negative: 0.5^2 log 2
+    assert_close(loss, torch.tensor([0.0625 * ln2 + 0.25 * ln2]))
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    # positive d/dx: 2 (p - y) p (1 - p) log 2 + (p - y)^2 (p - y) = 2 * .25 * .25 ln2 + .25^3;
+    # negative as in FL: p^2 (2 (1 - p) log 2 + p)
+    assert_close(grad, torch.tensor([[[0.125 * ln2 + 0.015625, 0.25 * (ln2 + 0.5)]]]))
+    # at y = p the positive term and its gradient vanish
+    y_half = focal_loss_per_image(x, torch.tensor([[0]]), torch.ones(1, 1), None, 2.0,
+                                  fg_targets=torch.tensor([[0.5]]))
+    assert_close(y_half, torch.tensor([0.25 * ln2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gamma", [2.0, 1.5, 0.0])
+def test_fused_quality_focal_equals_quality_focal_loss(dtype, gamma):
+    # The fused kernel with soft foreground targets and the readable QFL are one equation:
+    # values and gradients on random logits, IoU targets in [0, 1] (0 and 1 included).
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 30, 5, generator=g, dtype=dtype) * 4).requires_grad_()
+    gt_classes = torch.randint(-1, 6, (2, 30), generator=g)  # -1 ignored, 5 = K background
+    y = torch.rand(2, 30, generator=g, dtype=dtype)
+    y[0, :2] = torch.tensor([0.0, 1.0], dtype=dtype)
+    gt_classes[0, :2] = torch.tensor([2, 3])
+    weights = (gt_classes >= 0).to(dtype)
+    out = focal_loss_per_image(x, gt_classes, weights, None, gamma, fg_targets=y)
+    onehot = gt_classes[..., None] == torch.arange(5)  # (N, R, K)
+    ref = (losses.quality_focal_loss(x, onehot * y[..., None], gamma).sum(-1) * weights).sum(-1)
+    assert_close(out, ref)
+    (g_out,) = torch.autograd.grad(out, x, torch.tensor([1.0, 2.0], dtype=dtype))
+    (g_ref,) = torch.autograd.grad(ref, x, torch.tensor([1.0, 2.0], dtype=dtype))
+    assert_close(g_out, g_ref)
+    # y in {0, 1}: QFL is FL without alpha
+    t = onehot.to(dtype)
+    assert_close(losses.quality_focal_loss(x, t, gamma), sigmoid_focal_loss(x, t, None, gamma))

@@ -352,3 +352,45 @@ def test_giou_box_loss_hand_values():
     assert pred.grad[1].abs().sum() == 0 and pred.grad[0].abs().sum() > 0
     with pytest.raises(ValueError, match="giou"):
         retinanet_losses(logits, pred, gt_classes, gt_deltas, LossSettings(box_loss="giou"), anchors)
+
+
+def test_matched_iou_and_quality_targets_hand_values():
+    """pairwise_matched_iou: [0, 0, 2, 2] and [1, 1, 3, 3] meet in 1 of 4 + 4 - 1 = 7: 1/7;
+    disjoint boxes 0. iou_targets: anchor [0, 0, 10, 10] predicted as itself (delta 0), target
+    [5, 0, 15, 10]: intersection 50, union 150, IoU 1/3; the background anchor gets 0."""
+    from retina.model.box_coder import BoxCoder
+    from retina.model.losses import iou_targets, pairwise_matched_iou
+
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [5.0, 5.0, 6.0, 6.0]])
+    assert_close(pairwise_matched_iou(a, b), torch.tensor([1 / 7, 0.0]))
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])  # (R=2, 4)
+    gt = coder.encode(torch.tensor([[5.0, 0.0, 15.0, 10.0]]), anchors[:1])  # (1, 4): 0.5, 0, 0, 0
+    gt_deltas = torch.cat([gt, torch.zeros(1, 4)])[None]  # (N=1, R=2, 4)
+    fg = torch.tensor([[True, False]])
+    pred = torch.zeros(1, 2, 4, requires_grad=True)
+    y = iou_targets(pred, gt_deltas, fg, anchors, coder.decode)
+    assert_close(y, torch.tensor([[1 / 3, 0.0]]))
+    assert not y.requires_grad  # a target, not a path for the box gradient
+
+
+def test_quality_focal_type_trains_towards_the_iou():
+    """loss.type quality_focal: the positive's target is the IoU of its predicted box (1/3 here,
+    as above), so at logit log(1/2) (p = 1/3) the positive term is 0 and only the background
+    anchor's p^2 softplus(x) = (1/2)^2 log 2 at logit 0 remains; 1 positive. It needs the box
+    coder, like GIoU."""
+    from retina.model.box_coder import BoxCoder
+
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    gt = coder.encode(torch.tensor([[5.0, 0.0, 15.0, 10.0]]), anchors[:1])
+    gt_deltas = torch.cat([gt, torch.zeros(1, 4)])[None]  # (1, 2, 4)
+    gt_classes = torch.tensor([[0, 1]])  # K = 1: anchor 0 class 0, anchor 1 background
+    logits = torch.tensor([[[math.log(0.5)], [0.0]]])  # p = 1/3 and 1/2
+    s = LossSettings(type="quality_focal", alpha=None)
+    out = retinanet_losses(logits, torch.zeros(1, 2, 4), gt_classes, gt_deltas, s, anchors,
+                           decode=coder.decode)
+    assert_close(out.losses["loss_cls"], torch.tensor(0.25 * math.log(2)))
+    with pytest.raises(ValueError, match="quality_focal"):
+        retinanet_losses(logits, torch.zeros(1, 2, 4), gt_classes, gt_deltas, s, anchors)

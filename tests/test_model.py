@@ -33,8 +33,9 @@ def images_and_targets():
     return images, targets
 
 
-def test_training_forward_and_backward():
-    model = tiny_model().train()
+@pytest.mark.parametrize("loss", [[], ["loss.type=quality_focal", "loss.alpha=null"]])
+def test_training_forward_and_backward(loss):
+    model = tiny_model(*loss).train()
     images, targets = images_and_targets()
     losses = model(images, targets)
     assert set(losses) == {"loss_cls", "loss_box", "num_pos"}  # num_pos: a count to log, no loss

@@ -228,9 +228,11 @@ class FocalStarConfig:
 @dataclass(frozen=True)
 class LossConfig:
     # focal: FL (Sec. 3.2); ce: alpha-balanced sigmoid CE (Table 1a); ohem: sigmoid CE on the
-    # hardest anchors only (Table 1d); focal_star: FL* (appendix A). retina/model/losses.py has the
-    # details; config/rules.py refuses a key the chosen type does not read.
-    type: Literal["focal", "ce", "ohem", "focal_star"] = "focal"
+    # hardest anchors only (Table 1d); focal_star: FL* (appendix A); quality_focal: FL against the
+    # IoU of the predicted box as the positives' target (GFL's QFL, Li et al. 2020; gamma is its
+    # beta, alpha null). retina/model/losses.py has the details; config/rules.py refuses a key
+    # the chosen type does not read.
+    type: Literal["focal", "ce", "ohem", "focal_star", "quality_focal"] = "focal"
     alpha: Optional[float] = 0.25  # weight of positives; None: no weighting
     gamma: float = 2.0  # focusing parameter of focal; 0 with alpha None is BCE; ce, ohem: 0
     # giou: 1 - generalized IoU of the decoded boxes (Rezatofighi et al. 2019; torchvision v2,

@@ -15,6 +15,10 @@ dtype (fp64 inputs stay fp64).
   refuses a gamma other than 0 for it (``retina/config/rules.py``), the loss uses what it is given.
 - ``focal_star``: FL* = -log(sigmoid(gamma x_t + beta)) / gamma with x_t = +x for a positive,
   -x for a negative (appendix A, Eq. 6-7), alpha_t-weighted like FL when ``alpha`` is set.
+- ``quality_focal``: QFL (GFL, Li et al. 2020): FL whose positive target is the IoU of the
+  anchor's predicted box with its ground truth (``iou_targets``, no gradient through it) instead
+  of 1, so that the score ranks boxes by how well they fit; gamma is its beta, no alpha. The box
+  loss is unchanged. Computed by the fused FL with soft foreground targets.
 - ``ohem``: sigmoid CE (alpha_t-weighted when set) on the anchors ``ohem_select`` keeps per
   image: ranked by loss, NMS over the anchor boxes, the top ``batch_size`` (Sec. 5.1, Table 1d,
   after Shrivastava et al. 2016). The kept anchors' summed CE is divided by the number of
@@ -63,7 +67,7 @@ class FocalStarSettings:
 class LossSettings:
     """Plain settings of ``retinanet_losses`` (``build_model`` fills them from the config)."""
 
-    type: Literal["focal", "ce", "ohem", "focal_star"] = "focal"
+    type: Literal["focal", "ce", "ohem", "focal_star", "quality_focal"] = "focal"
     alpha: Optional[float] = 0.25  # weight of positives; None: no weighting
     gamma: float = 2.0  # focusing parameter of focal, ce and ohem (used as given)
     box_loss: Literal["smooth_l1", "l1", "giou"] = "smooth_l1"
@@ -163,7 +167,7 @@ class _FocalLossPerImage(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, gt_classes: Tensor, weights: Tensor, alpha: Optional[float],
-                gamma: float) -> Tensor:
+                gamma: float, fg_targets: Optional[Tensor]) -> Tensor:
         n, r, k = logits.shape
         dtype = _compute_dtype(logits)
         a_pos, a_neg = (alpha, 1 - alpha) if alpha is not None else (1.0, 1.0)
@@ -186,10 +190,20 @@ class _FocalLossPerImage(torch.autograd.Function):
         pc, qc = torch.sigmoid(xc), torch.sigmoid(-xc)  # p, 1 - p without cancellation
         spn, spp = F.softplus(xc), F.softplus(-xc)  # -log(1 - p), -log(p)
         wf = (weights * fg)[..., None]  # (N, R, 1)
-        neg_w, pos_w = a_neg * pc.pow(gamma), a_pos * qc.pow(gamma)  # alpha_t (1 - p_t)^g
-        neg_loss, pos_loss = neg_w * spn, pos_w * spp
-        neg_grad = neg_w * (gamma * qc * spn + pc)
-        pos_grad = -pos_w * (gamma * pc * spp + qc)
+        neg_w = a_neg * pc.pow(gamma)  # alpha_t (1 - p_t)^g of a negative
+        neg_loss, neg_grad = neg_w * spn, neg_w * (gamma * qc * spn + pc)
+        if fg_targets is None:  # t = 1
+            pos_w = a_pos * qc.pow(gamma)
+            pos_loss, pos_grad = pos_w * spp, -pos_w * (gamma * pc * spp + qc)
+        else:  # soft t = y: alpha |y - p|^g BCE(x, y), BCE = y softplus(-x) + (1 - y) softplus(x)
+            y = fg_targets.to(dtype)[..., None]  # (N, R, 1)
+            diff = pc - y
+            bce = y * spp + (1 - y) * spn
+            # d/dx: g |p - y|^(g-1) sign(p - y) p (1 - p) BCE + |p - y|^g (p - y)
+            mod = diff.abs().pow(gamma)
+            dmod = gamma * diff.sign() * diff.abs().pow(gamma - 1) * pc * qc if gamma != 0 else 0
+            pos_loss = a_pos * mod * bce
+            pos_grad = a_pos * (dmod * bce + mod * diff)
         per_image = per_image + ((pos_loss - neg_loss) * wf).sum((1, 2))
         grad = grad.view(n, r, k)
         grad.scatter_add_(-1, idx, ((pos_grad - neg_grad) * wf).to(grad.dtype))
@@ -201,11 +215,12 @@ class _FocalLossPerImage(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # In place: the saved gradient is used once (a second backward finds it modified and
         # autograd raises), which spares another (N, R, K) allocation.
-        return grad.mul_(grad_out.to(grad.dtype)[:, None, None]), None, None, None, None
+        return grad.mul_(grad_out.to(grad.dtype)[:, None, None]), None, None, None, None, None
 
 
 def focal_loss_per_image(logits: Tensor, gt_classes: Tensor, weights: Tensor,
-                         alpha: Optional[float] = 0.25, gamma: float = 2.0) -> Tensor:
+                         alpha: Optional[float] = 0.25, gamma: float = 2.0,
+                         fg_targets: Optional[Tensor] = None) -> Tensor:
     """Per-image sums of weighted sigmoid focal loss against one-hot targets, fused.
 
     Equals ``(sigmoid_focal_loss(logits, onehot(gt_classes), alpha, gamma).sum(-1) * weights)
@@ -215,7 +230,46 @@ def focal_loss_per_image(logits: Tensor, gt_classes: Tensor, weights: Tensor,
     gradient in the logits' dtype. Used for ``type`` focal and ce; gamma = 0 with alpha None is BCE.
     """
     return _FocalLossPerImage.apply(logits, gt_classes, weights.to(_compute_dtype(logits)), alpha,
-                                    gamma)
+                                    gamma, fg_targets)
+
+
+def quality_focal_loss(logits: Tensor, targets: Tensor, gamma: float = 2.0) -> Tensor:
+    """QFL(p) = -|y - p|^gamma ((1 - y) log(1 - p) + y log(p)), elementwise (GFL, Li et al. 2020,
+    Eq. 5; its beta is ``gamma``): the focal loss against a soft target y in [0, 1], the IoU of
+    the predicted box for a positive, 0 for a negative, with no alpha weighting. With y in {0, 1}
+    it is exactly ``sigmoid_focal_loss`` with alpha None. The readable reference of
+    ``focal_loss_per_image(..., alpha=None, fg_targets=y)``. Half inputs are computed in fp32,
+    fp64 stays fp64.
+    """
+    dtype = _compute_dtype(logits)
+    x, t = logits.to(dtype), targets.to(dtype)
+    return F.binary_cross_entropy_with_logits(x, t, reduction="none") * (torch.sigmoid(x) - t).abs().pow(gamma)
+
+
+def pairwise_matched_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """(P,) IoU of boxes1[i] with boxes2[i], both (P, 4) XYXY. torchvision.ops.box_iou gives the
+    P x P matrix; only its diagonal is needed here."""
+    lt = torch.maximum(boxes1[:, :2], boxes2[:, :2])  # (P, 2)
+    rb = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])  # (P, 2)
+    inter = (rb - lt).clamp(min=0).prod(-1)  # (P,)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(-1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(-1)
+    return inter / (area1 + area2 - inter).clamp(min=torch.finfo(inter.dtype).eps)
+
+
+def iou_targets(pred_deltas: Tensor, gt_deltas: Tensor, fg: Tensor, anchors: Tensor,
+                decode: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """(N, R) IoU of each foreground anchor's predicted box with its ground-truth box (0 for the
+    other anchors), no gradient: the classification target of ``quality_focal``. Both boxes are
+    decoded from their deltas on the anchor (``decode``: the model's box coder). fp32."""
+    n, r = fg.nonzero(as_tuple=True)  # (P,), (P,)
+    dtype = _compute_dtype(pred_deltas)
+    a = anchors[r].to(dtype)  # (P, 4)
+    pred = decode(pred_deltas[n, r].detach().to(dtype), a)  # (P, 4)
+    gt = decode(gt_deltas[n, r].to(dtype), a)  # (P, 4)
+    out = torch.zeros(fg.shape, dtype=dtype, device=fg.device)  # (N, R)
+    out[n, r] = pairwise_matched_iou(pred, gt)
+    return out
 
 
 def focal_star_loss(logits: Tensor, targets: Tensor, gamma: float = 2.0, beta: float = 1.0,
@@ -321,11 +375,13 @@ def _mean_over_ranks(x: Tensor) -> Tensor:
 
 
 def _cls_loss_per_image(pred_logits: Tensor, gt_classes: Tensor, valid: Tensor, fg: Tensor,
-                        s: LossSettings, anchors: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+                        s: LossSettings, anchors: Optional[Tensor],
+                        fg_targets: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     """(N,) summed classification loss of each image, and for OHEM with the ``selected``
-    normaliser the number of anchors kept (else None)."""
-    if s.type in ("focal", "ce"):  # fused: no one-hot target, one (N, R, K) tensor kept
-        return focal_loss_per_image(pred_logits, gt_classes, valid, s.alpha, s.gamma), None
+    normaliser the number of anchors kept (else None). ``fg_targets`` (N, R): the soft targets
+    of ``quality_focal``."""
+    if s.type in ("focal", "ce", "quality_focal"):  # fused: no one-hot target, one (N, R, K) kept
+        return focal_loss_per_image(pred_logits, gt_classes, valid, s.alpha, s.gamma, fg_targets), None
     k = torch.arange(pred_logits.shape[-1], device=pred_logits.device)  # (K,)
     onehot = gt_classes[..., None] == k  # (N, R, K) bool; -1 (ignored) and K (background) never hit
     if s.type == "focal_star":
@@ -360,10 +416,16 @@ def retinanet_losses(pred_logits: Tensor, pred_deltas: Tensor, gt_classes: Tenso
     s = settings
     valid = gt_classes >= 0  # (N, R)
     fg = valid & (gt_classes < pred_logits.shape[-1])  # (N, R)
-    cls_per_image, num_kept = _cls_loss_per_image(pred_logits, gt_classes, valid, fg, s, anchors)  # (N,)
+    needs_boxes = [what for what, on in (("box loss 'giou'", s.box_loss == "giou"),
+                                         ("loss type 'quality_focal'", s.type == "quality_focal")) if on]
+    if needs_boxes and (anchors is None or decode is None):
+        raise ValueError(f"{needs_boxes[0]} needs the anchors (R, 4) and the box coder's decode")
+    fg_targets = None
+    if s.type == "quality_focal":
+        fg_targets = iou_targets(pred_deltas, gt_deltas, fg, anchors, decode)  # (N, R)
+    cls_per_image, num_kept = _cls_loss_per_image(pred_logits, gt_classes, valid, fg, s, anchors,
+                                                  fg_targets)  # (N,)
     if s.box_loss == "giou":
-        if anchors is None or decode is None:
-            raise ValueError("box loss 'giou' needs the anchors (R, 4) and the box coder's decode")
         box_per_image = giou_loss_per_image(pred_deltas, gt_deltas, fg, anchors, decode)  # (N,)
     else:
         box = box_regression_loss(pred_deltas, gt_deltas, s.box_loss, s.smooth_l1_beta)  # (N, R, 4)

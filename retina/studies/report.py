@@ -7,9 +7,9 @@ swept values, over seeds): AP as mean +- std over the seeds when a sweep has sev
 (|difference| < 2 x the larger std), and the paper's own numbers (``PAPER``) beside ours:
 
 - AP over gamma x alpha and the best alpha for each gamma (Table 1a is the gamma 0 row, 1b the rest);
-- the best setting of each loss (FL, alpha-balanced CE, OHEM, FL*) and the paper's questions: does
+- the best setting of each loss (FL, alpha-balanced CE, OHEM, FL*, QFL) and the paper's questions: does
   FL (gamma 2, alpha .25) beat the best CE, does OHEM stay below it;
-- the other losses (Table 1d: OHEM; appendix A: FL*).
+- the other losses (Table 1d: OHEM; appendix A: FL*; GFL's QFL, beyond the paper).
 
 A key that a run's choices do not read (``loss.gamma`` of OHEM, ``loss.ohem.*`` of FL) shows as
 "-": ``retina.config.key_applies`` decides, not this module.
@@ -56,11 +56,12 @@ def paper_result(s: Setting) -> Optional[PaperResult]:
 
 
 def family(s: Setting) -> str:
-    """The paper's loss families: FL (gamma > 0), alpha-balanced CE (FL at gamma 0), OHEM, FL*."""
+    """The paper's loss families: FL (gamma > 0), alpha-balanced CE (FL at gamma 0), OHEM, FL*;
+    and QFL (quality_focal, GFL), beyond the paper."""
     t = s.cfg.loss.type
     if t in ("focal", "ce"):
         return "FL (gamma > 0)" if t == "focal" and s.cfg.loss.gamma > 0 else "alpha-balanced CE (gamma 0)"
-    return "OHEM" if t == "ohem" else "FL*"
+    return {"ohem": "OHEM", "focal_star": "FL*", "quality_focal": "QFL"}[t]
 
 
 # --------------------------------------------------------------------------------- formatting
@@ -233,9 +234,9 @@ def _markdown(title: str, keys: Sequence[str], rows: list[RunRow]) -> str:
     if seeds:
         lines += _seed_table(settings)
     lines += _grid_views(setting_keys, settings, seeds) + _summary(settings, seeds)
-    others = [s for s in settings if s.ap is not None and s.cfg.loss.type in ("ohem", "focal_star")]
+    others = [s for s in settings if s.ap is not None and s.cfg.loss.type in ("ohem", "focal_star", "quality_focal")]
     if others:
-        lines += ["", "## Other losses (Table 1d: OHEM; appendix A: FL*)", ""]
+        lines += ["", "## Other losses (Table 1d: OHEM; appendix A: FL*; QFL)", ""]
         lines += _md_table(["setting", "AP", "AP50", "AP75"],
                            [[s.name] + [_fmt_stat(s, m, seeds) for m in ("AP", "AP50", "AP75")]
                             for s in others], 1)
