@@ -179,10 +179,16 @@ def test_fused_quality_focal_hand_values():
     y_half = focal_loss_per_image(x, torch.tensor([[0]]), torch.ones(1, 1), None, 2.0,
                                   fg_targets=torch.tensor([[0.5]]))
     assert_close(y_half, torch.tensor([0.25 * ln2]))
+    # gamma < 1: |p - y|^(gamma - 1) is infinite at p = y, the derivative's limit 0 (no NaN)
+    x1 = torch.zeros(1, 1, 1, requires_grad=True)
+    at_y = focal_loss_per_image(x1, torch.tensor([[0]]), torch.ones(1, 1), None, 0.5,
+                                fg_targets=torch.tensor([[0.5]]))
+    (grad,) = torch.autograd.grad(at_y.sum(), x1)
+    assert at_y.item() == 0 and grad.item() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("gamma", [2.0, 1.5, 0.0])
+@pytest.mark.parametrize("gamma", [2.0, 1.5, 0.5, 0.0])
 def test_fused_quality_focal_equals_quality_focal_loss(dtype, gamma):
     # The fused kernel with soft foreground targets and the readable QFL are one equation:
     # values and gradients on random logits, IoU targets in [0, 1] (0 and 1 included).

@@ -201,7 +201,9 @@ class _FocalLossPerImage(torch.autograd.Function):
             bce = y * spp + (1 - y) * spn
             # d/dx: g |p - y|^(g-1) sign(p - y) p (1 - p) BCE + |p - y|^g (p - y)
             mod = diff.abs().pow(gamma)
-            dmod = gamma * diff.sign() * diff.abs().pow(gamma - 1) * pc * qc if gamma != 0 else 0
+            # |p - y|^(g-1) is infinite at p = y for g < 1, where the derivative's limit is 0
+            slope = torch.where(diff == 0, 0.0, diff.sign() * diff.abs().pow(gamma - 1))
+            dmod = gamma * slope * pc * qc if gamma != 0 else 0
             pos_loss = a_pos * mod * bce
             pos_grad = a_pos * (dmod * bce + mod * diff)
         per_image = per_image + ((pos_loss - neg_loss) * wf).sum((1, 2))
