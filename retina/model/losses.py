@@ -230,6 +230,8 @@ def focal_loss_per_image(logits: Tensor, gt_classes: Tensor, weights: Tensor,
     and K (background), for logits (N, R, K), gt_classes (N, R) int64 in -1..K and weights
     (N, R) (e.g. 0 for ignored anchors); returns (N,) in fp32 (fp64 for fp64 logits), the
     gradient in the logits' dtype. Used for ``type`` focal and ce; gamma = 0 with alpha None is BCE.
+    ``fg_targets`` (N, R) in [0, 1]: the foreground entries' soft targets instead of 1 (type
+    quality_focal; then it equals ``quality_focal_loss`` against ``onehot * fg_targets``).
     """
     return _FocalLossPerImage.apply(logits, gt_classes, weights.to(_compute_dtype(logits)), alpha,
                                     gamma, fg_targets)
