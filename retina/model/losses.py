@@ -261,17 +261,24 @@ def pairwise_matched_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return inter / (area1 + area2 - inter).clamp(min=torch.finfo(inter.dtype).eps)
 
 
-def iou_targets(pred_deltas: Tensor, gt_deltas: Tensor, fg: Tensor, anchors: Tensor,
-                decode: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """(N, R) IoU of each foreground anchor's predicted box with its ground-truth box (0 for the
-    other anchors), no gradient: the classification target of ``quality_focal``. Both boxes are
-    decoded from their deltas on the anchor (``decode``: the model's box coder). fp32."""
+def decode_foreground(pred_deltas: Tensor, gt_deltas: Tensor, fg: Tensor, anchors: Tensor,
+                      decode: Callable[[Tensor, Tensor], Tensor]
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The P foreground anchors' image and anchor indices (P,), (P,) and their predicted and
+    ground-truth boxes (P, 4), both decoded from their deltas on the anchor (``decode``: the
+    model's box coder; it keeps fp64 and lifts half to fp32)."""
     n, r = fg.nonzero(as_tuple=True)  # (P,), (P,)
     dtype = _compute_dtype(pred_deltas)
     a = anchors[r].to(dtype)  # (P, 4)
-    pred = decode(pred_deltas[n, r].detach().to(dtype), a)  # (P, 4)
-    gt = decode(gt_deltas[n, r].to(dtype), a)  # (P, 4)
-    out = torch.zeros(fg.shape, dtype=dtype, device=fg.device)  # (N, R)
+    return n, r, decode(pred_deltas[n, r].to(dtype), a), decode(gt_deltas[n, r].to(dtype), a)
+
+
+def iou_targets(pred_deltas: Tensor, gt_deltas: Tensor, fg: Tensor, anchors: Tensor,
+                decode: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """(N, R) IoU of each foreground anchor's predicted box with its ground-truth box (0 for the
+    other anchors), no gradient: the classification target of ``quality_focal``. fp32."""
+    n, r, pred, gt = decode_foreground(pred_deltas.detach(), gt_deltas, fg, anchors, decode)
+    out = torch.zeros(fg.shape, dtype=pred.dtype, device=fg.device)  # (N, R)
     out[n, r] = pairwise_matched_iou(pred, gt)
     return out
 
@@ -359,13 +366,8 @@ def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) ->
 def giou_loss_per_image(pred_deltas: Tensor, gt_deltas: Tensor, fg: Tensor, anchors: Tensor,
                         decode: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """(N,) summed ``1 - GIoU`` (torchvision.ops.generalized_box_iou_loss) of each image's
-    foreground anchors; both boxes are decoded from their deltas on the anchor (``decode``: the
-    model's box coder), only for the P foreground anchors. fp32 (fp64 stays fp64)."""
-    n, r = fg.nonzero(as_tuple=True)  # (P,), (P,)
-    dtype = _compute_dtype(pred_deltas)
-    a = anchors[r].to(dtype)  # (P, 4)
-    pred = decode(pred_deltas[n, r].to(dtype), a)  # (P, 4): decode keeps fp64, lifts half to fp32
-    gt = decode(gt_deltas[n, r].to(dtype), a)  # (P, 4)
+    foreground anchors (``decode_foreground``). fp32 (fp64 stays fp64)."""
+    n, _, pred, gt = decode_foreground(pred_deltas, gt_deltas, fg, anchors, decode)  # (P, 4) each
     loss = generalized_box_iou_loss(pred, gt, reduction="none")  # (P,)
     return torch.zeros(fg.shape[0], dtype=loss.dtype, device=loss.device).index_add_(0, n, loss)
 
@@ -420,10 +422,9 @@ def retinanet_losses(pred_logits: Tensor, pred_deltas: Tensor, gt_classes: Tenso
     s = settings
     valid = gt_classes >= 0  # (N, R)
     fg = valid & (gt_classes < pred_logits.shape[-1])  # (N, R)
-    needs_boxes = [what for what, on in (("box loss 'giou'", s.box_loss == "giou"),
-                                         ("loss type 'quality_focal'", s.type == "quality_focal")) if on]
-    if needs_boxes and (anchors is None or decode is None):
-        raise ValueError(f"{needs_boxes[0]} needs the anchors (R, 4) and the box coder's decode")
+    if (s.box_loss == "giou" or s.type == "quality_focal") and (anchors is None or decode is None):
+        what = "box loss 'giou'" if s.box_loss == "giou" else "loss type 'quality_focal'"
+        raise ValueError(f"{what} needs the anchors (R, 4) and the box coder's decode")
     fg_targets = None
     if s.type == "quality_focal":
         fg_targets = iou_targets(pred_deltas, gt_deltas, fg, anchors, decode)  # (N, R)
