@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from retina.config import SolverConfig
+from retina.engine.budget import TimeBudget
 from retina.engine.logger import TrainLogger
 from retina.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from retina.engine.sampler import SeededDataset, TrainSampler
@@ -37,6 +38,48 @@ def test_lr_factor_cosine():
     assert lr_factor(cfg, 50) == pytest.approx(0.5)  # 0.5 * (1 + cos(pi / 2))
     assert lr_factor(cfg, 25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     assert lr_factor(cfg, 100) == pytest.approx(0.0)
+
+
+def test_cosine_ends_where_it_is_told():
+    """A time budget moves the schedule's end: the cosine reads ``max_iter`` when it is given."""
+    cfg = SolverConfig(max_iter=100, schedule="cosine", warmup_iters=0)
+    assert lr_factor(cfg, 5, max_iter=10) == pytest.approx(0.5)  # halfway to 10, not to 100
+    assert lr_factor(cfg, 10, max_iter=10) == pytest.approx(0.0)
+    end = [10]
+    opt = build_optimizer(cfg, nn.Linear(2, 2))
+    sched = build_scheduler(cfg, opt, lambda: end[0])  # asked at every step
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.lr)
+    opt.step()
+    sched.step()  # iteration 1 of 10: 0.5 (1 + cos(pi / 10))
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.lr * 0.5 * (1 + math.cos(math.pi / 10)))
+    end[0] = 4
+    opt.step()
+    sched.step()  # iteration 2, the end moved to 4: 0.5 (1 + cos(pi / 2)) = 0.5
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.lr * 0.5)
+
+
+def test_time_budget_horizon_by_hand():
+    budget = TimeBudget(seconds=100.0, max_iter=1000, settle=2)
+    assert budget.limited and math.isnan(budget.pace)
+    assert budget.horizon(0) == 1000  # nothing measured: the cap
+    budget.add(5.0)
+    budget.add(5.0)  # settling: counted as spent, not in the pace
+    assert budget.spent == 10.0 and budget.horizon(2) == 1000
+    budget.add(2.0)
+    budget.add(4.0)  # pace (2 + 4) / 2 = 3 s; 84 s left: 28 more iterations
+    assert budget.pace == pytest.approx(3.0) and budget.horizon(4) == 4 + 28
+    assert TimeBudget(100.0, 20, settle=0, spent=16.0, _timed_iters=2, _timed_seconds=6.0).horizon(4) == 20
+    budget.add(83.0)  # 99 s spent, pace 89 / 3: less than one iteration left, the run ends here
+    assert budget.horizon(5) == 5
+    # A resumed run: the checkpoint's pace until this process has settled.
+    resumed = TimeBudget(seconds=100.0, max_iter=1000, settle=2)
+    resumed.load_state_dict({"spent": 50.0, "pace": 2.5})
+    assert resumed.horizon(10) == 10 + 20
+    resumed.load_state_dict(budget.state_dict())
+    assert resumed.spent == 99.0 and resumed.horizon(5) == 5
+    unlimited = TimeBudget(seconds=math.inf, max_iter=7)
+    unlimited.add(1e6)
+    assert not unlimited.limited and unlimited.horizon(3) == 7
 
 
 def test_scheduler_steps_per_iteration():

@@ -13,6 +13,7 @@ import pytest
 
 from retina.bench import race
 from retina.config import find_config, load_config
+from retina.engine.optim import lr_factor
 
 from test_voc_yolo import make_voc
 
@@ -38,19 +39,28 @@ def test_seconds_per_iteration_skips_the_first_periods():
 
 
 def test_curve_counts_training_seconds_only():
-    curve = race.curve_from_log("r", ROWS, {"AP": 5.0, "AP50": 12.0}, max_iter=20)
-    # 5 x 1.0 + 5 x 1.2 = 11 s at iteration 10; + 10 x 0.5 = 16 s at 20
-    assert curve.iters == [10, 20]
+    curve = race.curve_from_log("r", ROWS, {"AP": 5.0, "AP50": 12.0})
+    # 5 x 1.0 + 5 x 1.2 = 11 s at iteration 10; + 10 x 0.5 = 16 s at 20, the end: 0.8 s a step
+    assert curve.iters == [10, 20] and curve.max_iter == 20
+    assert curve.sec_per_iter == pytest.approx(0.8)
     assert curve.seconds == pytest.approx([11.0, 16.0])
     assert (curve.ap, curve.ap50) == ([3.0, 5.0], [9.0, 12.0])
 
 
 def test_torchvision_schedule_is_warmup_then_cosine():
+    """The torchvision loop's schedule (retina's ``lr_factor``, ending where its budget says)."""
     cfg = load_config(find_config("photos_cpu"), ["solver.warmup_iters=100", "solver.warmup_factor=0.001"])
-    assert race._lr_factor(0, cfg, 200) == pytest.approx(0.001)
+    assert lr_factor(cfg.solver, 0, 200) == pytest.approx(0.001)
     # warm-up 0.001 * 0.5 + 0.5 = 0.5005; cosine 0.5 (1 + cos(pi / 4)) = 0.853553
-    assert race._lr_factor(50, cfg, 200) == pytest.approx(0.5005 * 0.5 * (1 + math.cos(math.pi / 4)))
-    assert race._lr_factor(150, cfg, 200) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert lr_factor(cfg.solver, 50, 200) == pytest.approx(0.5005 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(cfg.solver, 150, 200) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+
+
+def test_cap_and_evaluation_period_from_the_calibrated_pace():
+    spec = race.RaceSpec(root="r", recipe="photos_cpu", out=Path("o"), budget_s=900.0, eval_points=6)
+    # 900 s at 1.2 s: 750 iterations expected; cap 1500; evaluations every ceil(750 / 6) = 125
+    assert race._cap_and_period(1.2, spec) == (1500, 125)
+    assert race._cap_and_period(1000.0, spec) == (12, 1)  # never fewer than eval_points expected
 
 
 def test_same_config_is_torchvision_architecture_and_solver_at_the_recipe_size():
@@ -76,13 +86,14 @@ def test_tiny_race_end_to_end(tmp_path):
     out = tmp_path / "race"
     tiny = ["solver.batch_size=2", "model.input.min_size=[64]", "model.input.max_size=64",
             "solver.warmup_iters=1", "data.num_workers=0", "eval.batch_size=2", "train.amp=off"]
-    cmd = [sys.executable, str(ROOT / "tools" / "race.py"), "--root", str(root), "--budget-min", "0.02",
+    cmd = [sys.executable, str(ROOT / "tools" / "race.py"), "--root", str(root), "--budget-min", "0.05",
            "--calib-iters", "3", "--eval-points", "2", "--out", str(out), "--set", *tiny]
     subprocess.run(cmd, check=True, cwd=tmp_path)
     table = (out / "race.md").read_text()
     for name in race.CONTESTANTS:
         assert f"| {name} |" in table
         curve = json.loads((out / f"{name}.json").read_text())
-        assert curve["iters"][-1] == curve["max_iter"] >= 2
-        assert len(curve["ap"]) == 2 and all(0 <= ap <= 100 for ap in curve["ap"])
+        # 3 s of training: the end, and evaluations at the calibrated half-way points it reached
+        assert curve["iters"][-1] == curve["max_iter"] >= 1 and curve["seconds"][-1] > 0
+        assert 1 <= len(curve["ap"]) <= 3 and all(0 <= ap <= 100 for ap in curve["ap"])
     assert (out / "race.png").stat().st_size > 0

@@ -4,7 +4,11 @@ untrained model's; checkpoints resume exactly; a run directory is never overwrit
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
+import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +17,8 @@ from retina.cli import main
 from retina.data import build_dataset, generate_shapes
 from retina.engine.checkpoint import load_checkpoint, load_model
 from retina.engine.evaluate import evaluate
-from retina.engine.train import Trainer, TrainingError
+from retina.engine import train as train_module
+from retina.engine.train import Interrupted, Trainer, TrainingError
 from tinyrun import TINY_DATA, tiny_config, with_changes
 
 
@@ -89,9 +94,18 @@ def test_resume_is_exact(shapes_root, tmp_path):
     Trainer(cfg, tmp_path / "straight", device="cpu", quiet=True).train()
 
     first = Trainer(cfg, tmp_path / "resumed", device="cpu", quiet=True)
-    first.cfg = with_changes(first.cfg, solver={"max_iter": 4})
-    first.train()
-    (tmp_path / "resumed" / "model_final.pth").unlink()  # as if killed right after iteration 4
+    step = first._step
+
+    def step_then_stop(*args):  # a SIGTERM during the 4th step: checkpoint after it, then stop
+        out = step(*args)
+        if first.iteration == 3:
+            first.stop_signal = signal.SIGTERM
+        return out
+
+    first._step = step_then_stop
+    with pytest.raises(Interrupted, match="stopped at iteration 4"):
+        first.train()
+    assert not (tmp_path / "resumed" / "model_final.pth").exists()
     torch.manual_seed(123)  # the resumed run must not depend on the process's RNG
     Trainer(cfg, tmp_path / "resumed", device="cpu", resume=True, quiet=True).train()
 
@@ -125,3 +139,30 @@ def test_periodic_evaluation_keeps_best_and_logs(shapes_root, tmp_path):
     best = load_checkpoint(tmp_path / "run" / "model_best.pth")
     assert best["iteration"] == 2 and best["best_ap"] == pytest.approx(evals[0]["val/AP"], abs=1e-9)
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_time_budget_ends_the_schedule_on_time(shapes_root, tmp_path, monkeypatch):
+    """``solver.max_minutes`` on a fake clock that advances 1 s per reading: the loop reads it before
+    the batch, after it and after the step, so every iteration costs 2 s. Budget 41 s, settle 10:
+    iterations 1-10 (20 s) are not timed and the end stays at the cap (10000); after 11 (22 s,
+    pace 2 s) it is 11 + int(19 / 2) = 20, and after 20 (40 s) 20 + int(1 / 2) = 20: the run stops
+    there, its cosine at 0. Resuming the finished run trains nothing."""
+    readings = itertools.count()
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: float(next(readings))))
+    cfg = tiny_config(shapes_root, solver={"max_iter": 10000, "warmup_iters": 2, "max_minutes": 41 / 60},
+                      train={"checkpoint_period": 10000, "log_period": 1, "eval_at_end": False})
+    Trainer(cfg, tmp_path / "run", device="cpu", quiet=True).train()
+    final = load_checkpoint(tmp_path / "run" / "model_final.pth")
+    assert final["iteration"] == 20
+    assert final["time_budget"] == {"spent": 40.0, "pace": 2.0}
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lr = [r["lr"] / cfg.solver.lr for r in rows]
+    # the scheduler steps inside the step, before that iteration's estimate: row 11 still reads the
+    # cap, row 12 on the end at 20
+    assert lr[10] == pytest.approx(0.5 * (1 + math.cos(math.pi * 11 / 10000)))
+    assert lr[14] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 20)))
+    assert lr[19] == pytest.approx(0.0, abs=1e-12)
+    again = Trainer(cfg, tmp_path / "run", device="cpu", resume=True, quiet=True)
+    assert again.max_iter == 20  # the checkpoint's pace: less than one step left
+    again.train()
+    assert load_checkpoint(tmp_path / "run" / "model_final.pth")["iteration"] == 20

@@ -15,11 +15,12 @@ Contestants (``CONTESTANTS``):
   the system differs.
 - ``retina-recipe``: ``retina train`` with retina's recommended config for photos.
 
-Equal wall-clock: each contestant first runs ``calib_iters`` iterations whose last two thirds give
-its seconds per iteration (data + step); it then trains for ``budget / sec_per_iter``
-iterations, so that its schedule ends at the budget. Training time (data + step; evaluations,
-checkpoints and start-up excluded, for all contestants alike) is measured, not assumed, and the
-learning curve is the COCO AP on the val split at ``eval_points`` evenly spaced iterations.
+Equal wall-clock: each contestant trains for the budget of training time (data + step;
+evaluations, checkpoints and start-up excluded, for all contestants alike), its schedule's length
+re-estimated from its pace as it runs so that the cosine ends on time (``retina.engine.budget``:
+``solver.max_minutes`` for retina, the same ``TimeBudget`` in the torchvision loop). A short
+calibration first (``calib_iters`` iterations, the last two thirds timed) spaces the
+``eval_points`` evaluations of the learning curve (COCO AP on the val split) along the run.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ from retina.config import Config, SolverConfig, find_config, load_config
 from retina.data import build_dataset, dataset_source
 from retina.data.coco import CocoDetection, collate
 from retina.data.transforms import hflip
+from retina.engine.budget import TimeBudget
 from retina.engine.evaluate import evaluate_detections, inference, to_coco_results
+from retina.engine.optim import lr_factor
 from retina.io import write_json
 
 CONTESTANTS = ("torchvision", "retina-same", "retina-recipe")
@@ -66,8 +69,8 @@ class Curve:
     """AP (0.5:0.95) and AP50 in percent after ``seconds`` of training, at ``iters``."""
 
     name: str
-    sec_per_iter: float = math.nan  # calibrated
-    max_iter: int = 0
+    sec_per_iter: float = math.nan  # measured over the run
+    max_iter: int = 0  # the iterations the budget held
     iters: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     ap: list[float] = field(default_factory=list)
@@ -129,20 +132,22 @@ def sec_per_iter_from_log(rows: list[dict], skip: int) -> float:
     return total / count
 
 
-def curve_from_log(name: str, rows: list[dict], final: Optional[dict], max_iter: int) -> Curve:
+def curve_from_log(name: str, rows: list[dict], final: Optional[dict]) -> Curve:
     """Training seconds (data + step, summed over the logged periods) at each ``val/AP`` row, and
-    the final metrics at ``max_iter``."""
-    curve, elapsed, prev = Curve(name, max_iter=max_iter), 0.0, 0
+    the final metrics at the last logged iteration (where the run ended)."""
     at: dict[int, float] = {0: 0.0}
+    elapsed, prev = 0.0, 0
     for row in rows:
         if "time/step_per_iter" in row:
             elapsed += (row["time/data_per_iter"] + row["time/step_per_iter"]) * (row["iter"] - prev)
             prev = row["iter"]
             at[prev] = elapsed
-        elif "val/AP" in row and (final is None or row["iter"] < max_iter):  # the final one: below
+    curve = Curve(name, sec_per_iter=elapsed / max(prev, 1), max_iter=prev)
+    for row in rows:
+        if "val/AP" in row and (final is None or row["iter"] < prev):  # the final one: below
             curve.add(row["iter"], at[row["iter"]], {"AP": row["val/AP"], "AP50": row["val/AP50"]})
     if final is not None:
-        curve.add(max_iter, at[max_iter], final)
+        curve.add(prev, at[prev], final)
     return curve
 
 
@@ -163,16 +168,20 @@ def run_retina(name: str, config: str, overrides: Sequence[str], spec: RaceSpec)
              "train.eval_at_end=false", "train.checkpoint_period=1000000"]
     _retina_train(config, calib, out / "calib")
     s_it = sec_per_iter_from_log(_read_rows(out / "calib" / "metrics.jsonl"), spec.calib_iters // 3)
-    max_iter = max(int(spec.budget_s / s_it), spec.eval_points)
-    period = -(-max_iter // spec.eval_points)  # evaluations at period, 2 period, ... and the end
+    cap, period = _cap_and_period(s_it, spec)
     log_period = math.gcd(period, 10)
-    _retina_train(config, [*overrides, f"solver.max_iter={max_iter}", f"train.eval_period={period}",
-                           f"train.log_period={log_period}", "train.checkpoint_period=1000000",
-                           "train.tb_images=0"], out / "run")
+    _retina_train(config, [*overrides, f"solver.max_minutes={spec.budget_s / 60:g}", f"solver.max_iter={cap}",
+                           f"train.eval_period={period}", f"train.log_period={log_period}",
+                           "train.checkpoint_period=1000000", "train.tb_images=0"], out / "run")
     metrics = json.loads((out / "run" / "metrics.json").read_text())
-    curve = curve_from_log(name, _read_rows(out / "run" / "metrics.jsonl"), metrics, max_iter)
-    curve.sec_per_iter = s_it
-    return curve
+    return curve_from_log(name, _read_rows(out / "run" / "metrics.jsonl"), metrics)
+
+
+def _cap_and_period(sec_per_iter: float, spec: RaceSpec) -> tuple[int, int]:
+    """From the calibrated pace: a cap of twice the iterations the budget should hold (the budget
+    ends the run), and the evaluation period that spreads ``eval_points`` over it."""
+    expected = max(int(spec.budget_s / sec_per_iter), spec.eval_points)
+    return 2 * expected, -(-expected // spec.eval_points)  # evaluations at period, 2 period, ...
 
 
 # ---------------------------------------------------------------- torchvision contestant
@@ -183,16 +192,6 @@ def _tv_train_transform(prob: float):
         keep = ~target["iscrowd"]  # torchvision's RetinaNet has no ignore regions
         return image, {"boxes": target["boxes"][keep], "labels": target["labels"][keep]}
     return transform
-
-
-def _lr_factor(it: int, cfg: Config, max_iter: int) -> float:
-    """Linear warm-up from ``warmup_factor``, then cosine to 0 (the references' schedulers)."""
-    s = cfg.solver
-    warm = 1.0
-    if it < s.warmup_iters:
-        a = it / s.warmup_iters
-        warm = s.warmup_factor * (1 - a) + a
-    return warm * 0.5 * (1 + math.cos(math.pi * it / max_iter))
 
 
 class TorchvisionRun:
@@ -228,16 +227,18 @@ class TorchvisionRun:
         while True:
             yield from loader
 
-    def train(self, max_iter: int, on_eval=None, eval_every: int = 0) -> list[float]:
-        """``max_iter`` steps; returns the data + step seconds of each."""
+    def train(self, budget: TimeBudget, on_eval=None, eval_every: int = 0) -> int:
+        """Steps until ``budget``'s horizon (its seconds, or its ``max_iter`` without a limit), the
+        cosine ending there as it moves (retina's trainer does the same); returns the step count.
+        ``on_eval(iteration, training seconds)`` every ``eval_every`` steps before the end."""
         self.model.train()
-        times, batches = [], self._batches()
-        for it in range(max_iter):
+        batches, it, end = self._batches(), 0, budget.horizon(0)
+        while it < end:
             t0 = time.perf_counter()
             images, targets = next(batches)
             images = [img.float().div_(255) for img in images]
             for g in self.optimizer.param_groups:
-                g["lr"] = self.cfg.solver.lr * _lr_factor(it, self.cfg, max_iter)
+                g["lr"] = self.cfg.solver.lr * lr_factor(self.cfg.solver, it, end)  # warm-up, cosine to the end
             with self._autocast():
                 losses = self.model(images, targets)
             loss = sum(losses.values())
@@ -246,11 +247,13 @@ class TorchvisionRun:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            times.append(time.perf_counter() - t0)
-            if on_eval is not None and eval_every and (it + 1) % eval_every == 0 and it + 1 < max_iter:
-                on_eval(it + 1, sum(times))
+            budget.add(time.perf_counter() - t0)
+            it += 1
+            end = budget.horizon(it)
+            if on_eval is not None and eval_every and it % eval_every == 0 and it < end:
+                on_eval(it, budget.spent)
                 self.model.train()
-        return times
+        return it
 
     def evaluate(self) -> dict:
         outputs, ids = inference(_Float01(self.model, self._autocast), self.val_set,
@@ -275,24 +278,24 @@ class _Float01(torch.nn.Module):
 
 
 def run_torchvision(cfg: Config, spec: RaceSpec) -> Curve:
-    calib = TorchvisionRun(cfg, spec.seed)
-    times = calib.train(spec.calib_iters)
-    skip = spec.calib_iters // 3
-    s_it = sum(times[skip:]) / len(times[skip:])
-    max_iter = max(int(spec.budget_s / s_it), spec.eval_points)
-    period = -(-max_iter // spec.eval_points)  # evaluations at period, 2 period, ... and the end
-    curve = Curve("torchvision", sec_per_iter=s_it, max_iter=max_iter)
+    calib = TimeBudget(math.inf, spec.calib_iters, settle=spec.calib_iters // 3)
+    TorchvisionRun(cfg, spec.seed).train(calib)
+    cap, period = _cap_and_period(calib.pace, spec)
+    curve = Curve("torchvision")
     run = TorchvisionRun(cfg, spec.seed)
 
     def on_eval(it: int, seconds: float) -> None:
         metrics = run.evaluate()
         curve.add(it, seconds, metrics)
-        print(f"torchvision iter {it}/{max_iter} {seconds:.0f} s: AP {metrics['AP']:.1f} "
-              f"AP50 {metrics['AP50']:.1f}", flush=True)
+        print(f"torchvision iter {it} {seconds:.0f} s: AP {metrics['AP']:.1f} AP50 {metrics['AP50']:.1f}",
+              flush=True)
 
-    print(f"torchvision: {s_it:.3f} s/it calibrated -> {max_iter} iterations", flush=True)
-    times = run.train(max_iter, on_eval, period)
-    on_eval(max_iter, sum(times))
+    print(f"torchvision: {calib.pace:.3f} s/it calibrated; {spec.budget_s / 60:g} min of training, "
+          f"at most {cap} iterations", flush=True)
+    budget = TimeBudget(spec.budget_s, cap)
+    curve.max_iter = run.train(budget, on_eval, period)
+    curve.sec_per_iter = budget.spent / curve.max_iter
+    on_eval(curve.max_iter, budget.spent)
     torch.save(run.model.state_dict(), spec.out / "torchvision" / "model_final.pth")
     return curve
 

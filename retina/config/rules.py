@@ -89,6 +89,7 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("solver.lr", s.lr > 0, "must be > 0"),
         ("solver.batch_size", s.batch_size >= 1, "must be >= 1"),
         ("solver.max_iter", s.max_iter >= 1, "must be >= 1"),
+        ("solver.max_minutes", s.max_minutes is None or s.max_minutes > 0, "must be > 0 (or null)"),
         ("solver.warmup_factor", 0 < s.warmup_factor <= 1, "must be in (0, 1]"),
         ("solver.warmup_iters", s.warmup_iters >= 0, "must be >= 0"),
         ("train.checkpoint_period", cfg.train.checkpoint_period >= 1, "must be >= 1"),

@@ -256,6 +256,10 @@ class SolverConfig:
     weight_decay: float = 1e-4
     batch_size: int = 16  # images per step, summed over all devices
     max_iter: int = 90000
+    # Minutes of training (data + step time; evaluations and checkpoints not counted): the run's
+    # length is re-estimated from its pace so that the schedule ends on time, at most max_iter
+    # iterations (retina/engine/budget.py; ultralytics' ``time``). null: max_iter decides.
+    max_minutes: Optional[float] = None
     schedule: Literal["step", "cosine"] = "step"
     steps: tuple[int, ...] = (60000, 80000)  # lr x gamma at each
     gamma: float = 0.1

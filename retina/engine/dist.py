@@ -50,9 +50,9 @@ def barrier() -> None:
 
 
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place sum/max over ranks (a no-op in a single process); returns ``x``."""
+    """In-place sum/max/min over ranks (a no-op in a single process); returns ``x``."""
     if world_size() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return x
 
 

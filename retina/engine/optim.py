@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -37,19 +38,23 @@ def build_optimizer(cfg: SolverConfig, model: nn.Module) -> torch.optim.Optimize
     raise AssertionError(cfg.optimizer)  # Literal: validated by the config loader
 
 
-def lr_factor(cfg: SolverConfig, iteration: int) -> float:
-    """Multiplier of ``cfg.lr`` at ``iteration``: linear warmup, then step decay or cosine."""
+def lr_factor(cfg: SolverConfig, iteration: int, max_iter: Optional[int] = None) -> float:
+    """Multiplier of ``cfg.lr`` at ``iteration``: linear warmup, then step decay or cosine to 0 at
+    ``max_iter`` (``cfg.max_iter`` unless a time budget says otherwise: ``retina.engine.budget``)."""
     if cfg.schedule == "step":
         factor = cfg.gamma ** sum(iteration >= s for s in cfg.steps)  # lr / 10 at 60k, 80k (Sec. 4.1)
     else:
-        factor = 0.5 * (1 + math.cos(math.pi * min(iteration, cfg.max_iter) / cfg.max_iter))
+        end = max(max_iter or cfg.max_iter, 1)
+        factor = 0.5 * (1 + math.cos(math.pi * min(iteration, end) / end))
     if iteration < cfg.warmup_iters:
         alpha = iteration / cfg.warmup_iters
         factor *= cfg.warmup_factor * (1 - alpha) + alpha
     return factor
 
 
-def build_scheduler(cfg: SolverConfig, optimizer: torch.optim.Optimizer
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per iteration; its state (last_epoch) is the iteration count."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+def build_scheduler(cfg: SolverConfig, optimizer: torch.optim.Optimizer,
+                    max_iter: Optional[Callable[[], int]] = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per iteration; its state (last_epoch) is the iteration count. ``max_iter``:
+    where the schedule ends, asked at every step (a time budget moves it); default ``cfg.max_iter``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(cfg, it, max_iter() if max_iter is not None else None))

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from retina.config import Config, config_to_dict, dump_config, replace
 from retina.data import build_dataset, collate
 from retina.engine import dist
+from retina.engine.budget import TimeBudget
 from retina.engine.checkpoint import (CheckpointError, UnsafeCheckpointError, last_checkpoint,
                                       list_checkpoints, load_checkpoint, prune_checkpoints, rng_state,
                                       save_checkpoint, set_rng_state)
@@ -116,14 +117,18 @@ class Trainer:
         ema = cfg.train.ema
         self.model_ema = build_ema(self.model, ema.decay, ema.warmup) if ema.enabled else None
         self.optimizer = build_optimizer(cfg.solver, self.model)
-        self.scheduler = build_scheduler(cfg.solver, self.optimizer)
+        s = cfg.solver
+        self.budget = TimeBudget(s.max_minutes * 60 if s.max_minutes else math.inf, s.max_iter)
+        self.max_iter = s.max_iter  # where the run ends: solver.max_iter, or the budget's horizon
+        self.scheduler = build_scheduler(cfg.solver, self.optimizer, lambda: self.max_iter)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         self.iteration, self.best_ap, self.skipped = 0, -1.0, 0
         if ckpt is not None:
             self._restore(ckpt)
+        self.max_iter = self._horizon()
         if self.main:
             check_run_dir(self.run_dir, self.model, self.optimizer)
-        self.logger = TrainLogger(self.run_dir, self.iteration, cfg.solver.max_iter,
+        self.logger = TrainLogger(self.run_dir, self.iteration, self.max_iter,
                                   enabled=self.main, echo=not quiet)
         if init_line is not None:
             self.logger.write(init_line)
@@ -166,6 +171,8 @@ class Trainer:
         self.iteration = int(ckpt["iteration"])
         self.best_ap = float(ckpt.get("best_ap", -1.0))
         self.skipped = int(ckpt.get("skipped_steps", 0))
+        if "time_budget" in ckpt:
+            self.budget.load_state_dict(ckpt["time_budget"])
         set_rng_state(ckpt["rng"])
 
     def rank_fingerprints(self) -> Optional[list[list[float]]]:
@@ -186,7 +193,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "iteration": self.iteration, "rng": rng_state(), "config": config_to_dict(self.cfg),
                 "class_names": list(self.train_set.class_names), "cat_ids": list(self.train_set.cat_ids),
-                "best_ap": self.best_ap, "skipped_steps": self.skipped,
+                "best_ap": self.best_ap, "skipped_steps": self.skipped, "time_budget": self.budget.state_dict(),
                 "world_size": self.world_size, "rank_fingerprints": fingerprints,
                 **(ema_state(self.model_ema) if self.model_ema is not None else {}),
             }, path)
@@ -246,11 +253,20 @@ class Trainer:
                           f"skipped ({self.skipped} of {self.cfg.train.skip_nonfinite} allowed)")
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _horizon(self) -> int:
+        """The iteration the run ends at: ``solver.max_iter``, or with ``solver.max_minutes`` the
+        time budget's estimate, the earliest over ranks (each times its own steps)."""
+        if not self.budget.limited:
+            return self.cfg.solver.max_iter
+        end = torch.tensor(float(self.budget.horizon(self.iteration)), device=self.device)
+        return int(dist.all_reduce(end, "min").item())
+
     def train(self) -> dict:
-        """Run to ``solver.max_iter``; save ``model_final.pth``; evaluate; return the metrics.
+        """Run to ``solver.max_iter`` (or for ``solver.max_minutes``); save ``model_final.pth``;
+        evaluate; return the metrics.
         A resumed run that is already complete is left as it is (see ``_already_complete``)."""
         cfg = self.cfg
-        if self.checkpoint_path is not None and self.iteration >= cfg.solver.max_iter:
+        if self.checkpoint_path is not None and self.iteration >= self.max_iter:
             return self._already_complete()
         if self.main:
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -262,7 +278,11 @@ class Trainer:
         self.logger.write(f"train set: {ds.source}")
         self.logger.write(f"train set: {len(ds)} images, {ds.num_classes} classes, "
                           f"{ds.num_degenerate} degenerate boxes dropped (under 1 px or not finite)")
-        self.logger.write(f"training {cfg.solver.max_iter - self.iteration} iterations from "
+        if self.budget.limited:
+            self.logger.write(f"training for {cfg.solver.max_minutes:g} min of data + step time "
+                              f"({self.budget.spent / 60:.1f} spent), at most {cfg.solver.max_iter} "
+                              f"iterations: the schedule's length follows the pace")
+        self.logger.write(f"training {self.max_iter - self.iteration} iterations from "
                           f"{self.iteration} on {self.device} x{self.world_size}; run dir {self.run_dir}")
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         data_log = LoggingHandler(self.logger)  # skipped bad images (data.on_bad_image=skip)
@@ -275,7 +295,8 @@ class Trainer:
                 signal.signal(s, h)
             logging.getLogger("retina.data").removeHandler(data_log)
         self.save("model_final.pth")
-        self.logger.write(f"training done in {format_seconds(time.perf_counter() - start)}; "
+        self.logger.write(f"training done in {format_seconds(time.perf_counter() - start)} "
+                          f"({self.budget.spent / 60:.1f} min of data + step time, {self.iteration} iterations); "
                           f"weights: {self.run_dir / 'model_final.pth'}")
         metrics = self.evaluate(final=True) if cfg.train.eval_at_end else {}
         self.logger.close()
@@ -295,8 +316,8 @@ class Trainer:
             return metrics
         where = metrics_path if metrics_path.is_file() else self.run_dir / "metrics.jsonl"
         self.logger.write(f"run already complete: {self.checkpoint_path} is at iteration {self.iteration} "
-                          f"(solver.max_iter={self.cfg.solver.max_iter}); metrics: {where}; nothing to do "
-                          f"(raise solver.max_iter to train further)")
+                          f"(solver.max_iter={self.cfg.solver.max_iter}, max_minutes={self.cfg.solver.max_minutes}); "
+                          f"metrics: {where}; nothing to do (raise them to train further)")
         self.logger.close()
         return read_json(metrics_path) if metrics_path.is_file() else {}
 
@@ -320,7 +341,7 @@ class Trainer:
         data = iter(self._loader())
         sums: dict[str, torch.Tensor] = {}
         count, data_time, step_time = 0, 0.0, 0.0
-        while self.iteration < cfg.solver.max_iter:
+        while self.iteration < self.max_iter:
             t0 = time.perf_counter()
             batch = self._next_batch(data) if self.stop_signal is None else None
             t1 = time.perf_counter()
@@ -333,19 +354,23 @@ class Trainer:
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
                 count += 1
-                data_time, step_time = data_time + t1 - t0, step_time + time.perf_counter() - t1
+                t2 = time.perf_counter()
+                data_time, step_time = data_time + t1 - t0, step_time + t2 - t1
+                self.budget.add(t2 - t0)
+                if self.budget.limited:
+                    self.max_iter = self.logger.max_iter = self._horizon()
             if self.stop_signal is not None:
                 path = self.save()
                 raise Interrupted(f"stopped at iteration {self.iteration}; checkpoint {path}; "
                                   f"continue with: retina train --resume --out {self.run_dir}",
                                   self.stop_signal)
-            if self.iteration % cfg.train.log_period == 0 or self.iteration == cfg.solver.max_iter:
+            if self.iteration % cfg.train.log_period == 0 or self.iteration == self.max_iter:
                 self._log(sums, count, data_time, step_time)
                 sums, count, data_time, step_time = {}, 0, 0.0, 0.0
-            if self.iteration % cfg.train.checkpoint_period == 0 and self.iteration < cfg.solver.max_iter:
+            if self.iteration % cfg.train.checkpoint_period == 0 and self.iteration < self.max_iter:
                 self.save()
             if cfg.train.eval_period and self.iteration % cfg.train.eval_period == 0 \
-                    and self.iteration < cfg.solver.max_iter:
+                    and self.iteration < self.max_iter:
                 self.evaluate(final=False)
                 model.train()
 
