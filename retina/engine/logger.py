@@ -73,6 +73,7 @@ class TrainLogger:
         short = {k: v for k, v in scalars.items() if not k.startswith("time/") and k != "sec_per_iter"}
         text = " ".join(f"{k} {v:.4g}" for k, v in short.items())
         if self.bar is not None:
+            self.bar.total = self.max_iter  # a time budget moves the end (retina.engine.budget)
             self.bar.update(iteration - self.bar.n)
             self.bar.set_postfix_str(f"{text} eta {eta}", refresh=True)
         elif self.echo:
