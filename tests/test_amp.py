@@ -46,3 +46,37 @@ def test_bf16_training_steps(shapes_root, tmp_path, changes):
     assert after["head.cls_logits.weight"].dtype == torch.float32  # master weights stay fp32
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     assert not torch.equal(before["head.cls_logits.weight"], after["head.cls_logits.weight"])
+
+
+@pytest.mark.parametrize("amp, native, dtype, says", [
+    ("auto", True, torch.bfloat16, "bf16 autocast"),
+    ("auto", False, None, "fp32"),
+    ("bf16", True, torch.bfloat16, None),
+    ("bf16", False, torch.bfloat16, "warning: train.amp=bf16"),  # kept as asked, with a warning
+    ("off", True, None, None),
+    ("fp16", False, torch.float16, None),
+])
+def test_amp_resolves_by_the_cpus_bf16_instructions(amp, native, dtype, says):
+    from retina.engine.precision import autocast_dtype
+
+    got, line = autocast_dtype(amp, torch.device("cpu"), native_bf16=native)
+    assert got == dtype
+    assert (line is None) if says is None else (says in line)
+
+
+def test_amp_auto_on_a_gpu_without_bf16_is_fp16():
+    from retina.engine.precision import autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cuda"), native_bf16=True)[0] == torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cuda"), native_bf16=False)[0] == torch.float16
+
+
+def test_trainer_logs_what_amp_auto_picked(shapes_root, tmp_path, monkeypatch, capsys):
+    import retina.engine.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    cfg = tiny_config(shapes_root, solver={"max_iter": 1, "warmup_iters": 0},
+                      train={"amp": "auto", "eval_at_end": False})
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    assert trainer.amp_dtype is None and not trainer.scaler.is_enabled()
+    assert "train.amp=auto: fp32 (this CPU" in capsys.readouterr().out

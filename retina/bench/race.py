@@ -8,7 +8,8 @@ Contestants (``CONTESTANTS``):
   style of torchvision's detection references (``train_one_epoch``: SGD with momentum and weight
   decay, linear warm-up, then a cosine schedule, as ``--lr-scheduler cosineannealinglr`` does).
   Images are decoded by retina's reader (the same files, the same decoder) and flipped; the model
-  resizes them. The recipe's ``train.amp`` is applied as ``torch.autocast`` around forward and loss.
+  resizes them. The recipe's ``train.amp`` (``auto`` resolved as the trainer resolves it) is
+  applied as ``torch.autocast`` around forward and loss.
 - ``retina-same``: ``retina train`` with ``retina.deploy.convert.torchvision_config('v1')``: the same
   architecture, preprocessing and loss (focal + L1, each image normalised by its positives),
   the same solver (the references', ``same_overrides``), image size, batch and precision. Only
@@ -45,6 +46,7 @@ from retina.data.transforms import hflip
 from retina.engine.budget import TimeBudget
 from retina.engine.evaluate import evaluate_detections, inference, to_coco_results
 from retina.engine.optim import lr_factor
+from retina.engine.precision import autocast_dtype
 from retina.io import write_json
 
 CONTESTANTS = ("torchvision", "retina-same", "retina-recipe")
@@ -216,8 +218,8 @@ class TorchvisionRun:
         self.generator = torch.Generator().manual_seed(seed)
 
     def _autocast(self):
-        amp = self.cfg.train.amp  # the recipe's precision, as retina's trainer applies it
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        # the recipe's precision, resolved as retina's trainer resolves it
+        dtype, _ = autocast_dtype(self.cfg.train.amp, torch.device("cpu"))
         return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
 
     def _batches(self):

@@ -286,7 +286,9 @@ class TrainConfig:
     checkpoint_period: int = 5000  # iterations between checkpoints
     keep_checkpoints: int = 3  # periodic checkpoints kept (newest); 0 keeps all
     log_period: int = 20  # iterations between logged scalars (and lines in non-tty logs)
-    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast dtype; fp16 adds a GradScaler
+    # autocast dtype; fp16 adds a GradScaler; auto: bf16 where the hardware runs it natively,
+    # fp32 on a CPU without bf16 instructions (retina.engine.precision)
+    amp: Literal["off", "bf16", "fp16", "auto"] = "off"
     eval_at_end: bool = True
     eval_period: int = 0  # iterations between evaluations during training (0: only at the end);
     # each one updates model_best.pth when AP improves

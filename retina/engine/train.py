@@ -6,7 +6,7 @@ A new run starts from ``model.init`` when given (``init.py``: every tensor of th
 fits); with ``train.ema`` an average of the weights (``ema.py``) is updated after every step and
 is what periodic and final evaluations score and ``model_final.pth`` deploys (``model_ema``).
 
-``cfg.train.amp`` picks the autocast dtype (fp16 adds a GradScaler); under ``torchrun`` the model
+``cfg.train.amp`` picks the autocast dtype (``precision.py``; fp16 adds a GradScaler); under ``torchrun`` the model
 is wrapped in DDP, one process per device, and every decision to stop is reduced over ranks so
 all stop together. One host sync per step checks that the loss and gradient norm are finite.
 """
@@ -40,14 +40,13 @@ from retina.engine.evaluate import check_backend
 from retina.engine.init import load_init
 from retina.engine.logger import LoggingHandler, TrainLogger, format_seconds
 from retina.engine.optim import build_optimizer, build_scheduler
+from retina.engine.precision import autocast_dtype
 from retina.engine.preflight import check_run_dir, worker_error_line
 from retina.engine.sampler import train_stream
 from retina.engine.validation import Validator
 from retina.errors import RetinaError
 from retina.io import read_json
 from retina.model import build_model
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingError(RetinaError, RuntimeError):
@@ -104,7 +103,7 @@ class Trainer:
         if cfg.model.num_classes != self.train_set.num_classes:
             cfg = replace(cfg, model=dataclasses.replace(cfg.model, num_classes=self.train_set.num_classes))
         self.cfg = cfg
-        self.amp_dtype = AMP_DTYPES[cfg.train.amp]
+        self.amp_dtype, amp_line = autocast_dtype(cfg.train.amp, self.device)
 
         # Resuming: every tensor comes from the checkpoint, so pretrained weights are not read;
         # model.init replaces them too (the backbone config still decides FrozenBN, freeze_at).
@@ -121,7 +120,7 @@ class Trainer:
         self.budget = TimeBudget(s.max_minutes * 60 if s.max_minutes else math.inf, s.max_iter)
         self.max_iter = s.max_iter  # where the run ends: solver.max_iter, or the budget's horizon
         self.scheduler = build_scheduler(cfg.solver, self.optimizer, lambda: self.max_iter)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.iteration, self.best_ap, self.skipped = 0, -1.0, 0
         if ckpt is not None:
             self._restore(ckpt)
@@ -130,8 +129,9 @@ class Trainer:
             check_run_dir(self.run_dir, self.model, self.optimizer)
         self.logger = TrainLogger(self.run_dir, self.iteration, self.max_iter,
                                   enabled=self.main, echo=not quiet)
-        if init_line is not None:
-            self.logger.write(init_line)
+        for line in (amp_line, init_line):
+            if line is not None:
+                self.logger.write(line)
         self.stop_signal: Optional[int] = None
         self._validator: Optional[Validator] = None
 
