@@ -6,9 +6,10 @@ A new run starts from ``model.init`` when given (``init.py``: every tensor of th
 fits); with ``train.ema`` an average of the weights (``ema.py``) is updated after every step and
 is what periodic and final evaluations score and ``model_final.pth`` deploys (``model_ema``).
 
-``cfg.train.amp`` picks the autocast dtype (``precision.py``; fp16 adds a GradScaler); under ``torchrun`` the model
-is wrapped in DDP, one process per device, and every decision to stop is reduced over ranks so
-all stop together. One host sync per step checks that the loss and gradient norm are finite.
+``cfg.train.amp`` picks the autocast dtype (``precision.py``; fp16 adds a GradScaler); under
+``torchrun`` the model is wrapped in DDP, one process per device, and every decision to stop is
+reduced over ranks so all stop together. One host sync per step checks that the loss and
+gradient norm are finite.
 """
 
 from __future__ import annotations
