@@ -216,11 +216,11 @@ class TorchvisionRun:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
         self.generator = torch.Generator().manual_seed(seed)
+        # the recipe's precision, resolved once as retina's trainer resolves it
+        self.amp_dtype, _ = autocast_dtype(cfg.train.amp, torch.device("cpu"))
 
     def _autocast(self):
-        # the recipe's precision, resolved as retina's trainer resolves it
-        dtype, _ = autocast_dtype(self.cfg.train.amp, torch.device("cpu"))
-        return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+        return torch.autocast("cpu", dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def _batches(self):
         loader = DataLoader(self.train_set, batch_size=self.cfg.solver.batch_size, drop_last=True,

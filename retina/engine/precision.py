@@ -33,17 +33,16 @@ def _describe(device: torch.device) -> str:
 
 def autocast_dtype(amp: str, device: torch.device,
                    native_bf16: Optional[bool] = None) -> tuple[Optional[torch.dtype], Optional[str]]:
-    """``train.amp`` on ``device`` -> (autocast dtype or None for fp32, a line for the log or None).
+    """``train.amp`` (one of the config's values) on ``device`` -> (autocast dtype or None for
+    fp32, a line for the log or None).
 
     ``native_bf16`` (tests) stands for the hardware probe: ``cpu_has_native_bf16()`` on a CPU,
     ``torch.cuda.is_bf16_supported()`` on CUDA."""
-    if amp not in AMP_DTYPES and amp != "auto":
-        raise ValueError(f"train.amp must be one of off, bf16, fp16, auto; got {amp!r}")
     if device.type not in ("cpu", "cuda"):
         return AMP_DTYPES.get(amp), None  # other backends: as asked, "auto" as fp32
-    if native_bf16 is None:
-        native_bf16 = cpu_has_native_bf16() if device.type == "cpu" else torch.cuda.is_bf16_supported()
     cpu = device.type == "cpu"
+    if native_bf16 is None:
+        native_bf16 = cpu_has_native_bf16() if cpu else torch.cuda.is_bf16_supported()
     where = _describe(device)
     if amp == "auto":
         if native_bf16:
