@@ -217,7 +217,7 @@ class TorchvisionRun:
         self.optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
         self.generator = torch.Generator().manual_seed(seed)
         # the recipe's precision, resolved once as retina's trainer resolves it
-        self.amp_dtype, _ = autocast_dtype(cfg.train.amp, torch.device("cpu"))
+        self.amp_dtype, self.amp_line = autocast_dtype(cfg.train.amp, torch.device("cpu"))
 
     def _autocast(self):
         return torch.autocast("cpu", dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -292,6 +292,8 @@ def run_torchvision(cfg: Config, spec: RaceSpec) -> Curve:
         print(f"torchvision iter {it} {seconds:.0f} s: AP {metrics['AP']:.1f} AP50 {metrics['AP50']:.1f}",
               flush=True)
 
+    if run.amp_line is not None:  # what train.amp=auto picked, as retina's trainer logs it
+        print(f"torchvision: {run.amp_line}", flush=True)
     print(f"torchvision: {calib.pace:.3f} s/it calibrated; {spec.budget_s / 60:g} min of training, "
           f"at most {cap} iterations", flush=True)
     budget = TimeBudget(spec.budget_s, cap)

@@ -75,7 +75,8 @@ def scored_candidates(boxes: Tensor, scores: Tensor, labels: Tensor, sizes: Tens
     boxes (N, C, 4) XYXY, scores / labels (N, C); ``sizes`` the (h, w) to clip to, (N, 1, 2)
     per image or (2,) for the whole batch. The eager post-processor and the exported graph
     (``retina.deploy.graph``) both select with this; they differ only in their NMS call."""
-    upper = torch.cat([sizes.flip(-1), sizes.flip(-1)], dim=-1)  # (N, 1, 4) or (4,): w, h, w, h
+    wh = sizes.flip(-1)
+    upper = torch.cat([wh, wh], dim=-1)  # (N, 1, 4) or (4,): w, h, w, h
     boxes = torch.minimum(boxes.clamp(min=0), upper)
     keep_mask = scores > score_thresh  # (N, C)
     image_idx = torch.arange(scores.shape[0], device=boxes.device)[:, None].expand_as(labels)  # (N, C)
