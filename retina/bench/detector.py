@@ -252,7 +252,7 @@ def loss_steps(ours: RetinaNet, theirs: nn.Module, spec: BenchSpec, device: torc
                dtype: torch.dtype) -> tuple[Callable[[], None], Callable[[], None], str]:
     """Assignment + loss, forward and backward to the head outputs, from identical inputs."""
     n, k = spec.part_batch_size, ours.num_classes
-    anchors, _ = part_anchors(ours, spec.part_image_size, device)  # (R, 4)
+    anchors, per_level = part_anchors(ours, spec.part_image_size, device)  # (R, 4)
     logits, deltas = head_outputs(n, anchors.shape[0], k, dtype, device, spec.seed)
     logits.requires_grad_(True)
     deltas.requires_grad_(True)
@@ -261,7 +261,7 @@ def loss_steps(ours: RetinaNet, theirs: nn.Module, spec: BenchSpec, device: torc
     theirs_anchors = [anchors] * n
 
     def ours_step() -> None:
-        losses = ours.compute_loss(logits, deltas, targets, anchors)
+        losses = ours.compute_loss(logits, deltas, targets, anchors, per_level)
         torch.autograd.grad(losses["loss_cls"] + losses["loss_box"], [logits, deltas])
 
     def theirs_step() -> None:

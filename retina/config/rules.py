@@ -56,6 +56,7 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.matcher.bg_iou_thresh", 0 <= m.matcher.bg_iou_thresh <= m.matcher.fg_iou_thresh,
          "must be in [0, fg_iou_thresh]"),
         ("model.matcher.fg_iou_thresh", m.matcher.fg_iou_thresh <= 1, "must be <= 1"),
+        ("model.matcher.topk", m.matcher.topk >= 1, "must be >= 1"),
         ("model.input.min_size", len(m.input.min_size) >= 1 and min(m.input.min_size) > 0,
          "needs positive sizes"),
         ("model.input.size_divisibility", m.input.size_divisibility >= 1, "must be >= 1"),

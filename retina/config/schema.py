@@ -65,9 +65,16 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class MatcherConfig:
+    # iou: fixed IoU thresholds (the paper's, below); atss: each box's threshold from its own
+    # candidates (ATSS, Zhang et al. 2020: mean + std of the IoU of the anchors at the topk
+    # locations nearest its centre on each level, centres inside the box; no ignore band; crowd
+    # boxes ignore their background anchors of IoU >= bg_iou_thresh; fg_iou_thresh and
+    # allow_low_quality are unused)
+    type: Literal["iou", "atss"] = "iou"
     fg_iou_thresh: float = 0.5  # IoU >= 0.5: foreground, Sec. 4
     bg_iou_thresh: float = 0.4  # IoU < 0.4: background; in between ignored
     allow_low_quality: bool = True  # each GT also takes its best anchors (detectron2, torchvision)
+    topk: int = 9  # atss: candidate locations per level and box (the paper's k)
 
 
 @dataclass(frozen=True)

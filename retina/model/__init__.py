@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from retina.model.assigner import TargetAssigner
+from retina.model.atss import ATSSMatcher
 from retina.model.box_coder import BoxCoder
 from retina.config import Config
 from retina.model.losses import FocalStarSettings, LossSettings, OhemSettings
@@ -35,7 +36,10 @@ def build_model(cfg: Config, pretrained: bool = True) -> RetinaNet:
     head = RetinaHead(m.fpn.channels, anchors.num_anchors, m.num_classes, m.head.num_convs,
                       m.head.norm, m.head.prior_prob, m.head.conv_bias)
     box_coder = BoxCoder(m.box_coder.weights, m.box_coder.scale_clamp)
-    matcher = Matcher(m.matcher.fg_iou_thresh, m.matcher.bg_iou_thresh, m.matcher.allow_low_quality)
+    if m.matcher.type == "atss":
+        matcher = ATSSMatcher(m.matcher.topk, anchors.num_anchors, m.matcher.bg_iou_thresh)
+    else:
+        matcher = Matcher(m.matcher.fg_iou_thresh, m.matcher.bg_iou_thresh, m.matcher.allow_low_quality)
     lc = cfg.loss
     loss = LossSettings(
         type=lc.type, alpha=lc.alpha, gamma=lc.gamma, box_loss=lc.box_loss, smooth_l1_beta=lc.smooth_l1_beta,

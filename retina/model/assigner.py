@@ -1,5 +1,5 @@
-"""Target assignment for a whole batch: pad ground truth, match (``matcher.py``), encode
-(``box_coder.py``). No loop over anchors or boxes; one loop over images only to pad.
+"""Target assignment for a whole batch: pad ground truth, match (``matcher.py``; ATSS:
+``atss.py``), encode (``box_coder.py``). No loop over anchors or boxes; one loop over images only to pad.
 
 The result is what the loss reads, in detectron2's label encoding: per anchor ``gt_classes``
 -1 ignored, 0..K-1 the class of its box (foreground), K background. The matcher's own
@@ -9,11 +9,13 @@ The result is what the loss reads, in detectron2's label encoding: per anchor ``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from retina.model.box_coder import BoxCoder
+from retina.model.atss import ATSSMatcher
 from retina.model.matcher import BACKGROUND, FOREGROUND, Matcher
 
 
@@ -50,18 +52,20 @@ def pad_targets(targets: list[dict], device: torch.device) -> PaddedTargets:
 
 
 class TargetAssigner:
-    def __init__(self, matcher: Matcher, box_coder: BoxCoder, num_classes: int) -> None:
+    def __init__(self, matcher: Matcher | ATSSMatcher, box_coder: BoxCoder, num_classes: int) -> None:
         self.matcher = matcher
         self.box_coder = box_coder
         self.num_classes = num_classes
 
-    def __call__(self, gt: PaddedTargets, anchors: Tensor) -> AssignedTargets:
-        """Assign (R, 4) anchors to padded ground truth of N images."""
+    def __call__(self, gt: PaddedTargets, anchors: Tensor,
+                 num_per_level: Sequence[int] | None = None) -> AssignedTargets:
+        """Assign (R, 4) anchors to padded ground truth of N images; ``num_per_level`` (the
+        anchors of each level, in order) is passed to the matcher (ATSS needs it)."""
         if gt.valid.shape[1] == 0:  # M = 0: one invalid row keeps the gathers below in range
             n = gt.valid.shape[0]
             gt = PaddedTargets(gt.boxes.new_zeros((n, 1, 4)), gt.labels.new_zeros((n, 1)),
                                gt.valid.new_zeros((n, 1)), gt.crowd.new_zeros((n, 1)))
-        matched_idx, labels = self.matcher(gt.boxes, gt.valid, anchors, gt.crowd)  # (N, R)
+        matched_idx, labels = self.matcher(gt.boxes, gt.valid, anchors, gt.crowd, num_per_level)  # (N, R)
         matched_boxes = torch.gather(gt.boxes, 1, matched_idx[..., None].expand(-1, -1, 4))  # (N, R, 4)
         gt_classes = torch.gather(gt.labels, 1, matched_idx)  # (N, R)
         gt_classes = torch.where(labels == FOREGROUND, gt_classes,

@@ -47,7 +47,7 @@ class Matcher:
         self.allow_low_quality = allow_low_quality
 
     def __call__(self, gt_boxes: Tensor, gt_valid: Tensor, anchors: Tensor,
-                 gt_crowd: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 gt_crowd: Tensor | None = None, num_per_level: object = None) -> tuple[Tensor, Tensor]:
         """Match anchors to padded ground truth.
 
         Args:
@@ -56,6 +56,8 @@ class Matcher:
             anchors: (R, 4) XYXY, shared by the batch.
             gt_crowd: (N, M) bool, crowd regions: never foreground; anchors that would have
                 matched one (IoU >= bg_iou_thresh) are ignored instead of background.
+            num_per_level: unused (the anchors' levels do not matter to IoU thresholds); the
+                argument ``atss.ATSSMatcher`` needs.
         Returns:
             matched_idx: (N, R) int64 index into M of each anchor's best box (0 where none).
             labels: (N, R) int8 in {-1, 0, 1}.

@@ -180,10 +180,10 @@ class RetinaNet(nn.Module):
         pred_logits, pred_deltas = self.head(features)  # (N, R, K), (N, R, 4)
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
         anchors = self.anchor_generator(feature_sizes, batch.device, tuple(batch.shape[-2:]))  # (R, 4)
+        per_level = self.anchor_generator.num_anchors_per_level(feature_sizes)
         if self.training:
-            return self.compute_loss(pred_logits, pred_deltas, targets, anchors)
-        detections = self.postprocessor(pred_logits, pred_deltas, anchors,
-                                        self.anchor_generator.num_anchors_per_level(feature_sizes), sizes)
+            return self.compute_loss(pred_logits, pred_deltas, targets, anchors, per_level)
+        detections = self.postprocessor(pred_logits, pred_deltas, anchors, per_level, sizes)
         for det, size, img in zip(detections, sizes, images):
             h, w = img.shape[-2:]
             # undo the resize per axis: the rounded size, not the nominal scale, maps the edges
@@ -192,17 +192,18 @@ class RetinaNet(nn.Module):
         return detections
 
     def compute_loss(self, pred_logits: Tensor, pred_deltas: Tensor, targets: list[dict],
-                     anchors: Tensor) -> dict[str, Tensor]:
+                     anchors: Tensor, num_per_level: Optional[Sequence[int]] = None) -> dict[str, Tensor]:
         """Training-mode result: assign the batch's targets to the anchors, then the loss.
 
         pred_logits (N, R, K), pred_deltas (N, R, 4), anchors (R, 4) XYXY, targets: N dicts of
-        ``boxes`` (M_i, 4) XYXY in the resized images' pixels and ``labels`` (M_i,). Returns
+        ``boxes`` (M_i, 4) XYXY in the resized images' pixels and ``labels`` (M_i,);
+        ``num_per_level``: the anchors of each level (ATSS matching needs them). Returns
         ``loss_cls`` and ``loss_box`` (scalars, fp32; their sum is the training loss) and
         ``num_pos`` (scalar fp32, no gradient: the anchors assigned to a box in this batch on
         this process, for logging; not a loss, so not to be added). With ``loss.normalizer=ema``
         each call advances the ``num_pos_ema`` buffer.
         """
-        gt = self.assigner(pad_targets(targets, pred_logits.device), anchors)
+        gt = self.assigner(pad_targets(targets, pred_logits.device), anchors, num_per_level)
         out = retinanet_losses(pred_logits, pred_deltas, gt.gt_classes, gt.gt_deltas, self.loss_settings,
                                anchors, self.num_pos_ema, self.assigner.box_coder.decode)
         if out.num_pos_ema is not None:

@@ -126,7 +126,8 @@ def measure(model, dataset, num_images: int, prior: float, device: torch.device,
         images = [img.to(device).float().div(255) for img, _ in items]
         batch, _, _, targets = model.preprocess(images, [t for _, t in items])
         features, anchors = _anchors(model, batch)  # (R, 4)
-        gt_classes = model.assigner(pad_targets(targets, batch.device), anchors).gt_classes  # (N, R)
+        per_level = model.anchor_generator.num_anchors_per_level([tuple(f.shape[-2:]) for f in features])
+        gt_classes = model.assigner(pad_targets(targets, batch.device), anchors, per_level).gt_classes  # (N, R)
         n, r = gt_classes.shape
         valid = gt_classes >= 0  # (N, R): -1 is an ignored anchor
         num_pos = (valid & (gt_classes < k)).sum().item()  # K is background

@@ -79,7 +79,8 @@ def example_margins(model: torch.nn.Module, dataset, num_images: int, device: to
         logits, _ = model.head(features)  # (N, R, K)
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
         anchors = model.anchor_generator(feature_sizes, batch.device, tuple(batch.shape[-2:]))  # (R, 4)
-        gt_classes = model.assigner(pad_targets(targets, batch.device), anchors).gt_classes  # (N, R)
+        per_level = model.anchor_generator.num_anchors_per_level(feature_sizes)
+        gt_classes = model.assigner(pad_targets(targets, batch.device), anchors, per_level).gt_classes  # (N, R)
         valid = (gt_classes >= 0)[..., None]  # (N, R, 1): -1 is an ignored anchor
         onehot = gt_classes[..., None] == k  # (N, R, K); background (class K) never hits
         x = logits.float()
