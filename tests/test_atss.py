@@ -172,3 +172,7 @@ def test_config_builds_atss_and_a_training_step_learns_from_it():
         config_from_dict({"model": {"matcher": {"type": "atss", "topk": 0}}})
     with pytest.raises(ConfigError, match="model.matcher.type"):
         config_from_dict({"model": {"matcher": {"type": "atsss"}}})
+    with pytest.raises(ConfigError, match="model.matcher.topk=4 does not apply to model.matcher.type=iou"):
+        config_from_dict({"model": {"matcher": {"topk": 4}}})
+    with pytest.raises(ConfigError, match="model.matcher.fg_iou_thresh=0.6 does not apply to model.matcher.type=atss"):
+        config_from_dict({"model": {"matcher": {"type": "atss", "fg_iou_thresh": 0.6}}})

@@ -155,6 +155,11 @@ _SCOPES: tuple[_Scope, ...] = (
            "AdamW has no momentum setting", "use solver.optimizer=sgd"),
     _Scope("solver.warmup_factor", "solver.warmup_iters", lambda n: n > 0, "no warmup",
            "set solver.warmup_iters above 0"),
+    _Scope("model.matcher.topk", "model.matcher.type", lambda t: t == "atss",
+           "only ATSS picks candidates by distance", "use model.matcher.type=atss"),
+    *(_Scope(f"model.matcher.{key}", "model.matcher.type", lambda t: t == "iou",
+             "ATSS sets each box's own threshold", "use model.matcher.type=iou")
+      for key in ("fg_iou_thresh", "allow_low_quality")),
     _Scope("model.backbone.freeze_at", "model.backbone.weights", lambda w: w is not None,
            "only pretrained stages are frozen", "set model.backbone.weights"),
     _Scope("data.augment.zoom_out_max", "data.augment.zoom_out_prob", lambda p: p > 0,
