@@ -99,7 +99,8 @@ def test_candidates_take_all_anchors_of_the_nearest_locations_on_each_level():
     centers0 = torch.tensor([[0.0, 0], [0, 0], [10, 0], [10, 0], [20, 0], [20, 0], [30, 0], [30, 0]])
     centers1 = torch.tensor([[16.0, 0], [16, 0]])
     gt_centers = torch.tensor([[[12.0, 0]]])  # (N, M, 2)
-    cand = ATSSMatcher(topk=2, anchors_per_location=2).candidates(gt_centers, torch.cat([centers0, centers1]), [8, 2])
+    matcher = ATSSMatcher(topk=2, anchors_per_location=2)
+    cand = matcher.candidates(gt_centers, torch.cat([centers0, centers1]), [8, 2])
     assert cand.tolist() == [[[2, 3, 4, 5, 8, 9]]]
     with pytest.raises(ValueError, match="not a multiple of 2"):
         ATSSMatcher(topk=2, anchors_per_location=2).candidates(gt_centers, centers0[:7], [7])
@@ -174,5 +175,6 @@ def test_config_builds_atss_and_a_training_step_learns_from_it():
         config_from_dict({"model": {"matcher": {"type": "atsss"}}})
     with pytest.raises(ConfigError, match="model.matcher.topk=4 does not apply to model.matcher.type=iou"):
         config_from_dict({"model": {"matcher": {"topk": 4}}})
-    with pytest.raises(ConfigError, match="model.matcher.fg_iou_thresh=0.6 does not apply to model.matcher.type=atss"):
+    with pytest.raises(ConfigError,
+                       match="model.matcher.fg_iou_thresh=0.6 does not apply to model.matcher.type=atss"):
         config_from_dict({"model": {"matcher": {"type": "atss", "fg_iou_thresh": 0.6}}})

@@ -1,5 +1,6 @@
 """Target assignment for a whole batch: pad ground truth, match (``matcher.py``; ATSS:
-``atss.py``), encode (``box_coder.py``). No loop over anchors or boxes; one loop over images only to pad.
+``atss.py``), encode (``box_coder.py``). No loop over anchors or boxes; one loop over images
+only to pad.
 
 The result is what the loss reads, in detectron2's label encoding: per anchor ``gt_classes``
 -1 ignored, 0..K-1 the class of its box (foreground), K background. The matcher's own

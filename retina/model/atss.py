@@ -61,7 +61,8 @@ class ATSSMatcher:
             per_level.append((start + nearest[..., None] * a + offsets).flatten(2))  # (N, M, k * A)
             start += count
         if start != anchor_centers.shape[0]:
-            raise ValueError(f"num_per_level sums to {start}, but there are {anchor_centers.shape[0]} anchors")
+            raise ValueError(f"num_per_level sums to {start}, but there are "
+                             f"{anchor_centers.shape[0]} anchors")
         return torch.cat(per_level, dim=2)  # (N, M, C)
 
     def __call__(self, gt_boxes: Tensor, gt_valid: Tensor, anchors: Tensor,
