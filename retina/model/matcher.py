@@ -7,6 +7,8 @@ validity mask, so one call serves the batch and images without boxes need no spe
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -47,7 +49,8 @@ class Matcher:
         self.allow_low_quality = allow_low_quality
 
     def __call__(self, gt_boxes: Tensor, gt_valid: Tensor, anchors: Tensor,
-                 gt_crowd: Tensor | None = None, num_per_level: object = None) -> tuple[Tensor, Tensor]:
+                 gt_crowd: Tensor | None = None,
+                 num_per_level: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
         """Match anchors to padded ground truth.
 
         Args:

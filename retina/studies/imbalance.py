@@ -103,12 +103,13 @@ def _untrained(cfg: Config):
 
 
 @torch.no_grad()
-def _anchors(model, batch: Tensor) -> tuple[list[Tensor], Tensor]:
-    """(FPN features, (R, 4) anchors) of a padded batch (N, 3, H, W), from the model's own
-    backbone and anchor generator."""
+def _anchors(model, batch: Tensor) -> tuple[list[Tensor], Tensor, list[int]]:
+    """(FPN features, (R, 4) anchors, anchors per level) of a padded batch (N, 3, H, W), from
+    the model's own backbone and anchor generator."""
     features = list(model.fpn(model.backbone(batch)).values())
     sizes = [tuple(f.shape[-2:]) for f in features]
-    return features, model.anchor_generator(sizes, batch.device, tuple(batch.shape[-2:]))
+    gen = model.anchor_generator
+    return features, gen(sizes, batch.device, tuple(batch.shape[-2:])), gen.num_anchors_per_level(sizes)
 
 
 @torch.no_grad()
@@ -125,8 +126,7 @@ def measure(model, dataset, num_images: int, prior: float, device: torch.device,
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
         images = [img.to(device).float().div(255) for img, _ in items]
         batch, _, _, targets = model.preprocess(images, [t for _, t in items])
-        features, anchors = _anchors(model, batch)  # (R, 4)
-        per_level = model.anchor_generator.num_anchors_per_level([tuple(f.shape[-2:]) for f in features])
+        features, anchors, per_level = _anchors(model, batch)  # (R, 4)
         gt_classes = model.assigner(pad_targets(targets, batch.device), anchors, per_level).gt_classes  # (N, R)
         n, r = gt_classes.shape
         valid = gt_classes >= 0  # (N, R): -1 is an ignored anchor
