@@ -27,9 +27,9 @@ def test_bf16_forward_computes_losses_in_fp32(shapes_root):
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        features = model.fpn(model.backbone(model.preprocess(images)[0]))
+        features = model.features(model.preprocess(images)[0])
         losses = model(images, targets)
-    assert next(iter(features.values())).dtype == torch.bfloat16  # autocast is really on
+    assert features[0].dtype == torch.bfloat16  # autocast is really on
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
 
 

@@ -112,14 +112,18 @@ def test_head_output_matches_anchor_count():
     model = tiny_model().eval()
     batch = torch.zeros(2, 3, 128, 192)
     with torch.no_grad():
-        feats = list(model.fpn(model.backbone(batch)).values())
+        feats = model.features(batch)
         logits, deltas = model.head(feats)
     sizes = [tuple(f.shape[-2:]) for f in feats]
     # P3..P7, strides 8..128: (16, 24), (8, 12), (4, 6), (2, 3), (1, 2)
     assert sizes == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
     r = (16 * 24 + 8 * 12 + 4 * 6 + 2 * 3 + 1 * 2) * A  # sum H * W * A = 512 * 9
     assert logits.shape == (2, r, K) and deltas.shape == (2, r, 4)
-    assert model.anchor_generator(sizes, torch.device("cpu")).shape == (r, 4)
+    anchors, per_level = model.anchors_of(feats, batch)
+    assert anchors.shape == (r, 4)
+    assert per_level == [16 * 24 * A, 8 * 12 * A, 4 * 6 * A, 2 * 3 * A, 1 * 2 * A]
+    # the first anchor of P4 (stride 16) is centred on its first cell, as P3's on its own
+    assert torch.equal(anchors[per_level[0]], model.anchor_generator.level_anchors(1, 8, 12, anchors.device)[0])
 
 
 def test_to_n_hwa_c_order():

@@ -80,7 +80,7 @@ class DetectorGraph(nn.Module):
         torch._check(rh >= 1)
         torch._check(rw >= 1)
         batch = self._resize_normalise_pad(to_float(images), rh, rw)  # (N, 3, H'', W'')
-        features = list(m.fpn(m.backbone(batch)).values())
+        features = m.features(batch)
         pred_logits, pred_deltas = m.head(features)  # (N, R, K), (N, R, 4)
         feature_sizes = [(f.shape[-2], f.shape[-1]) for f in features]
         padded = (batch.shape[-2], batch.shape[-1])

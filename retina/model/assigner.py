@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from retina.model.box_coder import BoxCoder
-from retina.model.atss import ATSSMatcher
-from retina.model.matcher import BACKGROUND, FOREGROUND, Matcher
+from retina.model.matcher import BACKGROUND, FOREGROUND, AnchorMatcher
 
 
 @dataclass
@@ -53,7 +52,7 @@ def pad_targets(targets: list[dict], device: torch.device) -> PaddedTargets:
 
 
 class TargetAssigner:
-    def __init__(self, matcher: Matcher | ATSSMatcher, box_coder: BoxCoder, num_classes: int) -> None:
+    def __init__(self, matcher: AnchorMatcher, box_coder: BoxCoder, num_classes: int) -> None:
         self.matcher = matcher
         self.box_coder = box_coder
         self.num_classes = num_classes

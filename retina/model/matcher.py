@@ -7,12 +7,21 @@ validity mask, so one call serves the batch and images without boxes need no spe
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 IGNORE, BACKGROUND, FOREGROUND = -1, 0, 1
+
+
+class AnchorMatcher(Protocol):
+    """What the assigner calls: ``Matcher`` (IoU thresholds) or ``atss.ATSSMatcher``. Given
+    padded ground truth (N, M, .) and (R, 4) anchors (``num_per_level``: R split by level),
+    returns the matched box index (N, R) and the label (N, R) in this module's -1/0/1."""
+
+    def __call__(self, gt_boxes: Tensor, gt_valid: Tensor, anchors: Tensor, gt_crowd: Tensor | None = None,
+                 num_per_level: Sequence[int] | None = None) -> tuple[Tensor, Tensor]: ...
 
 
 # Elements of one (N, M, R_block) IoU block on the CPU: the temporaries stay in cache (reused

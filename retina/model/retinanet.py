@@ -176,11 +176,9 @@ class RetinaNet(nn.Module):
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
         batch, sizes, _, targets = self.preprocess(images, targets)
-        features = list(self.fpn(self.backbone(batch)).values())
+        features = self.features(batch)
         pred_logits, pred_deltas = self.head(features)  # (N, R, K), (N, R, 4)
-        feature_sizes = [tuple(f.shape[-2:]) for f in features]
-        anchors = self.anchor_generator(feature_sizes, batch.device, tuple(batch.shape[-2:]))  # (R, 4)
-        per_level = self.anchor_generator.num_anchors_per_level(feature_sizes)
+        anchors, per_level = self.anchors_of(features, batch)  # (R, 4), R split by level
         if self.training:
             return self.compute_loss(pred_logits, pred_deltas, targets, anchors, per_level)
         detections = self.postprocessor(pred_logits, pred_deltas, anchors, per_level, sizes)
@@ -190,6 +188,18 @@ class RetinaNet(nn.Module):
             boxes = det["boxes"] / axis_scale(size, (h, w)).to(det["boxes"].device)  # (D, 4)
             det["boxes"] = clip_boxes_to_image(boxes, (h, w))  # in the input image's pixels
         return detections
+
+    def features(self, batch: Tensor) -> list[Tensor]:
+        """The pyramid of a padded, normalised batch (N, 3, H, W): FPN levels, finest first, each
+        (N, C, H_l, W_l)."""
+        return list(self.fpn(self.backbone(batch)).values())
+
+    def anchors_of(self, features: Sequence[Tensor], batch: Tensor) -> tuple[Tensor, list[int]]:
+        """(R, 4) XYXY anchors of ``features`` (the pyramid of the padded ``batch``) and R split
+        by level, in the order of the head's outputs."""
+        sizes = [tuple(f.shape[-2:]) for f in features]
+        gen = self.anchor_generator
+        return gen(sizes, batch.device, tuple(batch.shape[-2:])), gen.num_anchors_per_level(sizes)
 
     def compute_loss(self, pred_logits: Tensor, pred_deltas: Tensor, targets: list[dict],
                      anchors: Tensor, num_per_level: Optional[Sequence[int]] = None) -> dict[str, Tensor]:

@@ -106,10 +106,8 @@ def _untrained(cfg: Config):
 def _anchors(model, batch: Tensor) -> tuple[list[Tensor], Tensor, list[int]]:
     """(FPN features, (R, 4) anchors, anchors per level) of a padded batch (N, 3, H, W), from
     the model's own backbone and anchor generator."""
-    features = list(model.fpn(model.backbone(batch)).values())
-    sizes = [tuple(f.shape[-2:]) for f in features]
-    gen = model.anchor_generator
-    return features, gen(sizes, batch.device, tuple(batch.shape[-2:])), gen.num_anchors_per_level(sizes)
+    features = model.features(batch)
+    return (features, *model.anchors_of(features, batch))
 
 
 @torch.no_grad()

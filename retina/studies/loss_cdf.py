@@ -75,11 +75,9 @@ def example_margins(model: torch.nn.Module, dataset, num_images: int, device: to
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
         images = [img.to(device) for img, _ in items]  # uint8: the model converts them
         batch, _, _, targets = model.preprocess(images, [t for _, t in items])
-        features = list(model.fpn(model.backbone(batch)).values())
+        features = model.features(batch)
         logits, _ = model.head(features)  # (N, R, K)
-        feature_sizes = [tuple(f.shape[-2:]) for f in features]
-        anchors = model.anchor_generator(feature_sizes, batch.device, tuple(batch.shape[-2:]))  # (R, 4)
-        per_level = model.anchor_generator.num_anchors_per_level(feature_sizes)
+        anchors, per_level = model.anchors_of(features, batch)  # (R, 4), R split by level
         gt_classes = model.assigner(pad_targets(targets, batch.device), anchors, per_level).gt_classes  # (N, R)
         valid = (gt_classes >= 0)[..., None]  # (N, R, 1): -1 is an ignored anchor
         onehot = gt_classes[..., None] == k  # (N, R, K); background (class K) never hits
