@@ -1,7 +1,9 @@
-"""Tests for retina.model.backbone's pretrained weights: a local .pth made here, torchvision weight
-names, and one-line errors that name the file to place (no network is used)."""
+"""Tests for retina.model.backbone: pretrained weights (a local .pth made here, torchvision weight
+names, one-line errors that name the file to place; no network is used) and the MobileNetV3 trunks."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from retina.config import load_config
 from retina.model import build_model
-from retina.model.backbone import ResNetBackbone, WeightsError
+from retina.model.backbone import MobileNetBackbone, ResNetBackbone, WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +89,84 @@ def test_offline_download_names_the_cache_file(monkeypatch):
     # resnet18-f37072fd.pth is the file name in torchvision's URL for IMAGENET1K_V1
     assert "place the file at" in msg and msg.count("resnet18-f37072fd.pth") == 2
     assert "checkpoints" in msg and "\n" not in msg
+
+
+# ------------------------------------------------------------------------------- MobileNetV3
+# The MobileNetV3 paper's Tables 1 and 2 (torchvision's ``features``, one layer per row): the
+# last layer at strides 2, 4, 8, 16, 32, and the widths of C3, C4, C5 (C5: the final 1x1 conv).
+MOBILENET_STAGES = {"mobilenet_v3_large": ([1, 3, 6, 12, 16], (40, 112, 960)),
+                    "mobilenet_v3_small": ([0, 1, 3, 8, 12], (24, 48, 576))}
+
+
+@pytest.mark.parametrize("arch", sorted(MOBILENET_STAGES))
+def test_mobilenet_levels_by_hand(arch):
+    ends, channels = MOBILENET_STAGES[arch]
+    backbone = MobileNetBackbone(arch).eval()
+    assert backbone._stage_ends == ends and backbone.out_channels == channels
+    with torch.no_grad():
+        c3, c4, c5 = backbone(torch.zeros(1, 3, 64, 96))
+    # strides 8, 16, 32 of a 64 x 96 image
+    assert [tuple(c.shape) for c in (c3, c4, c5)] == [(1, channels[0], 8, 12), (1, channels[1], 4, 6),
+                                                     (1, channels[2], 2, 3)]
+    # not pretrained: BatchNorm, nothing frozen; the stages partition the layers
+    assert all(p.requires_grad for p in backbone.parameters())
+    assert sum(len(s) for s in backbone.stages) == len(backbone.features) == ends[-1] + 1
+
+
+@pytest.fixture(scope="module")
+def mobilenet_small_file(tmp_path_factory):
+    """A random torchvision mobilenet_v3_small, classifier included, saved as a .pth."""
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(weights=None)
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v3_small_random.pth"
+    torch.save(net.state_dict(), path)
+    return path, net.state_dict()
+
+
+def test_mobilenet_local_pth_loads_and_freezes(mobilenet_small_file):
+    path, state = mobilenet_small_file
+    backbone = MobileNetBackbone("mobilenet_v3_small", str(path))
+    assert torch.equal(backbone.features[0][0].weight, state["features.0.0.weight"])
+    assert torch.equal(backbone.features[12][1].running_var, state["features.12.1.running_var"])
+    assert isinstance(backbone.features[0][1], FrozenBatchNorm2d)
+    # freeze_at 2: the layers of stride <= 4 (features 0 and 1), as ResNet's stem and res2
+    assert not any(p.requires_grad for p in backbone.features[:2].parameters())
+    assert all(p.requires_grad for p in backbone.features[2:].parameters())
+    with pytest.raises(WeightsError, match="do not fit mobilenet_v3_large") as e:
+        MobileNetBackbone("mobilenet_v3_large", str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_mobilenet_through_the_config_trains_and_folds():
+    from retina.deploy.fuse import fold_batchnorm, inference_model
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.backbone.type=mobilenet_v3_small", "model.fpn.channels=16",
+                             "model.head.num_convs=1", "model.num_classes=2"])
+    model = build_model(cfg).train()
+    assert isinstance(model.backbone, MobileNetBackbone)
+    images = [torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)] * 2
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 60.0, 80.0]]), "labels": torch.tensor([1])}] * 2
+    losses = model(images, targets)
+    sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert model.backbone.features[0][0].weight.grad is not None
+    # inference: every BatchNorm folds (stem 1; 11 blocks: the first without an expansion conv
+    # 2, the others 3; the final 1x1 conv 1), and the detections stay
+    model.eval()
+    with torch.inference_mode():
+        ref = model(images[:1])[0]
+    assert fold_batchnorm(copy.deepcopy(model).backbone) == 1 + 2 + 10 * 3 + 1
+    folded = inference_model(model)
+    with torch.inference_mode():
+        out = folded(images[:1])[0]
+    assert torch.equal(out["labels"], ref["labels"])
+    torch.testing.assert_close(out["boxes"], ref["boxes"], atol=1e-3, rtol=0)
+
+
+def test_mobilenet_depth_is_a_config_error():
+    from retina.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.backbone.depth=18 does not apply to "
+                                          "model.backbone.type=mobilenet_v3_small"):
+        load_config(None, ["model.backbone.type=mobilenet_v3_small", "model.backbone.depth=18"])

@@ -16,6 +16,8 @@ __all__ = ["BackboneConfig", "FPNConfig", "AnchorConfig", "HeadConfig", "Matcher
 
 @dataclass(frozen=True)
 class BackboneConfig:
+    # torchvision's ResNet, or its MobileNetV3 (large / small) for a CPU budget
+    type: Literal["resnet", "mobilenet_v3_large", "mobilenet_v3_small"] = "resnet"
     depth: Literal[18, 34, 50, 101] = 50  # ResNet depth (torchvision.models.resnet*)
     # None: random init; a torchvision weights name ("ResNet50_Weights.IMAGENET1K_V1",
     # or "DEFAULT"); or a local .pth state dict.

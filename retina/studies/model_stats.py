@@ -90,10 +90,7 @@ def model_for_counting(cfg: Config) -> nn.Module:
     norm = "frozen_bn" if b.norm == "auto" else b.norm
     backbone_cfg = dataclasses.replace(b, weights=None, norm=norm)
     model = build_model(replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone_cfg)))
-    # What ResNetBackbone does when given weights: stem, then res2.. frozen up to freeze_at.
-    backbone = model.backbone
-    for stage in [backbone.stem, backbone.res2, backbone.res3, backbone.res4, backbone.res5][:b.freeze_at]:
-        stage.requires_grad_(False)
+    model.backbone.freeze(b.freeze_at)  # what the backbone does when given weights
     return model
 
 
