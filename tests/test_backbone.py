@@ -1,5 +1,6 @@
 """Tests for retina.model.backbone: pretrained weights (a local .pth made here, torchvision weight
-names, one-line errors that name the file to place; no network is used) and the MobileNetV3 trunks."""
+names, one-line errors that name the file to place; no network is used) and the light trunks
+(MobileNetV3, ShuffleNetV2)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from retina.config import load_config
 from retina.model import build_model
-from retina.model.backbone import MobileNetBackbone, ResNetBackbone, WeightsError
+from retina.model.backbone import LightBackbone, ResNetBackbone, WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +95,18 @@ def test_offline_download_names_the_cache_file(monkeypatch):
 # ------------------------------------------------------------------------------- MobileNetV3
 # The MobileNetV3 paper's Tables 1 and 2 (torchvision's ``features``, one layer per row): the
 # last layer at strides 2, 4, 8, 16, 32, and the widths of C3, C4, C5 (C5: the final 1x1 conv).
-MOBILENET_STAGES = {"mobilenet_v3_large": ([1, 3, 6, 12, 16], (40, 112, 960)),
-                    "mobilenet_v3_small": ([0, 1, 3, 8, 12], (24, 48, 576))}
+# The ShuffleNetV2 paper's Table 5: Conv1 (stride 2, 24), MaxPool (4), Stage2, 3, 4 (8, 16, 32;
+# 116, 232, 464 at 1x and 176, 352, 704 at 1.5x); Conv5 (1024) feeds only the classifier.
+LIGHT_STAGES = {"mobilenet_v3_large": ([1, 3, 6, 12, 16], (40, 112, 960)),
+                "mobilenet_v3_small": ([0, 1, 3, 8, 12], (24, 48, 576)),
+                "shufflenet_v2_x1_0": ([0, 1, 2, 3, 4], (116, 232, 464)),
+                "shufflenet_v2_x1_5": ([0, 1, 2, 3, 4], (176, 352, 704))}
 
 
-@pytest.mark.parametrize("arch", sorted(MOBILENET_STAGES))
-def test_mobilenet_levels_by_hand(arch):
-    ends, channels = MOBILENET_STAGES[arch]
-    backbone = MobileNetBackbone(arch).eval()
+@pytest.mark.parametrize("arch", sorted(LIGHT_STAGES))
+def test_light_trunk_levels_by_hand(arch):
+    ends, channels = LIGHT_STAGES[arch]
+    backbone = LightBackbone(arch).eval()
     assert backbone._stage_ends == ends and backbone.out_channels == channels
     with torch.no_grad():
         c3, c4, c5 = backbone(torch.zeros(1, 3, 64, 96))
@@ -125,7 +130,7 @@ def mobilenet_small_file(tmp_path_factory):
 
 def test_mobilenet_local_pth_loads_and_freezes(mobilenet_small_file):
     path, state = mobilenet_small_file
-    backbone = MobileNetBackbone("mobilenet_v3_small", str(path))
+    backbone = LightBackbone("mobilenet_v3_small", str(path))
     assert torch.equal(backbone.features[0][0].weight, state["features.0.0.weight"])
     assert torch.equal(backbone.features[12][1].running_var, state["features.12.1.running_var"])
     assert isinstance(backbone.features[0][1], FrozenBatchNorm2d)
@@ -133,30 +138,61 @@ def test_mobilenet_local_pth_loads_and_freezes(mobilenet_small_file):
     assert not any(p.requires_grad for p in backbone.features[:2].parameters())
     assert all(p.requires_grad for p in backbone.features[2:].parameters())
     with pytest.raises(WeightsError, match="do not fit mobilenet_v3_large") as e:
-        MobileNetBackbone("mobilenet_v3_large", str(path))
+        LightBackbone("mobilenet_v3_large", str(path))
     assert "\n" not in str(e.value)
 
 
-def test_mobilenet_through_the_config_trains_and_folds():
+def test_shufflenet_local_pth_loads_into_frozen_batchnorm(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.shufflenet_v2_x1_0(weights=None)
+    for m in net.modules():  # statistics that differ from a fresh BatchNorm's
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "shufflenet.pth"
+    torch.save(net.state_dict(), path)
+    backbone = LightBackbone("shufflenet_v2_x1_0", str(path), norm_eps=0.0)
+    norms = [m for m in backbone.modules() if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert norms and all(isinstance(m, FrozenBatchNorm2d) and m.eps == 0.0 for m in norms)
+    assert torch.equal(backbone.features[0][1].running_var, net.conv1[1].running_var)
+    assert torch.equal(backbone.features[4][3].branch2[6].running_var, net.stage4[3].branch2[6].running_var)
+    # the same function as torchvision's net up to stage4 (FrozenBN is eval-mode BN)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = net.eval().stage4(net.stage3(net.stage2(net.maxpool(net.conv1(x)))))
+        # BN's eps is 1e-5 where ours is 0.0: a relative 1e-5 / var difference
+        torch.testing.assert_close(backbone(x)[2], ref, atol=1e-3, rtol=1e-3)
+    # freeze_at 2: conv1 (stride 2) and the max-pool (stride 4, no weights)
+    assert not any(p.requires_grad for p in backbone.features[0].parameters())
+    assert all(p.requires_grad for p in backbone.features[2:].parameters())
+
+
+# BatchNorms that fold at inference. MobileNetV3-small: stem 1; 11 blocks, the first without an
+# expansion conv 2, the others 3; the final 1x1 conv 1. ShuffleNetV2: conv1 1; per stage, the
+# stride-2 unit 2 (branch1) + 3 (branch2), each other unit 3 (branch2), with 4, 8, 4 units.
+FOLDED = {"mobilenet_v3_small": 1 + 2 + 10 * 3 + 1,
+          "shufflenet_v2_x1_0": 1 + (5 + 3 * 3) + (5 + 7 * 3) + (5 + 3 * 3)}
+
+
+@pytest.mark.parametrize("arch", sorted(FOLDED))
+def test_light_trunk_through_the_config_trains_and_folds(arch):
     from retina.deploy.fuse import fold_batchnorm, inference_model
 
     torch.manual_seed(0)
-    cfg = load_config(None, ["model.backbone.type=mobilenet_v3_small", "model.fpn.channels=16",
+    cfg = load_config(None, [f"model.backbone.type={arch}", "model.fpn.channels=16",
                              "model.head.num_convs=1", "model.num_classes=2"])
     model = build_model(cfg).train()
-    assert isinstance(model.backbone, MobileNetBackbone)
+    assert isinstance(model.backbone, LightBackbone)
     images = [torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)] * 2
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 60.0, 80.0]]), "labels": torch.tensor([1])}] * 2
     losses = model(images, targets)
     sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
     assert all(torch.isfinite(v) for v in losses.values())
     assert model.backbone.features[0][0].weight.grad is not None
-    # inference: every BatchNorm folds (stem 1; 11 blocks: the first without an expansion conv
-    # 2, the others 3; the final 1x1 conv 1), and the detections stay
+    # inference: every BatchNorm folds, and the detections stay
     model.eval()
     with torch.inference_mode():
         ref = model(images[:1])[0]
-    assert fold_batchnorm(copy.deepcopy(model).backbone) == 1 + 2 + 10 * 3 + 1
+    assert fold_batchnorm(copy.deepcopy(model).backbone) == FOLDED[arch]
     folded = inference_model(model)
     with torch.inference_mode():
         out = folded(images[:1])[0]

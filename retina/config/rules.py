@@ -161,7 +161,7 @@ _SCOPES: tuple[_Scope, ...] = (
              "ATSS sets each box's own threshold", "use model.matcher.type=iou")
       for key in ("fg_iou_thresh", "allow_low_quality")),
     _Scope("model.backbone.depth", "model.backbone.type", lambda t: t == "resnet",
-           "a MobileNet has no depth setting", "use model.backbone.type=resnet"),
+           "only a ResNet has a depth", "use model.backbone.type=resnet"),
     _Scope("model.backbone.freeze_at", "model.backbone.weights", lambda w: w is not None,
            "only pretrained stages are frozen", "set model.backbone.weights"),
     _Scope("data.augment.zoom_out_max", "data.augment.zoom_out_prob", lambda p: p > 0,

@@ -16,8 +16,10 @@ __all__ = ["BackboneConfig", "FPNConfig", "AnchorConfig", "HeadConfig", "Matcher
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    # torchvision's ResNet, or its MobileNetV3 (large / small) for a CPU budget
-    type: Literal["resnet", "mobilenet_v3_large", "mobilenet_v3_small"] = "resnet"
+    # torchvision's ResNet, or one of its mobile trunks for a CPU budget (MobileNetV3 large /
+    # small, ShuffleNetV2 1.0x / 1.5x)
+    type: Literal["resnet", "mobilenet_v3_large", "mobilenet_v3_small", "shufflenet_v2_x1_0",
+                  "shufflenet_v2_x1_5"] = "resnet"
     depth: Literal[18, 34, 50, 101] = 50  # ResNet depth (torchvision.models.resnet*)
     # None: random init; a torchvision weights name ("ResNet50_Weights.IMAGENET1K_V1",
     # or "DEFAULT"); or a local .pth state dict.

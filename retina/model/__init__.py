@@ -11,7 +11,7 @@ from retina.config import Config
 from retina.model.losses import FocalStarSettings, LossSettings, OhemSettings
 from retina.model.matcher import Matcher
 from retina.model.anchors import AnchorGenerator, default_sizes
-from retina.model.backbone import FPN, MobileNetBackbone, ResNetBackbone
+from retina.model.backbone import FPN, LightBackbone, ResNetBackbone
 from retina.model.head import RetinaHead
 from retina.model.retinanet import InputSpec, RetinaNet
 from retina.model.postprocess import PostProcessor
@@ -28,7 +28,7 @@ def build_model(cfg: Config, pretrained: bool = True) -> RetinaNet:
     if b.type == "resnet":
         backbone = ResNetBackbone(b.depth, b.weights, b.norm, b.freeze_at, b.norm_eps, load_weights=pretrained)
     else:
-        backbone = MobileNetBackbone(b.type, b.weights, b.norm, b.freeze_at, b.norm_eps, load_weights=pretrained)
+        backbone = LightBackbone(b.type, b.weights, b.norm, b.freeze_at, b.norm_eps, load_weights=pretrained)
     fpn = FPN(backbone.out_channels, m.fpn.channels, m.fpn.min_level, m.fpn.max_level, m.fpn.p6_from)
     levels = range(m.fpn.min_level, m.fpn.max_level + 1)
     sizes = m.anchors.sizes or default_sizes(m.fpn.min_level, m.fpn.max_level)
