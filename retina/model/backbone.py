@@ -70,7 +70,23 @@ def _norm_layer(norm: str, weights: str | None, eps: float):
     return partial(FrozenBatchNorm2d if frozen else nn.BatchNorm2d, eps=eps)
 
 
-class ResNetBackbone(nn.Module):
+class Trunk(nn.Module):
+    """A bottom-up pathway: ``forward`` gives C3, C4, C5 (``out_channels`` wide); ``stages``
+    lists what ``freeze_at`` counts, from the input on."""
+
+    out_channels: tuple[int, int, int]
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def freeze(self, freeze_at: int) -> None:
+        """Stop training the first ``freeze_at`` stages."""
+        for stage in self.stages[:freeze_at]:
+            stage.requires_grad_(False)
+
+
+class ResNetBackbone(Trunk):
     """Returns C3, C4, C5 of a torchvision ResNet.
 
     ``weights`` (pretrained, see ``_load_state_dict``) also decide the architecture: ``norm="auto"``
@@ -97,11 +113,6 @@ class ResNetBackbone(nn.Module):
         """What ``freeze_at`` counts: the stem (stride 4), then res2..res5 (strides 4..32)."""
         return [self.stem, self.res2, self.res3, self.res4, self.res5]
 
-    def freeze(self, freeze_at: int) -> None:
-        """Stop training the first ``freeze_at`` stages."""
-        for stage in self.stages[:freeze_at]:
-            stage.requires_grad_(False)
-
     def forward(self, x: Tensor) -> list[Tensor]:
         c2 = self.res2(self.stem(x))
         c3 = self.res3(c2)
@@ -110,18 +121,13 @@ class ResNetBackbone(nn.Module):
         return [c3, c4, c5]
 
 
-LIGHT_TRUNKS = ("mobilenet_v3_large", "mobilenet_v3_small", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5")
-
-
-def _light_layers(arch: str, norm_layer) -> tuple[nn.Module, nn.Sequential, str]:
+def _light_layers(arch: str) -> tuple[nn.Module, nn.Sequential, str]:
     """(torchvision's ``arch``, its feature layers in order, the key prefix of its ImageNet
-    classifier). ShuffleNetV2 takes no ``norm_layer``: its BatchNorms are swapped after the build;
-    its feature layers end at stage4 (conv5, the 1x1 to 1024 channels, feeds only the classifier;
-    mmdet's ShuffleNet detectors take stage2-4 too)."""
-    if arch.startswith("mobilenet"):
-        net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer)
-        return net, net.features, "classifier."
+    classifier). ShuffleNetV2's feature layers end at stage4 (conv5, the 1x1 to 1024 channels,
+    feeds only the classifier; mmdet's ShuffleNet detectors take stage2-4 too)."""
     net = getattr(torchvision.models, arch)(weights=None)
+    if arch.startswith("mobilenet"):
+        return net, net.features, "classifier."
     return net, nn.Sequential(net.conv1, net.maxpool, net.stage2, net.stage3, net.stage4), "fc."
 
 
@@ -137,7 +143,7 @@ def _replace_batchnorms(module: nn.Module, norm_layer) -> None:
             _replace_batchnorms(child, norm_layer)
 
 
-class LightBackbone(nn.Module):
+class LightBackbone(Trunk):
     """Returns C3, C4, C5 of a torchvision mobile trunk, MobileNetV3 or ShuffleNetV2: the
     outputs of its last feature layer at strides 8, 16 and 32 (as torchvision's
     ``mobilenet_backbone`` takes its stages), for a CPU budget: at 256 x 352, batch 8, a
@@ -150,12 +156,12 @@ class LightBackbone(nn.Module):
     def __init__(self, arch: str, weights: str | None = None, norm: str = "auto", freeze_at: int = 2,
                  norm_eps: float = 1e-5, load_weights: bool = True) -> None:
         super().__init__()
-        norm_layer = _norm_layer(norm, weights, norm_eps)
-        net, self.features, classifier = _light_layers(arch, norm_layer)
+        net, self.features, classifier = _light_layers(arch)
         if weights is not None and load_weights:
             _load_weights(net, arch, weights, classifier)
-        if arch.startswith("shufflenet"):
-            _replace_batchnorms(self.features, norm_layer)
+        # after loading, as ShuffleNetV2 takes no norm_layer: torchvision's own BatchNorm
+        # settings (MobileNetV3's eps 1e-3, momentum 0.01) give way to the configured ones
+        _replace_batchnorms(self.features, _norm_layer(norm, weights, norm_eps))
         strides, channels = _probe(self.features)  # one per layer
         self._stage_ends = [max(i for i, s in enumerate(strides) if s <= 2**k) for k in range(1, 6)]
         self.out_channels = tuple(channels[i] for i in self._stage_ends[2:])
@@ -167,11 +173,6 @@ class LightBackbone(nn.Module):
         """What ``freeze_at`` counts: the layers of output stride <= 2, then 4, 8, 16, 32."""
         starts = [0] + [end + 1 for end in self._stage_ends[:-1]]
         return [self.features[a:b + 1] for a, b in zip(starts, self._stage_ends)]
-
-    def freeze(self, freeze_at: int) -> None:
-        """Stop training the first ``freeze_at`` stages."""
-        for stage in self.stages[:freeze_at]:
-            stage.requires_grad_(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         outs = []

@@ -42,7 +42,7 @@ from torchvision.ops import clip_boxes_to_image
 from retina.model.assigner import TargetAssigner, pad_targets
 from retina.model.losses import EMA_INIT, LossSettings, retinanet_losses
 from retina.model.anchors import AnchorGenerator
-from retina.model.backbone import FPN, LightBackbone, ResNetBackbone
+from retina.model.backbone import FPN, Trunk
 from retina.model.head import RetinaHead
 from retina.model.postprocess import PostProcessor
 from retina.model.resize import ResizeMode, axis_scale, eval_size, resize_scale, resized_size
@@ -84,7 +84,7 @@ def to_float(image: Tensor) -> Tensor:
 
 
 class RetinaNet(nn.Module):
-    def __init__(self, backbone: ResNetBackbone | LightBackbone, fpn: FPN, head: RetinaHead,
+    def __init__(self, backbone: Trunk, fpn: FPN, head: RetinaHead,
                  anchor_generator: AnchorGenerator, assigner: TargetAssigner, loss_settings: LossSettings,
                  postprocessor: PostProcessor, input_spec: InputSpec, channels_last: bool = False) -> None:
         super().__init__()
