@@ -100,7 +100,11 @@ def test_offline_download_names_the_cache_file(monkeypatch):
 LIGHT_STAGES = {"mobilenet_v3_large": ([1, 3, 6, 12, 16], (40, 112, 960)),
                 "mobilenet_v3_small": ([0, 1, 3, 8, 12], (24, 48, 576)),
                 "shufflenet_v2_x1_0": ([0, 1, 2, 3, 4], (116, 232, 464)),
-                "shufflenet_v2_x1_5": ([0, 1, 2, 3, 4], (176, 352, 704))}
+                "shufflenet_v2_x1_5": ([0, 1, 2, 3, 4], (176, 352, 704)),
+                # stem, then the four stages s1-s4 of torchvision's RegNetX-400MF (widths 32, 64,
+                # 160, 400) and RegNetY-400MF (48, 104, 208, 440)
+                "regnet_x_400mf": ([0, 1, 2, 3, 4], (64, 160, 400)),
+                "regnet_y_400mf": ([0, 1, 2, 3, 4], (104, 208, 440))}
 
 
 @pytest.mark.parametrize("arch", sorted(LIGHT_STAGES))
@@ -142,6 +146,36 @@ def test_mobilenet_local_pth_loads_and_freezes(mobilenet_small_file):
     assert "\n" not in str(e.value)
 
 
+def test_mobilenet_weights_keep_its_batchnorm_eps(tmp_path):
+    """torchvision builds MobileNetV3's BatchNorms with eps 1e-3, and its ImageNet weights were
+    trained so: with norm_eps null the loaded trunk is torchvision's function; a set norm_eps
+    wins. With running variances of 0.05-0.2 (a trained net's scale), eps 1e-5 instead would
+    scale each norm by up to sqrt(0.051 / 0.05001), ~1% apart, compounded over 34 norms: far
+    outside float32 rounding."""
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(weights=None)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.05, 0.2)
+    path = tmp_path / "mobilenet.pth"
+    torch.save(net.state_dict(), path)
+    backbone = LightBackbone("mobilenet_v3_small", str(path))
+    norms = [m for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert len(norms) == FOLDED["mobilenet_v3_small"] and all(m.eps == 1e-3 for m in norms)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = net.eval().features(x)
+        torch.testing.assert_close(backbone(x)[2], ref)
+        set_eps = LightBackbone("mobilenet_v3_small", str(path), norm_eps=1e-5)
+        assert all(m.eps == 1e-5 for m in set_eps.modules() if isinstance(m, FrozenBatchNorm2d))
+        assert not torch.allclose(set_eps(x)[2], ref)
+    # the config's null reaches the trunk; ResNet's own eps is 1e-5
+    model = build_model(load_config(None, ["model.backbone.type=mobilenet_v3_small"]))
+    assert {m.eps for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    resnet = ResNetBackbone(18)
+    assert {m.eps for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-5}
+
+
 def test_shufflenet_local_pth_loads_into_frozen_batchnorm(tmp_path):
     torch.manual_seed(0)
     net = torchvision.models.shufflenet_v2_x1_0(weights=None)
@@ -169,8 +203,11 @@ def test_shufflenet_local_pth_loads_into_frozen_batchnorm(tmp_path):
 # BatchNorms that fold at inference. MobileNetV3-small: stem 1; 11 blocks, the first without an
 # expansion conv 2, the others 3; the final 1x1 conv 1. ShuffleNetV2: conv1 1; per stage, the
 # stride-2 unit 2 (branch1) + 3 (branch2), each other unit 3 (branch2), with 4, 8, 4 units.
+# RegNetX-400MF: stem 1; 1 + 2 + 7 + 12 bottleneck blocks of 3, and each stage's first block's
+# projection 1.
 FOLDED = {"mobilenet_v3_small": 1 + 2 + 10 * 3 + 1,
-          "shufflenet_v2_x1_0": 1 + (5 + 3 * 3) + (5 + 7 * 3) + (5 + 3 * 3)}
+          "shufflenet_v2_x1_0": 1 + (5 + 3 * 3) + (5 + 7 * 3) + (5 + 3 * 3),
+          "regnet_x_400mf": 1 + 3 * (1 + 2 + 7 + 12) + 4}
 
 
 @pytest.mark.parametrize("arch", sorted(FOLDED))

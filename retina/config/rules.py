@@ -66,7 +66,8 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
          "must be > 0 (or null: max_size)"),
         ("model.inference.nms_thresh", 0 <= m.inference.nms_thresh <= 1, "must be in [0, 1]"),
         ("model.backbone.freeze_at", 0 <= m.backbone.freeze_at <= 5, "must be in 0..5"),
-        ("model.backbone.norm_eps", m.backbone.norm_eps >= 0, "must be >= 0"),
+        ("model.backbone.norm_eps", m.backbone.norm_eps is None or m.backbone.norm_eps >= 0,
+         "must be >= 0 (or null: the trunk's own)"),
         ("data.hflip_prob", 0 <= cfg.data.hflip_prob <= 1, "must be in [0, 1]"),
         *((f"data.augment.{k}_prob", 0 <= getattr(aug, f"{k}_prob") <= 1, "must be in [0, 1]")
           for k in ("photometric", "zoom_out", "crop")),

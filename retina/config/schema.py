@@ -16,10 +16,11 @@ __all__ = ["BackboneConfig", "FPNConfig", "AnchorConfig", "HeadConfig", "Matcher
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    # torchvision's ResNet, or one of its mobile trunks for a CPU budget (MobileNetV3 large /
-    # small, ShuffleNetV2 1.0x / 1.5x)
+    # torchvision's ResNet, or one of its light trunks for a CPU budget (MobileNetV3 large /
+    # small, ShuffleNetV2 1.0x / 1.5x, RegNetX 400MF / 800MF, RegNetY 400MF)
     type: Literal["resnet", "mobilenet_v3_large", "mobilenet_v3_small", "shufflenet_v2_x1_0",
-                  "shufflenet_v2_x1_5"] = "resnet"
+                  "shufflenet_v2_x1_5", "regnet_x_400mf", "regnet_x_800mf",
+                  "regnet_y_400mf"] = "resnet"
     depth: Literal[18, 34, 50, 101] = 50  # ResNet depth (torchvision.models.resnet*)
     # None: random init; a torchvision weights name ("ResNet50_Weights.IMAGENET1K_V1",
     # or "DEFAULT"); or a local .pth state dict.
@@ -28,9 +29,11 @@ class BackboneConfig:
     norm: Literal["auto", "bn", "frozen_bn"] = "auto"
     # Stages frozen when pretrained: 0 none, 1 stem, 2 stem + res2 (detectron2's FREEZE_AT).
     freeze_at: int = 2
-    # eps of every (Frozen)BatchNorm; torchvision's COCO weights of retinanet_resnet50_fpn (v1)
-    # were evaluated with FrozenBatchNorm eps 0.0 (torchvision's overwrite_eps).
-    norm_eps: float = 1e-5
+    # eps of every (Frozen)BatchNorm; null: the trunk's own, as torchvision builds it and as its
+    # ImageNet weights were trained (1e-5 for ResNet, ShuffleNetV2 and RegNet; 1e-3 for
+    # MobileNetV3). torchvision's COCO weights of retinanet_resnet50_fpn (v1) were evaluated
+    # with FrozenBatchNorm eps 0.0 (torchvision's overwrite_eps).
+    norm_eps: Optional[float] = None
 
 
 @dataclass(frozen=True)

@@ -64,10 +64,10 @@ def _load_weights(net: nn.Module, arch: str, weights: str, classifier: str) -> N
                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def _norm_layer(norm: str, weights: str | None, eps: float):
+def _norm_class(norm: str, weights: str | None) -> type[nn.Module]:
     """FrozenBatchNorm for ``frozen_bn``, or for ``auto`` with pretrained weights; else BatchNorm."""
     frozen = norm == "frozen_bn" or (norm == "auto" and weights is not None)
-    return partial(FrozenBatchNorm2d if frozen else nn.BatchNorm2d, eps=eps)
+    return FrozenBatchNorm2d if frozen else nn.BatchNorm2d
 
 
 class Trunk(nn.Module):
@@ -95,10 +95,11 @@ class ResNetBackbone(Trunk):
     """
 
     def __init__(self, depth: int, weights: str | None = None, norm: str = "auto",
-                 freeze_at: int = 2, norm_eps: float = 1e-5, load_weights: bool = True) -> None:
+                 freeze_at: int = 2, norm_eps: float | None = None, load_weights: bool = True) -> None:
         super().__init__()
-        net = getattr(torchvision.models, f"resnet{depth}")(weights=None,
-                                                             norm_layer=_norm_layer(norm, weights, norm_eps))
+        eps = 1e-5 if norm_eps is None else norm_eps  # None: torchvision's ResNet eps
+        norm_layer = partial(_norm_class(norm, weights), eps=eps)
+        net = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm_layer)
         if weights is not None and load_weights:
             _load_weights(net, f"resnet{depth}", weights, "fc.")
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
@@ -124,44 +125,49 @@ class ResNetBackbone(Trunk):
 def _light_layers(arch: str) -> tuple[nn.Module, nn.Sequential, str]:
     """(torchvision's ``arch``, its feature layers in order, the key prefix of its ImageNet
     classifier). ShuffleNetV2's feature layers end at stage4 (conv5, the 1x1 to 1024 channels,
-    feeds only the classifier; mmdet's ShuffleNet detectors take stage2-4 too)."""
+    feeds only the classifier; mmdet's ShuffleNet detectors take stage2-4 too); RegNet's are its
+    stem and four stages (as in mmdet's and detectron2's RegNet detectors)."""
     net = getattr(torchvision.models, arch)(weights=None)
     if arch.startswith("mobilenet"):
         return net, net.features, "classifier."
+    if arch.startswith("regnet"):
+        return net, nn.Sequential(net.stem, *net.trunk_output), "fc."
     return net, nn.Sequential(net.conv1, net.maxpool, net.stage2, net.stage3, net.stage4), "fc."
 
 
-def _replace_batchnorms(module: nn.Module, norm_layer) -> None:
-    """Every ``nn.BatchNorm2d`` of ``module`` rebuilt by ``norm_layer`` (BatchNorm or
-    FrozenBatchNorm with the configured eps), its affine parameters and statistics kept."""
+def _replace_batchnorms(module: nn.Module, layer: type[nn.Module], eps: float | None) -> None:
+    """Every ``nn.BatchNorm2d`` of ``module`` rebuilt as ``layer`` (BatchNorm or FrozenBatchNorm)
+    with ``eps`` (None: the replaced layer's), its affine parameters and statistics kept."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            norm = norm_layer(child.num_features)
+            norm = layer(child.num_features, eps=child.eps if eps is None else eps)
             norm.load_state_dict(child.state_dict(), strict=False)  # FrozenBN has no num_batches_tracked
             setattr(module, name, norm)
         else:
-            _replace_batchnorms(child, norm_layer)
+            _replace_batchnorms(child, layer, eps)
 
 
 class LightBackbone(Trunk):
-    """Returns C3, C4, C5 of a torchvision mobile trunk, MobileNetV3 or ShuffleNetV2: the
-    outputs of its last feature layer at strides 8, 16 and 32 (as torchvision's
+    """Returns C3, C4, C5 of a torchvision light trunk, MobileNetV3, ShuffleNetV2 or RegNet:
+    the outputs of its last feature layer at strides 8, 16 and 32 (as torchvision's
     ``mobilenet_backbone`` takes its stages), for a CPU budget: at 256 x 352, batch 8, a
     forward and backward pass of the trunk alone took 0.16 s for ``mobilenet_v3_small``, 0.21 s
-    for ``shufflenet_v2_x1_0``, 0.32 s for ``_x1_5`` and 0.55 s for ``mobilenet_v3_large``,
-    against 1.20 s for ResNet-18 (2-core AVX2 CPU, fp32). ``weights``, ``norm``, ``freeze_at``
+    for ``shufflenet_v2_x1_0``, 0.32 s for ``_x1_5``, 0.47 s for ``regnet_x_400mf`` and 0.55 s
+    for ``mobilenet_v3_large``, against 1.20 s for ResNet-18 (2-core AVX2 CPU, fp32).
+    ``weights``, ``norm``, ``freeze_at``
     and ``load_weights`` as ``ResNetBackbone``'s; its stages are the layers of output stride
     <= 2, 4, 8, 16, 32."""
 
     def __init__(self, arch: str, weights: str | None = None, norm: str = "auto", freeze_at: int = 2,
-                 norm_eps: float = 1e-5, load_weights: bool = True) -> None:
+                 norm_eps: float | None = None, load_weights: bool = True) -> None:
         super().__init__()
         net, self.features, classifier = _light_layers(arch)
         if weights is not None and load_weights:
             _load_weights(net, arch, weights, classifier)
-        # after loading, as ShuffleNetV2 takes no norm_layer: torchvision's own BatchNorm
-        # settings (MobileNetV3's eps 1e-3, momentum 0.01) give way to the configured ones
-        _replace_batchnorms(self.features, _norm_layer(norm, weights, norm_eps))
+        # after loading, as ShuffleNetV2 takes no norm_layer: torchvision's BatchNorms give way
+        # to the configured kind, with their own eps (MobileNetV3's 1e-3) unless norm_eps is set;
+        # their momentum is BatchNorm's default 0.1 as in ResNet (MobileNetV3's was 0.01)
+        _replace_batchnorms(self.features, _norm_class(norm, weights), norm_eps)
         strides, channels = _probe(self.features)  # one per layer
         self._stage_ends = [max(i for i, s in enumerate(strides) if s <= 2**k) for k in range(1, 6)]
         self.out_channels = tuple(channels[i] for i in self._stage_ends[2:])
