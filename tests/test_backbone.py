@@ -1,6 +1,6 @@
 """Tests for retina.model.backbone: pretrained weights (a local .pth made here, torchvision weight
 names, one-line errors that name the file to place; no network is used) and the light trunks
-(MobileNetV3, ShuffleNetV2)."""
+(MobileNetV3, ShuffleNetV2, RegNet)."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_offline_download_names_the_cache_file(monkeypatch):
     assert "checkpoints" in msg and "\n" not in msg
 
 
-# ------------------------------------------------------------------------------- MobileNetV3
+# ----------------------------------------------------------------- light trunks
 # The MobileNetV3 paper's Tables 1 and 2 (torchvision's ``features``, one layer per row): the
 # last layer at strides 2, 4, 8, 16, 32, and the widths of C3, C4, C5 (C5: the final 1x1 conv).
 # The ShuffleNetV2 paper's Table 5: Conv1 (stride 2, 24), MaxPool (4), Stage2, 3, 4 (8, 16, 32;

@@ -154,9 +154,8 @@ class LightBackbone(Trunk):
     forward and backward pass of the trunk alone took 0.16 s for ``mobilenet_v3_small``, 0.21 s
     for ``shufflenet_v2_x1_0``, 0.32 s for ``_x1_5``, 0.47 s for ``regnet_x_400mf`` and 0.55 s
     for ``mobilenet_v3_large``, against 1.20 s for ResNet-18 (2-core AVX2 CPU, fp32).
-    ``weights``, ``norm``, ``freeze_at``
-    and ``load_weights`` as ``ResNetBackbone``'s; its stages are the layers of output stride
-    <= 2, 4, 8, 16, 32."""
+    ``weights``, ``norm``, ``freeze_at`` and ``load_weights`` as ``ResNetBackbone``'s; its
+    stages are the layers of output stride <= 2, 4, 8, 16, 32."""
 
     def __init__(self, arch: str, weights: str | None = None, norm: str = "auto", freeze_at: int = 2,
                  norm_eps: float | None = None, load_weights: bool = True) -> None:
