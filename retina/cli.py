@@ -22,12 +22,16 @@ from retina.errors import RetinaError, UsageError
 DEFAULT_CONFIG = "shapes.yaml"
 
 
+def _add_set(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set K=V ...``; repeated ``--set`` flags add up (argparse's default keeps the last)."""
+    p.add_argument("--set", "-s", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_config_args(p: argparse.ArgumentParser, default: Optional[str]) -> None:
     p.add_argument("--config", "-c", default=default,
                    help=f"YAML config: a path or a bundled config's name, e.g. shapes or "
                         f"ablations/shapes_focal (default: {default})")
-    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. loss.gamma=1.0 solver.max_iter=500")
+    _add_set(p, "dotted overrides, e.g. loss.gamma=1.0 solver.max_iter=500")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
 
 
@@ -35,8 +39,7 @@ def _add_weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", "-w", required=True,
                    help="checkpoint file or run directory, or a file of retina export (.onnx, .pt2)")
     p.add_argument("--config", "-c", help="config to use instead of the one the checkpoint holds")
-    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. data.root=/data/coco model.inference.score_thresh=0.1")
+    _add_set(p, "config overrides, e.g. data.root=/data/coco model.inference.score_thresh=0.1")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
 
 
@@ -88,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="base config (a path or a bundled config's name)")
     p.add_argument("--grid", "-g", action="append", default=[], metavar="KEY=V1,V2",
                    help="a swept key; several --grid multiply (default: the config's ablate.grids)")
-    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="overrides shared by every run")
+    _add_set(p, "overrides shared by every run")
     p.add_argument("--out", "-o", help="sweep directory (default: runs/ablate/<config name>)")
     p.add_argument("--jobs", "-j", type=int, default=1, help="runs at once")
     p.add_argument("--device", default="auto")
@@ -108,8 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["loss-cdf", "errors", "model", "imbalance"])
     p.add_argument("--weights", "-w", help="checkpoint file or run directory (loss-cdf: required)")
     p.add_argument("--config", "-c", help="config instead of the checkpoint's (model: the config to count)")
-    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="errors, model, imbalance: config overrides, e.g. data.root=/data/coco")
+    _add_set(p, "errors, model, imbalance: config overrides, e.g. data.root=/data/coco")
     p.add_argument("--gammas", default="0,0.5,1,2", help="loss-cdf: comma-separated gammas")
     p.add_argument("--num-images", type=int, default=100, help="loss-cdf, imbalance: val images to sample")
     p.add_argument("--coco", action="store_true",
@@ -131,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="retina checkpoint to write")
     p.add_argument("--variant", choices=["v1", "v2"], default="v1",
                    help="v1: retinanet_resnet50_fpn; v2: retinanet_resnet50_fpn_v2")
-    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides stored in the checkpoint, e.g. data.root=/data/coco")
+    _add_set(p, "config overrides stored in the checkpoint, e.g. data.root=/data/coco")
 
     p = sub.add_parser("export", help="the whole detector as one ONNX / torch.export file; parity "
                                       "with PyTorch checked on a few images")
@@ -150,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=4, help="images for the parity check")
     p.add_argument("--box-tol", type=float, default=1e-3, help="parity: largest box difference, px")
     p.add_argument("--config", "-c", help="config to use instead of the one the checkpoint holds")
-    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. data.root=/data/coco model.inference.score_thresh=0.1")
+    _add_set(p, "config overrides, e.g. data.root=/data/coco model.inference.score_thresh=0.1")
 
     p = sub.add_parser("data", help="generate the bundled synthetic sets (shapes, or the Table 1 "
                                     "benchmark: dense), check a dataset, convert a VOC / YOLO "
@@ -160,8 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c",
                    help=f"show: the config whose data and augmentation to draw (default: {DEFAULT_CONFIG}); "
                         "dense: the config whose data.dense and data.root to generate (default: dense)")
-    p.add_argument("--set", "-s", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="show, dense: config overrides, e.g. data.root=../photos data.augment.crop_prob=0.5")
+    _add_set(p, "show, dense: config overrides, e.g. data.root=../photos data.augment.crop_prob=0.5")
     p.add_argument("--num", "-n", type=int, default=16, help="show: samples to draw (default: 16)")
     p.add_argument("--split", choices=["train", "val"], default="train",
                    help="show: train (augmented, in training order) or val (as read)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from retina.cli import find_config, main
+from retina.cli import build_parser, find_config, main
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -51,6 +51,25 @@ def test_setting_that_does_not_apply_is_refused(capsys, tmp_path):
     assert_one_line_error(err, "--set loss.type=ce: loss.gamma=2.0 does not apply to loss.type=ce",
                           "set loss.gamma=0 or use loss.type=focal")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["train"], ["eval", "-w", "RUN"], ["predict", "-w", "RUN", "-i", "x.jpg"],
+                                     ["ablate"], ["analyze", "model"], ["export", "-w", "RUN"],
+                                     ["data", "show"], ["convert", "torchvision", "--in", "a", "-o", "b"]])
+def test_repeated_set_flags_add_up(command):
+    # argparse's plain nargs="+" keeps only the last --set: a=1 would be dropped without a word
+    args = build_parser().parse_args([*command, "--set", "a=1", "b=2", "-s", "c=3"])
+    assert args.set == ["a=1", "b=2", "c=3"]
+    assert build_parser().parse_args(command).set == []  # the default list is not shared
+
+
+def test_repeated_set_flags_reach_the_config(capsys, tmp_path):
+    # gamma 1 reaches the check only if the first --set survives (alone, the last would be refused
+    # for the default gamma 2.0)
+    code, err = run_cli(capsys, "train", "--set", "loss.gamma=1", "--set", "loss.type=ce",
+                        "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert_one_line_error(err, "--set loss.type=ce: loss.gamma=1.0 does not apply to loss.type=ce")
 
 
 def test_usage_error_is_one_line(capsys):

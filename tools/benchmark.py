@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-gt", type=int, default=50, help="ground-truth boxes per image")
     p.add_argument("--config", default=None, help="retina config, both models from one seed "
                    "(default: torchvision's architecture and weights, through retina.deploy.convert)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="retina config overrides")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="retina config overrides (repeated --set flags add up)")
     p.add_argument("--no-channels-last", action="store_true",
                    help="run retina with model.channels_last=false (default: true)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-points", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--contestants", nargs="+", default=list(CONTESTANTS), choices=CONTESTANTS)
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="for every contestant")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="for every contestant (repeated --set flags add up)")
     p.add_argument("--out", default="runs/race")
     args = p.parse_args(argv)
     if not Path(args.root).is_dir():
