@@ -27,10 +27,11 @@ def _add_set(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", "-s", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=help)
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: Optional[str]) -> None:
-    p.add_argument("--config", "-c", default=default,
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c",
                    help=f"YAML config: a path or a bundled config's name, e.g. shapes or "
-                        f"ablations/shapes_focal (default: {default})")
+                        f"ablations/shapes_focal (default: {DEFAULT_CONFIG}; with --resume, the "
+                        f"run's own config.yaml)")
     _add_set(p, "dotted overrides, e.g. loss.gamma=1.0 solver.max_iter=500")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a detector (default: the bundled shapes set)")
-    _add_config_args(p, DEFAULT_CONFIG)
+    _add_config_args(p)
     p.add_argument("--out", "-o", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--init", metavar="CKPT", help="start from a retina checkpoint's weights (model.init): "
@@ -189,23 +190,26 @@ def _train(args: argparse.Namespace) -> int:
     from retina.config import load_config, replace
     from retina.engine.train import Trainer
 
-    config_path = find_config(args.config)
+    config_path = find_config(args.config or DEFAULT_CONFIG)
+    out = Path(args.out) if args.out else Path("runs") / config_path.stem
+    if args.resume and args.config is None and (out / "config.yaml").is_file():
+        config_path = out / "config.yaml"  # the run's own (what "continue with: ..." means), --set on top
     cfg = load_config(config_path, args.set)
     if args.init:  # as model.init, but a path is not parsed as YAML
         cfg = replace(cfg, model=dataclasses.replace(cfg.model, init=args.init))
-    out = Path(args.out) if args.out else Path("runs") / config_path.stem
     Trainer(cfg, out, args.device, args.resume).train()
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from retina.data import build_dataset
-    from retina.engine.evaluate import evaluate, format_metrics_table
+    from retina.engine.evaluate import check_same_classes, evaluate, format_metrics_table
 
-    model, cfg, _, _, device = _load(args)
+    model, cfg, class_names, _, device = _load(args)
     weights = Path(args.weights)
     out = Path(args.out) if args.out else (weights if weights.is_dir() else weights.parent) / "eval"
     dataset = build_dataset(cfg, "val")
+    check_same_classes(class_names, dataset, args.weights)
     metrics = evaluate(model, dataset, cfg.eval.batch_size, device, out_dir=out,
                        progress=sys.stderr.isatty(), num_workers=cfg.data.num_workers,
                        backend=cfg.eval.backend)

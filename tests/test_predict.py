@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from retina.data.coco import read_image
+from retina.data.coco import read_image, upright_size
+from retina.data.formats import image_size
 from retina.engine.predict import list_images, predict_paths
 
 
@@ -87,12 +88,24 @@ def test_predict_writes_json_and_drawn_images(tmp_path: Path):
     assert (out / "two.jpg").is_file()
 
 
-def test_predict_unreadable_image_names_file(tmp_path: Path):
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"not an image at all")
-    with pytest.raises(RuntimeError, match="broken.png") as info:
-        predict_paths(FixedModel(), [bad], tmp_path / "out", ["a", "b"], [1, 2], "cpu")
+def test_predict_unreadable_image_names_file_and_keeps_the_others(tmp_path: Path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    gray_png(src / "a.png", 20, 30)
+    (src / "b.png").write_bytes(b"not an image at all")
+    gray_png(src / "c.png", 20, 30)
+    out = tmp_path / "out"
+    model = FixedModel()
+    with pytest.raises(ValueError, match=r"^1 of 3 images could not be read \(the first: bad image "
+                                         r".*b\.png: cannot read it: .*\); the detections of the other 2 "
+                                         r"are in .*detections\.json$") as info:
+        predict_paths(model, list_images(src), out, ["a", "b"], [1, 2], "cpu", batch_size=2)
     assert "\n" not in str(info.value)  # one line
+    assert capsys.readouterr().err.startswith("warning: skipping bad image ")
+    # a and c were detected, drawn and written, in input order; b is neither
+    assert [d["file_name"] for d in json.loads((out / "detections.json").read_text())] == ["a.png", "c.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "c.jpg", "detections.json"]
+    assert len(model.seen) == 2
 
 
 def test_read_image_bmp(tmp_path: Path):
@@ -103,6 +116,26 @@ def test_read_image_bmp(tmp_path: Path):
     image = read_image(tmp_path / "x.bmp")
     assert image.dtype == torch.uint8 and image.shape == (3, 5, 7)
     assert image[:, 2, 3].tolist() == [10, 20, 30]
+
+
+def test_read_image_applies_exif_orientation(tmp_path: Path):
+    # a phone photo stored 7 wide x 5 high with EXIF orientation 6 ("rotate 90 degrees clockwise
+    # to view"): viewers, labelling tools and detectron2 see it 5 wide x 7 high. A clockwise quarter
+    # turn of an H-high image moves pixel (row r, col c) to (row c, col H - 1 - r): (2, 3) -> (3, 2).
+    array = np.zeros((5, 7, 3), dtype=np.uint8)
+    array[2, 3] = (10, 20, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(array).save(tmp_path / "phone.png", exif=exif)
+    image = read_image(tmp_path / "phone.png")
+    assert image.shape == (3, 7, 5)
+    assert image[:, 3, 2].tolist() == [10, 20, 30] and int(image.sum()) == 60
+    with Image.open(tmp_path / "phone.png") as im:
+        assert im.size == (7, 5) and upright_size(im) == (5, 7)
+    assert image_size(tmp_path / "phone.png") == (5, 7)  # what VOC / YOLO folders check against
+    # without the tag, the stored pixels as they are
+    Image.fromarray(array).save(tmp_path / "plain.png")
+    assert read_image(tmp_path / "plain.png")[:, 2, 3].tolist() == [10, 20, 30]
 
 
 def test_predict_refuses_to_overwrite_input(tmp_path: Path):

@@ -290,6 +290,26 @@ def test_workers_leave_signals_to_the_trainer(shapes_root, tmp_path, signum, sta
     assert (run / f"model_{stopped:07d}.pth").is_file()
 
 
+def test_bad_image_in_a_worker_exits_after_its_error(tmp_path):
+    """With DataLoader workers (which ignore SIGTERM, above) the bad-image error was printed and
+    the process then waited for its workers forever: multiprocessing's exit-time terminate()
+    cannot stop them. The loop now shuts its workers down on the way out."""
+    root = generate_shapes(tmp_path / "shapes", **TINY_DATA)
+    first = json.loads((root / "annotations" / "instances_train.json").read_text())["images"][0]
+    (root / "train" / first["file_name"]).write_bytes(b"not a png any more")
+    cfg = with_changes(short_config(root, max_iter=8, checkpoint_period=100), data={"num_workers": 1})
+    proc = train_process(write_config(cfg, tmp_path / "bad.yaml"), tmp_path / "run")
+    try:
+        _, err = proc.communicate(timeout=120)  # 8 tiny steps: seconds, unless it hangs
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("retina train did not exit after the bad-image error")
+    assert proc.returncode == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("retina: error: bad image ") and "checkpoint " in last
+
+
 def test_resume_skips_an_unreadable_newest_checkpoint(shapes_root, tmp_path, capsys):
     cfg = short_config(shapes_root, max_iter=4)
     Trainer(cfg, tmp_path / "run", device="cpu", quiet=True).train()

@@ -12,8 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from retina.cli import main
+from retina.config import config_to_dict
 from retina.data import build_dataset, generate_shapes
 from retina.engine.checkpoint import load_checkpoint, load_model
 from retina.engine.evaluate import evaluate
@@ -114,6 +116,25 @@ def test_resume_is_exact(shapes_root, tmp_path):
     assert a["iteration"] == b["iteration"] == 6
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_without_config_uses_the_runs_own(shapes_root, tmp_path, monkeypatch, capsys):
+    # "continue with: retina train --resume --out RUN" is what a stopped run prints; without
+    # --config it took the default shapes.yaml, whose model did not fit the checkpoint
+    cfg = tiny_config(shapes_root, solver={"max_iter": 2, "warmup_iters": 0},
+                      train={"checkpoint_period": 100, "eval_at_end": False})
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)  # were the default taken, its data would land here, not in the repo
+    assert main(["train", "--config", str(config), "--out", str(run), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--device", "cpu", "--set", "solver.max_iter=4"]) == 0
+    out = capsys.readouterr().out
+    assert load_checkpoint(run / "model_final.pth")["iteration"] == 4
+    assert ("resuming with 1 setting(s) changed from the checkpoint's config: "
+            "solver.max_iter: 2 -> 4") in out
+    assert not (tmp_path / "data").exists()
 
 
 def test_refuses_to_overwrite_a_run(shapes_root, tmp_path):

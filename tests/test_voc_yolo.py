@@ -15,6 +15,7 @@ The generated YOLO folder (``yolo_root``), names {0: cat, 1: dog}:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -290,6 +291,21 @@ def test_build_dataset_refuses_bad_folders(voc_root, yolo_root):
         build_dataset(_data_cfg(voc_root, format="yolo"), "train")
 
 
+def test_empty_split_is_refused(voc_root, tmp_path):
+    # an empty val split scored AP 0.0 without a word; training now stops before it starts
+    (voc_root / "ImageSets" / "Main" / "val.txt").write_text("\n")
+    assert len(build_dataset(_data_cfg(voc_root), "train")) == 2
+    with pytest.raises(ValueError, match=r"^the val set is empty: voc layout detected in .*split 'val' has no image$"):
+        build_dataset(_data_cfg(voc_root), "val")
+    from retina.engine.train import Trainer
+    from tinyrun import tiny_config
+
+    cfg = replace(tiny_config(tmp_path / "unused"), data=DataConfig(dataset="coco", root=str(voc_root), num_workers=0))
+    with pytest.raises(ValueError, match="the val set is empty"):
+        Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing trained or written
+
+
 def test_difficult_boxes_are_ignored_by_evaluation(voc_root):
     ds = _dataset(read_voc(voc_root, ("train",)), "train")
     # Detections = the 2 ordinary GT boxes (dog of a, bird of b) + one on a's difficult cat:
@@ -324,6 +340,23 @@ def test_convert_round_trip(voc_root, yolo_root, tmp_path, capsys):
         assert json.loads((out / "instances_val.json").read_text()) == folder.splits["val"]
 
 
+def test_convert_leaves_out_boxes_without_area(voc_root, tmp_path, capsys):
+    # c.xml's box with xmax < xmin: corners (20, 11, 15, 30) -> x1 = 19, x2 = 15, width -4, which
+    # COCO cannot hold; the folder's own reader drops it when training
+    (voc_root / "Annotations" / "c.xml").write_text(_xml([("dog", 0, (20, 11, 15, 30)),
+                                                          ("dog", 0, (11, 11, 30, 30))], (32, 32)))
+    assert read_folder(voc_root, "voc", ("val",)).splits["val"]["annotations"][0]["bbox"] == [19, 10, -4, 20]
+    out = tmp_path / "coco"
+    assert main(["data", "convert", "--from", "voc", "--to", "coco", "--root", str(voc_root),
+                 "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[2].startswith(f"wrote {out / 'instances_val.json'}: 1 images, 1 annotations") and \
+        printed[2].endswith("; left out 1 boxes of zero or negative width or height "
+                            f"(retina data check --root {voc_root} names them)")
+    assert [a["bbox"] for a in json.loads((out / "instances_val.json").read_text())["annotations"]] == \
+        [[10, 10, 20, 20]]
+
+
 def test_convert_refuses_a_folder_with_problems(voc_root, tmp_path, capsys):
     (voc_root / "Annotations" / "c.xml").unlink()
     with pytest.raises(ValueError, match=r"c.xml: not found \(listed in .*val.txt:1\)"):
@@ -338,7 +371,7 @@ def test_convert_refuses_a_folder_with_problems(voc_root, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ end to end
 @pytest.mark.parametrize("fmt", ["voc", "yolo"])
-def test_train_and_evaluate_on_a_folder(fmt, voc_root, yolo_root, tmp_path):
+def test_train_and_evaluate_on_a_folder(fmt, voc_root, yolo_root, tmp_path, capsys):
     from retina.engine.checkpoint import load_checkpoint
     from retina.engine.train import Trainer
     from tinyrun import tiny_config
@@ -359,6 +392,12 @@ def test_train_and_evaluate_on_a_folder(fmt, voc_root, yolo_root, tmp_path):
         assert main(["eval", "--weights", str(tmp_path / "run"), "--device", "cpu", "--out", str(out),
                      "--set", "data.num_workers=0"]) == 0  # fmt: skip
         assert json.loads((out / "metrics.json").read_text())["AP"] == pytest.approx(metrics["AP"])
+        # the same folder with its classes in another order: label 0 would be scored as "dog"
+        capsys.readouterr()
+        assert main(["eval", "--weights", str(tmp_path / "run"), "--device", "cpu", "--out", str(out),
+                     "--set", "data.num_workers=0", "data.classes=[dog,cat,bird]"]) == 2
+        assert re.fullmatch(r"retina: error: \S+ detects \['bird', 'cat', 'dog'\] but the val set "
+                            r"\(.*\) has the classes \['dog', 'cat', 'bird'\]: .*\n", capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------------------ raccoon-voc

@@ -15,12 +15,12 @@ A ``Config`` is read at the top only: by the factories (``build_model``, ``build
 """
 
 from retina.config.errors import ConfigError
-from retina.config.loader import (CONFIG_DIR, config_from_dict, config_to_dict, dump_config, find_config,
-                                  load_config, replace)
+from retina.config.loader import (CONFIG_DIR, config_changes, config_from_dict, config_to_dict, dump_config,
+                                  find_config, flat_keys, load_config, replace)
 from retina.config.rules import get_key, key_applies, validate
 from retina.config.schema import *  # noqa: F401,F403  (the dataclasses: Config, ModelConfig, ...)
 from retina.config.schema import Config, __all__ as _schema_names
 from retina.config.yaml_io import yaml_load
 
-__all__ = ["CONFIG_DIR", "Config", "ConfigError", "config_from_dict", "config_to_dict", "dump_config",
-           "find_config", "get_key", "key_applies", "load_config", "replace", "validate", "yaml_load", *_schema_names]
+__all__ = ["CONFIG_DIR", "Config", "ConfigError", "config_changes", "config_from_dict", "config_to_dict",
+           "dump_config", "find_config", "flat_keys", "get_key", "key_applies", "load_config", "replace", "validate", "yaml_load", *_schema_names]

@@ -258,6 +258,26 @@ def config_to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+def flat_keys(data: dict, prefix: str = "") -> dict[str, Any]:
+    """The leaves of nested mappings under their dotted keys: {"loss": {"gamma": 2}} -> {"loss.gamma": 2}."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(before: dict, after: Config) -> list[str]:
+    """``key: old -> new`` for each key whose value differs between ``before`` (a stored
+    ``config_to_dict``, e.g. a checkpoint's) and ``after``; keys only one side has count too."""
+    old, new = flat_keys(before), flat_keys(config_to_dict(after))
+    missing = "(absent)"
+    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k, missing) != new.get(k, missing)]
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 

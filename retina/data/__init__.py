@@ -18,7 +18,7 @@ from retina.data.formats import detect_format
 from retina.data.robust import SkipBadImages, TooManyBadImages
 from retina.data.shapes import ensure_shapes, generate_shapes
 from retina.data.transforms import Augmentation, build_transforms
-from retina.errors import MissingFileError
+from retina.errors import InputError, MissingFileError
 
 __all__ = [
     "BadImageError",
@@ -89,6 +89,8 @@ def build_dataset(cfg: Config, split: Literal["train", "val"]) -> CocoDetection 
     transforms = build_transforms(inp.min_size, inp.max_size, cfg.data.hflip_prob,
                                   train=split == "train", augment=augment)  # fmt: skip
     dataset = CocoDetection(ann, image_dir, transforms, source)
+    if len(dataset) == 0:  # an empty val split scored AP 0.0 without a word
+        raise InputError(f"the {split} set is empty: {source} has no image")
     if split == "train" and cfg.data.on_bad_image == "skip":
         return SkipBadImages(dataset, cfg.data.max_bad_fraction)
     return dataset

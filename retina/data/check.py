@@ -54,7 +54,7 @@ from typing import Any, Iterable, Literal, Optional, Sequence
 
 from PIL import Image
 
-from retina.data.coco import load_coco_json
+from retina.data.coco import load_coco_json, upright_size
 from retina.data.convert import read_folder
 from retina.errors import InputError, MissingFileError, RetinaError
 
@@ -241,11 +241,11 @@ def inspect_image(path: Path, decode: bool = True) -> tuple[str, str, Optional[t
     """(status, reason, (width, height)) of one file: status "ok", "missing" or "unreadable"."""
     try:
         with Image.open(path) as im:
-            size = im.size
+            size = upright_size(im)
             if decode:
                 # JPEG: decoding at 1/8 scale still reads (and checks) the whole stream but
                 # skips most of the IDCT: 1.3x faster on noisy 640x480 files, more on photos.
-                im.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))
+                im.draft(None, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
                 im.load()
     except FileNotFoundError:
         return "missing", "not found", None

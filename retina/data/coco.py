@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -71,8 +71,10 @@ def read_image(path: str | Path, image_id: Optional[int] = None) -> Tensor:
     """Decode an image file to uint8 RGB (3, H, W): the one decoder of retina (datasets and
     ``retina predict``).
 
-    PIL, not torchvision.io (its decoders are deprecated since torchvision 0.29). ``convert``
-    turns grayscale, palette, RGBA (alpha dropped) and CMYK into RGB.
+    PIL, not torchvision.io (its decoders are deprecated since torchvision 0.29). A photo's EXIF
+    orientation is applied (as image viewers, detectron2's ``read_image`` and ultralytics do), so
+    the pixels are the upright image its annotation was drawn on; ``convert`` turns grayscale,
+    palette, RGBA (alpha dropped) and CMYK into RGB.
 
     Raises:
         BadImageError: the file is missing or cannot be decoded; one line naming it (and
@@ -81,7 +83,8 @@ def read_image(path: str | Path, image_id: Optional[int] = None) -> Tensor:
     path = Path(path)
     try:
         with Image.open(path) as pil_image:
-            hwc = np.asarray(pil_image.convert("RGB"))  # (H, W, 3) uint8
+            upright = ImageOps.exif_transpose(pil_image) if _orientation(pil_image) != 1 else pil_image
+            hwc = np.asarray(upright.convert("RGB"))  # (H, W, 3) uint8
     except FileNotFoundError:
         raise BadImageError.of(path, image_id, "file not found") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -89,6 +92,18 @@ def read_image(path: str | Path, image_id: Optional[int] = None) -> Tensor:
         raise BadImageError.of(path, image_id, f"cannot read it: {reason}") from e
     # numpy makes the CHW copy: single-threaded, no intra-op thread pool for a tiny copy.
     return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1: upright, 5-8: rotated a quarter turn), from the header."""
+    return im.getexif().get(0x0112, 1)  # 0x0112: ExifTags.Base.Orientation
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as ``read_image`` returns it: EXIF orientations 5-8
+    (a quarter turn) swap the header's width and height. Decodes no pixels."""
+    w, h = im.size
+    return (h, w) if _orientation(im) in (5, 6, 7, 8) else (w, h)
 
 
 def load_coco_json(ann_file: Path) -> dict:

@@ -44,17 +44,24 @@ def read_folder(root: str | Path, fmt: Literal["auto", "voc", "yolo"], splits: S
                      "data.val_ann (retina data check --ann A.json --images DIR)")  # fmt: skip
 
 
+def _has_area(ann: dict) -> bool:
+    """A COCO box of positive width and height (VOC corners given as xmax < xmin are not)."""
+    return ann["bbox"][2] > 0 and ann["bbox"][3] > 0
+
+
 def convert_folder(folder: FolderData, out_dir: str | Path) -> list[Path]:
     """Write ``out_dir/instances_<split>.json`` for every split of ``folder``; their paths.
 
     Refuses (``InputError``, the first problem) a folder with problems: a json silently missing
-    some images or boxes would look complete.
+    some images or boxes would look complete. Boxes of zero or negative width or height (a
+    warning of ``retina data check``; training drops them) are left out: COCO has no such box.
     """
     folder.raise_on_problems()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for split, data in folder.splits.items():
+        data = {**data, "annotations": [a for a in data["annotations"] if _has_area(a)]}
         path = out_dir / f"instances_{split}.json"
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(data, allow_nan=False))  # readers never see half a file
@@ -72,8 +79,12 @@ def data_convert_cli(root: str | Path, fmt: Literal["auto", "voc", "yolo"], out_
     paths = convert_folder(folder, out_dir)
     print(folder.summary(detected=fmt == "auto"))
     for path, (split, data) in zip(paths, folder.splits.items()):
-        print(f"wrote {path}: {len(data['images'])} images, {len(data['annotations'])} annotations, "
-              f"{len(data['categories'])} categories; images in {folder.image_dirs[split]}")
+        kept = sum(map(_has_area, data["annotations"]))
+        left_out = len(data["annotations"]) - kept
+        print(f"wrote {path}: {len(data['images'])} images, {kept} annotations, "
+              f"{len(data['categories'])} categories; images in {folder.image_dirs[split]}"
+              + (f"; left out {left_out} boxes of zero or negative width or height (retina data "
+                 f"check --root {root} names them)" if left_out else ""))
     if len(paths) == 2:  # (train, val), as the config names them
         keys = [f"data.root={Path(out_dir)}", "data.format=coco"]
         for key, path, split in zip(("train", "val"), paths, folder.splits):

@@ -27,6 +27,7 @@ from typing import Literal, NamedTuple
 
 from PIL import Image
 
+from retina.data.coco import upright_size
 from retina.errors import InputError
 
 Format = Literal["coco", "voc", "yolo"]
@@ -108,10 +109,11 @@ def annotation(ann_id: int, image_id: int, label: int, xywh: list[float], crowd:
 
 
 def image_size(path: Path) -> tuple[int, int] | Problem:
-    """(width, height) from the file's header (PIL decodes no pixels here), or the ``Problem``."""
+    """(width, height) from the file's header, EXIF orientation applied (PIL decodes no pixels
+    here), or the ``Problem``."""
     try:
         with Image.open(path) as im:
-            return im.size
+            return upright_size(im)
     except FileNotFoundError:
         return Problem("missing_file", f"{path}: image not found")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
-from retina.errors import RetinaError
+from retina.errors import InputError, RetinaError
 from retina.io import write_json
 
 EvalBackend = Literal["pycocotools", "faster_coco_eval"]
@@ -102,6 +102,18 @@ def _coco_classes(backend: EvalBackend) -> tuple[type, type]:
 def check_backend(backend: EvalBackend) -> None:
     """Raise ``EvalBackendError`` now, before hours of training, if ``backend`` is unusable."""
     _coco_classes(backend)
+
+
+def check_same_classes(model_classes: Sequence[str] | None, dataset: Any, weights: str | Path) -> None:
+    """A model's label k is scored as the dataset's k-th class, so the two lists must agree:
+    a val set with other classes (or another order) would score each box as the wrong class.
+    ``InputError`` (one line) when they differ; nothing to check for a model without names."""
+    data_classes = list(getattr(dataset, "class_names", None) or [])
+    if model_classes and data_classes and list(model_classes) != data_classes:
+        source = getattr(dataset, "source", "the val set")
+        raise InputError(f"{weights} detects {list(model_classes)} but the val set ({source}) has the classes "
+                         f"{data_classes}: evaluate on data with the model's classes, in its order "
+                         f"(--set data.root=... / data.classes=...)")
 
 
 def evaluate_detections(

@@ -11,6 +11,7 @@ Shape legend: D detections of one image, K classes.
 from __future__ import annotations
 
 import glob
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from retina.data.coco import read_image
+from retina.data.coco import BadImageError, read_image
 from retina.engine.evaluate import in_input_order, same_size_batches
 from retina.errors import InputError, MissingFileError
 from retina.io import write_json
@@ -121,6 +122,10 @@ def predict_paths(
 
     Returns:
         The detections written to JSON, in input order then model order.
+
+    Raises:
+        InputError: some files could not be read: each was skipped with a warning on stderr,
+            the others' detections and drawings were written first; one line names the first.
     """
     device = torch.device(device)
     out_dir = Path(out_dir)
@@ -135,15 +140,25 @@ def predict_paths(
     was_training = model.training
     model.eval()
     detections: list[dict] = []
+    bad: list[str] = []  # unreadable images: skipped, named at the end
     try:
         for start in range(0, len(paths), batch_size):
-            batch = slice(start, start + batch_size)
-            images = [read_image(p) for p in paths[batch]]  # uint8 (3, H, W) each
+            read = []  # (index, uint8 (3, H, W)) of the readable images of this batch
+            for i in range(start, min(start + batch_size, len(paths))):
+                try:
+                    read.append((i, read_image(paths[i])))
+                except BadImageError as e:
+                    bad.append(str(e))
+                    print(f"warning: skipping {e}", file=sys.stderr)
+            if not read:
+                continue
+            index, images = [i for i, _ in read], [img for _, img in read]
             groups = same_size_batches([tuple(img.shape[-2:]) for img in images], len(images), len(images))
             with torch.inference_mode():  # one call per image size, see the docstring
                 outputs = in_input_order(groups, [out for group in groups
                                                   for out in model([images[i].to(device) for i in group])])
-            for name, dst, image, out in zip(record_names[batch], out_paths[batch], images, outputs):
+            for i, image, out in zip(index, images, outputs):
+                name, dst = record_names[i], out_paths[i]
                 keep = out["scores"] >= score_thresh  # (D,)
                 boxes = out["boxes"][keep].detach().cpu().float()  # (D', 4)
                 scores = out["scores"][keep].detach().cpu().float()  # (D',)
@@ -154,6 +169,10 @@ def predict_paths(
     finally:
         model.train(was_training)
     write_json(out_dir / "detections.json", detections)
+    if bad:  # after the others' results are written: one bad file loses no finished work
+        raise InputError(f"{len(bad)} of {len(paths)} images could not be read (the first: {bad[0]}); "
+                         f"the detections of the other {len(paths) - len(bad)} are in "
+                         f"{out_dir / 'detections.json'}")
     return detections
 
 

@@ -29,7 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from retina.config import Config, config_to_dict, dump_config, replace
+from retina.config import Config, config_changes, config_to_dict, dump_config, replace
 from retina.data import build_dataset, collate
 from retina.engine import dist
 from retina.engine.budget import TimeBudget
@@ -101,6 +101,9 @@ class Trainer:
         dist.barrier()
         if not self.main:
             self.train_set = build_dataset(cfg, "train")
+        # the val set is read now, so that a missing or empty one stops the run before training
+        evaluates = cfg.train.eval_at_end or cfg.train.eval_period > 0
+        self.val_set = build_dataset(cfg, "val") if evaluates else None
         if cfg.model.num_classes != self.train_set.num_classes:
             cfg = replace(cfg, model=dataclasses.replace(cfg.model, num_classes=self.train_set.num_classes))
         self.cfg = cfg
@@ -130,7 +133,7 @@ class Trainer:
             check_run_dir(self.run_dir, self.model, self.optimizer)
         self.logger = TrainLogger(self.run_dir, self.iteration, self.max_iter,
                                   enabled=self.main, echo=not quiet)
-        for line in (amp_line, init_line):
+        for line in (amp_line, init_line, self._resume_line(ckpt)):
             if line is not None:
                 self.logger.write(line)
         self.stop_signal: Optional[int] = None
@@ -158,6 +161,17 @@ class Trainer:
                     print(f"warning: skipping unreadable checkpoint: {e}", file=sys.stderr)
         raise TrainingError(f"no readable checkpoint in {self.run_dir}; start a new run with --out")
 
+    def _resume_line(self, ckpt: Optional[dict]) -> Optional[str]:
+        """On resume, the settings that differ from the checkpoint's config (a raised
+        ``solver.max_iter`` is the common one; anything else changes the run from here on)."""
+        if ckpt is None or not isinstance(ckpt.get("config"), dict):
+            return None
+        changes = config_changes(ckpt["config"], self.cfg)
+        if not changes:
+            return None
+        shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+        return f"resuming with {len(changes)} setting(s) changed from the checkpoint's config: {shown}"
+
     def _restore(self, ckpt: dict) -> None:
         try:
             self.model.load_state_dict(ckpt["model"])
@@ -168,7 +182,9 @@ class Trainer:
                 load_ema_state(self.model_ema, ckpt)  # else: the average starts at this iteration
         except (KeyError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrainingError(f"{self.checkpoint_path} does not fit this config: {first}") from None
+            raise TrainingError(f"{self.checkpoint_path} does not fit this config: {first} (the run's own "
+                                f"config is {self.run_dir / 'config.yaml'}: --resume without --config "
+                                f"uses it)") from None
         self.iteration = int(ckpt["iteration"])
         self.best_ap = float(ckpt.get("best_ap", -1.0))
         self.skipped = int(ckpt.get("skipped_steps", 0))
@@ -338,8 +354,19 @@ class Trainer:
                                 f"check), or set data.on_bad_image=skip, then --resume") from None
 
     def _loop(self, model: torch.nn.Module) -> None:
-        cfg = self.cfg
         data = iter(self._loader())
+        try:
+            self._steps(model, data)
+        finally:
+            # The workers ignore SIGTERM (leave_signals_to_trainer), so multiprocessing's exit-time
+            # terminate() cannot stop them: after an error (a bad image, a broken pipe) the
+            # process waited for them forever. DataLoader's own shutdown asks them to stop.
+            shutdown = getattr(data, "_shutdown_workers", None)  # absent without workers
+            if shutdown is not None:
+                shutdown()
+
+    def _steps(self, model: torch.nn.Module, data) -> None:
+        cfg = self.cfg
         sums: dict[str, torch.Tensor] = {}
         count, data_time, step_time = 0, 0.0, 0.0
         while self.iteration < self.max_iter:
@@ -397,7 +424,8 @@ class Trainer:
         metrics.json and detections.json."""
         if self._validator is None:
             cfg = self.cfg
-            self._validator = Validator(build_dataset(cfg, "val"), cfg.eval.batch_size, self.device,
+            val_set = self.val_set if self.val_set is not None else build_dataset(cfg, "val")
+            self._validator = Validator(val_set, cfg.eval.batch_size, self.device,
                                         self.amp_dtype, cfg.data.num_workers, self.logger,
                                         cfg.train.tb_images, cfg.eval.backend)
         evaluated = self.model_ema.module if self.model_ema is not None else self.model

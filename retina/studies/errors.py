@@ -212,13 +212,14 @@ def _run_detections(weights: str, config: Optional[str], overrides: Sequence[str
     from retina.config import find_config, load_config
     from retina.data import build_dataset
     from retina.engine.checkpoint import load_model
-    from retina.engine.evaluate import inference, to_coco_results
+    from retina.engine.evaluate import check_same_classes, inference, to_coco_results
     from retina.engine.dist import resolve_device
 
     dev = resolve_device(device)
     cfg = load_config(find_config(config), list(overrides)) if config else None
-    model, cfg, _, _ = load_model(weights, dev, tuple(overrides), cfg)
+    model, cfg, class_names, _ = load_model(weights, dev, tuple(overrides), cfg)
     dataset = build_dataset(cfg, "val")
+    check_same_classes(class_names, dataset, weights)
     outputs, image_ids = inference(model, dataset, cfg.eval.batch_size, dev,
                                    progress=sys.stderr.isatty(), num_workers=cfg.data.num_workers)
     cat_ids = [int(c) for c in dataset.cat_ids]

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from retina.config import Config, config_to_dict, yaml_load
+from retina.config import Config, config_to_dict, flat_keys, yaml_load
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 SEED_KEY = "train.seed"
@@ -60,16 +60,6 @@ def short_keys(keys: Sequence[str]) -> list[str]:
             if not any(o != key and (o == suffix or o.endswith("." + suffix)) for o in keys):
                 break
         out.append(suffix)
-    return out
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
     return out
 
 
@@ -141,7 +131,7 @@ def collect_runs(out_dir: str | Path, metrics_file: str = "metrics.json") -> tup
         overrides = {k.strip(): yaml_load(v) for k, _, v in
                      (o.partition("=") for o in run_file.get("overrides", []))}
         try:
-            config = _flatten(yaml.safe_load((d / "config.yaml").read_text()) or {})
+            config = flat_keys(yaml.safe_load((d / "config.yaml").read_text()) or {})
         except (OSError, yaml.YAMLError):
             config = None
         infos.append((d, run_file, overrides, config))
@@ -151,7 +141,7 @@ def collect_runs(out_dir: str | Path, metrics_file: str = "metrics.json") -> tup
     configs = [c for *_, c in infos if c is not None]
     if len(configs) > 1:
         keys += [k for k in configs[0] if k not in keys and any(c.get(k) != configs[0][k] for c in configs)]
-    defaults = _flatten(config_to_dict(Config()))
+    defaults = flat_keys(config_to_dict(Config()))
 
     rows = []
     for d, run_file, overrides, config in infos:
