@@ -123,14 +123,34 @@ def test_unknown_category_names_annotation_and_category(tiny_coco):
 
 def test_bad_bbox_is_a_value_error(tiny_coco):
     ann_file, image_dir = tiny_coco
+    first = json.loads(ann_file.read_text())["annotations"][0]
     _edit_json(ann_file, lambda d: d["annotations"][0].update(bbox=[1, 2, 3]))  # ragged
-    with pytest.raises(ValueError, match="4-number bbox") as e:
+    with pytest.raises(ValueError, match=rf"annotation {first['id']} \(image {first['image_id']}\) has "
+                                         r"bbox \[1, 2, 3\]; COCO boxes are 4 numbers") as e:
         CocoDetection(ann_file, image_dir)
-    assert str(ann_file) in str(e.value)
+    assert str(e.value).startswith(f"{ann_file}: ")
     # 8 three-number boxes hold 24 = 6 x 4 numbers: must not be read as 6 boxes.
     _edit_json(ann_file, lambda d: [a.update(bbox=[1, 2, 3]) for a in d["annotations"]])
     _edit_json(ann_file, lambda d: d["annotations"].append({**d["annotations"][0], "id": 8}))
-    with pytest.raises(ValueError, match="4-number bbox"):
+    with pytest.raises(ValueError, match="COCO boxes are 4 numbers"):
+        CocoDetection(ann_file, image_dir)
+    # numpy would read "1" as 1.0
+    _edit_json(ann_file, lambda d: [a.update(bbox=["1", 2, 3, 4]) for a in d["annotations"]])
+    with pytest.raises(ValueError, match=r"has bbox \['1', 2, 3, 4\]"):
+        CocoDetection(ann_file, image_dir)
+
+
+def test_references_pycocotools_would_get_wrong(tiny_coco):
+    ann_file, image_dir = tiny_coco
+    original = ann_file.read_text()
+    # a repeated image id: the index keeps the last image and hangs the first's boxes on it
+    _edit_json(ann_file, lambda d: d["images"].append({**d["images"][0], "file_name": "copy.png"}))
+    with pytest.raises(ValueError, match=r"image id \S+ is used by more than one image \('copy.png' "):
+        CocoDetection(ann_file, image_dir)
+    # an annotation of an image that is not listed: it was dropped without a word
+    ann_file.write_text(original)
+    _edit_json(ann_file, lambda d: d["annotations"].append({**d["annotations"][0], "id": 77, "image_id": 999}))
+    with pytest.raises(ValueError, match="annotation 77 refers to image_id 999, which no image has"):
         CocoDetection(ann_file, image_dir)
 
 

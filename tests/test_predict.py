@@ -118,6 +118,16 @@ def test_read_image_bmp(tmp_path: Path):
     assert image[:, 2, 3].tolist() == [10, 20, 30]
 
 
+def test_read_image_16_bit_gray_keeps_its_top_byte(tmp_path: Path):
+    # PIL's convert("RGB") clips 16-bit values to 255 (an almost white image); v >> 8 keeps them
+    Image.fromarray(np.array([[0, 256, 32768, 65535]], dtype=np.uint16)).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode == "I;16"
+    image = read_image(tmp_path / "g16.png")
+    assert image.dtype == torch.uint8 and image.shape == (3, 1, 4)
+    assert image.tolist() == [[[0, 1, 128, 255]]] * 3
+
+
 def test_read_image_applies_exif_orientation(tmp_path: Path):
     # a phone photo stored 7 wide x 5 high with EXIF orientation 6 ("rotate 90 degrees clockwise
     # to view"): viewers, labelling tools and detectron2 see it 5 wide x 7 high. A clockwise quarter

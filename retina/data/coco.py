@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import numbers
 import re
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -74,7 +75,7 @@ def read_image(path: str | Path, image_id: Optional[int] = None) -> Tensor:
     PIL, not torchvision.io (its decoders are deprecated since torchvision 0.29). A photo's EXIF
     orientation is applied (as image viewers, detectron2's ``read_image`` and ultralytics do), so
     the pixels are the upright image its annotation was drawn on; ``convert`` turns grayscale,
-    palette, RGBA (alpha dropped) and CMYK into RGB.
+    palette, RGBA (alpha dropped) and CMYK into RGB; 16-bit grayscale keeps its top 8 bits.
 
     Raises:
         BadImageError: the file is missing or cannot be decoded; one line naming it (and
@@ -84,7 +85,11 @@ def read_image(path: str | Path, image_id: Optional[int] = None) -> Tensor:
     try:
         with Image.open(path) as pil_image:
             upright = ImageOps.exif_transpose(pil_image) if _orientation(pil_image) != 1 else pil_image
-            hwc = np.asarray(upright.convert("RGB"))  # (H, W, 3) uint8
+            if upright.mode.startswith("I;16"):  # 16-bit gray: convert() would clip it to white
+                gray = (np.asarray(upright, dtype=np.uint16) >> 8).astype(np.uint8)  # (H, W)
+                hwc = np.repeat(gray[:, :, None], 3, axis=2)  # (H, W, 3) uint8
+            else:
+                hwc = np.asarray(upright.convert("RGB"))  # (H, W, 3) uint8
     except FileNotFoundError:
         raise BadImageError.of(path, image_id, "file not found") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -104,6 +109,33 @@ def upright_size(im: Image.Image) -> tuple[int, int]:
     (a quarter turn) swap the header's width and height. Decodes no pixels."""
     w, h = im.size
     return (h, w) if _orientation(im) in (5, 6, 7, 8) else (w, h)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_references(data: dict, source: str) -> None:
+    """What pycocotools' index would silently get wrong: a repeated image id (the last image
+    wins, the others' boxes land on it), an annotation of an image that is not listed (dropped),
+    a bbox that is not 4 numbers (numpy reads "1" as 1.0). ``InputError`` naming the first."""
+    images = [img for img in data.get("images", []) if isinstance(img, dict)]
+    seen: set = set()
+    for img in images:
+        if img.get("id") in seen:
+            raise InputError(f"{source}: image id {img.get('id')!r} is used by more than one image "
+                             f"({img.get('file_name')!r} among them); ids must be unique")
+        seen.add(img.get("id"))
+    for ann in data.get("annotations", []):
+        if not isinstance(ann, dict):
+            continue
+        if ann.get("image_id") not in seen:
+            raise InputError(f"{source}: annotation {ann.get('id')!r} refers to image_id "
+                             f"{ann.get('image_id')!r}, which no image has")
+        box = ann.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
+            raise InputError(f"{source}: annotation {ann.get('id')!r} (image {ann.get('image_id')!r}) "
+                             f"has bbox {box!r}; COCO boxes are 4 numbers [x, y, width, height]")
 
 
 def load_coco_json(ann_file: Path) -> dict:
@@ -150,6 +182,7 @@ class CocoDetection(Dataset):
         if not image_dir.is_dir():
             raise MissingFileError(f"image directory not found: {image_dir}")
         data = ann_file if self.ann_file is None else load_coco_json(self.ann_file)
+        _check_references(data, self.source)
         self.image_dir, self.transforms = image_dir, transforms
         self.coco = COCO()
         self.coco.dataset = data
