@@ -289,7 +289,16 @@ def test_parity_allows_ties_and_counts_mismatches():
     assert parity.mismatches == 2 and not parity.ok  # eager label 0 and exported label 2
     parity = Parity()
     compare_image(parity, ref, {**ref, "boxes": box + 2e-3}, 0.05, 100)
-    assert parity.mismatches == 0 and not parity.ok
+    assert parity.mismatches == 0 and not parity.ok  # at 50 px: allowed 1e-3 + 1.3e-6 x 50 = 1.07e-3
+    # the same 2e-3 px on a box at 1000 px is float32 rounding: 1e-3 + 1.3e-6 x 1000 = 2.3e-3
+    far = {**ref, "boxes": box + 1000.0}
+    parity = Parity()
+    compare_image(parity, far, {**far, "boxes": far["boxes"] + 2e-3}, 0.05, 100)
+    assert parity.ok and parity.max_box_diff == pytest.approx(2e-3, abs=1e-4)
+    # ... but not 2.5e-3 there
+    parity = Parity()
+    compare_image(parity, far, {**far, "boxes": far["boxes"] + 2.5e-3}, 0.05, 100)
+    assert not parity.ok
 
 
 # ------------------------------------------------------------------------------- folding

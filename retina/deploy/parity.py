@@ -12,8 +12,11 @@ except for a tie:
   kept one.
 
 Parity holds when there is no mismatch, every paired score is within ``score_tol`` and every
-paired box within ``box_tol`` px at the resolution the network sees: a box difference in the
-input's pixels is divided by ``max(1, px_scale)``, the input pixels per network pixel (an image
+paired box within ``box_tol`` px plus ``BOX_RTOL`` times its largest coordinate (torch.testing's
+float32 rule, atol + rtol x |expected|, with the box's extent as the magnitude: a box reaching 500
+px carries ~20 float32 ulps of rounding through a deep network, in every corner since the width
+comes from exp(dw) x the anchor, so a fixed 1e-3 px failed ordinary models) at the resolution the
+network sees: a box difference in the input's pixels is divided by ``max(1, px_scale)``, the input pixels per network pixel (an image
 shrunk 10x to the test size magnifies the float noise of the network's coordinates 10x when its
 boxes are mapped back; an enlarged image is held to ``box_tol`` input px). Labels are compared
 through the pairing: a detection whose partner would need another label counts as a mismatch.
@@ -33,6 +36,7 @@ from torchvision.ops import box_iou
 # whose float32 noise between runtimes measured up to ~6e-6 on the tiny test model, so pairs
 # within 1e-4 and ties within 1e-5 (a tie is two scores the runs may order either way).
 BOX_TOL = 1e-3
+BOX_RTOL = 1.3e-6  # torch.testing.assert_close's default rtol for float32
 SCORE_TOL = 1e-4
 TIE_EPS = 1e-5
 MIN_PAIR_IOU = 0.5
@@ -47,6 +51,7 @@ class Parity:
     pairs: int = 0
     max_box_diff: float = 0.0  # input px
     max_box_diff_net: float = 0.0  # px at the network's resolution (see the module docstring)
+    max_box_excess: float = 0.0  # largest (difference - BOX_RTOL x the box's largest |coordinate|), network px
     max_score_diff: float = 0.0
     mismatches: int = 0  # unpaired detections not explained by a tie
     ties: int = 0  # unpaired detections explained by a tie
@@ -56,14 +61,14 @@ class Parity:
 
     @property
     def ok(self) -> bool:
-        return (self.mismatches == 0 and self.max_box_diff_net <= self.box_tol
+        return (self.mismatches == 0 and self.max_box_excess <= self.box_tol
                 and self.max_score_diff <= self.score_tol)
 
     def summary(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
         return (f"parity {verdict} on {self.images} images, {self.detections} detections: largest box "
                 f"difference {self.max_box_diff:.2e} px ({self.max_box_diff_net:.2e} px at the network's "
-                f"resolution, tolerance {self.box_tol:g}), score "
+                f"resolution, tolerance {self.box_tol:g} + {BOX_RTOL:g} x the box's largest coordinate), score "
                 f"{self.max_score_diff:.2e} (tolerance {self.score_tol:g}), label/missing "
                 f"mismatches {self.mismatches}, tied detections allowed to differ {self.ties}")
 
@@ -98,9 +103,12 @@ def compare_image(parity: Parity, ref: dict[str, Tensor], out: dict[str, Tensor]
             continue
         taken[j] = True
         parity.pairs += 1
-        diff = float((rb[i] - ob[j]).abs().max())
-        parity.max_box_diff = max(parity.max_box_diff, diff)
-        parity.max_box_diff_net = max(parity.max_box_diff_net, diff / max(1.0, px_scale))
+        diffs = (rb[i] - ob[j]).abs()  # (4,) input px
+        scale = max(1.0, px_scale)
+        parity.max_box_diff = max(parity.max_box_diff, float(diffs.max()))
+        parity.max_box_diff_net = max(parity.max_box_diff_net, float(diffs.max()) / scale)
+        excess = (float(diffs.max()) - BOX_RTOL * float(rb[i].abs().max())) / scale
+        parity.max_box_excess = max(parity.max_box_excess, excess)
         parity.max_score_diff = max(parity.max_score_diff, float((rs[i] - os_[j]).abs()))
     unpaired = [("eager", rs, rl, i) for i in unpaired_ref]
     unpaired += [("exported", os_, ol, j) for j in (~taken).nonzero().flatten().tolist()]
