@@ -130,6 +130,17 @@ def test_missing_coco_dataset_names_path(capsys, tmp_path):
     assert_one_line_error(err, str(tmp_path / "coco"))
 
 
+def test_missing_photo_folder_is_named_as_data_root(capsys, tmp_path, monkeypatch):
+    # format auto on a folder that is not there: the COCO default names were reported missing
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(capsys, "train", "--config", "photos_cpu", "--set", "data.root=photos",
+                        "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert_one_line_error(err, f"data.root=photos not found (a relative root is read from the current "
+                               f"directory, {tmp_path})")
+    assert not (tmp_path / "run").exists()
+
+
 def test_eval_missing_checkpoint(capsys, tmp_path):
     code, err = run_cli(capsys, "eval", "--weights", str(tmp_path / "model_final.pth"))
     assert code == 2

@@ -143,6 +143,18 @@ def test_missing_file_and_missing_base(tmp_path: Path):
     assert str(child) in msg and "base file 'gone.yaml' not found" in msg
 
 
+def test_base_may_name_a_bundled_config(tmp_path: Path):
+    # a user's own file on top of a shipped recipe, by name as --config takes it
+    for base in ("photos_cpu_mobilenet", "photos_cpu_mobilenet.yaml"):
+        child = write(tmp_path / "mine.yaml", f"base: {base}\nsolver:\n  max_minutes: 5\n")
+        cfg = load_config(child)
+        assert cfg.model.backbone.type == "mobilenet_v3_small" and cfg.model.backbone.depth == 50  # the base's
+        assert cfg.model.fpn.channels == 128 and cfg.solver.max_minutes == 5  # its base's base; the file
+    # a file beside it comes first
+    write(tmp_path / "photos_cpu.yaml", "solver:\n  lr: 0.5\n")
+    assert load_config(write(tmp_path / "mine.yaml", "base: photos_cpu.yaml\n")).solver.lr == 0.5
+
+
 def test_base_cycle_is_a_config_error(tmp_path: Path):
     write(tmp_path / "a.yaml", "base: b.yaml\n")
     write(tmp_path / "b.yaml", "base: a.yaml\n")

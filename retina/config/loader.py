@@ -1,7 +1,7 @@
 """Loading a config: YAML files (one ``base:`` each), dotted overrides, typed conversion.
 
-A config file may name one ``base`` file (a path relative to itself); its own keys override the
-base's. Overrides (``loss.gamma=1``) are parsed as YAML scalars. Every error is a ``ConfigError``
+A config file may name one ``base`` file (a path relative to itself, or a bundled config's name);
+its own keys override the base's. Overrides (``loss.gamma=1``) are parsed as YAML scalars. Every error is a ``ConfigError``
 whose message is one line naming the source of the value and the key: the ``--set`` item, or the
 file that set the key (a base file when the value comes from there; ``_Sources`` keeps track).
 The CLI prints it and exits with status 2. Bundled configs ship inside the package (``retina/configs``) and are found by
@@ -169,8 +169,11 @@ def _read_yaml(path: Path, sources: _Sources, _chain: tuple[Path, ...] = ()) -> 
     base = data.pop("base", None)
     if base is not None:
         base_path = (path.parent / str(base)).resolve()
+        if not base_path.is_file():  # else a bundled config by name: base: photos_cpu
+            base_path = next((c for c in (CONFIG_DIR / str(base), CONFIG_DIR / f"{base}.yaml")
+                              if c.is_file()), base_path).resolve()
         if not base_path.is_file():
-            raise ConfigError(f"{path}: base file '{base}' not found")
+            raise ConfigError(f"{path}: base file '{base}' not found (beside it, or a bundled config)")
         chain = _chain + (path.resolve(),)
         if base_path in chain:  # a.yaml -> b.yaml -> a.yaml would recurse forever
             raise ConfigError(f"{path}: base file '{base}' makes a cycle of bases")

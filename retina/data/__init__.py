@@ -63,6 +63,10 @@ def dataset_source(cfg: Config, split: Literal["train", "val"]) -> tuple[Path | 
     """(annotations, image folder, what they are) of ``split``: a COCO json file (``dataset_paths``),
     or the COCO dict read from a VOC or YOLO folder (``data.format`` voc / yolo, or detected)."""
     data = cfg.data
+    if data.dataset == "coco" and data.format == "auto" and not Path(data.root).exists():
+        # else the COCO default names were reported missing, confusing for a VOC or YOLO folder
+        raise MissingFileError(f"data.root={data.root} not found (a relative root is read from the "
+                               f"current directory, {Path.cwd()}); give it with --set data.root=...")
     fmt = detect_format(data.root) if data.format == "auto" else data.format
     if data.dataset != "coco" or fmt == "coco":  # the generated sets are COCO json
         return (*dataset_paths(cfg, split), None)
