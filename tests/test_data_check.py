@@ -268,12 +268,14 @@ def test_check_yolo_folder_names_label_lines(tmp_path, capsys):
     labels = root / "labels" / "train" / "a.txt"
     # line 1 fine; line 2: 4 fields; line 3: class 7 of 2; line 4: x2 = (0.9 + 0.2 / 2) * 200
     # = 200 and x1 = 160, inside; line 5: cx 1.0, w 0.4: x in [160, 240], past W = 200.
+    # line 6: x2 = (0.9 + 0.2000004 / 2) * 200 = 200.00004, past W by 4e-5 px (label rounding):
+    # within EDGE_TOL, no warning
     labels.write_text("0 0.5 0.5 0.25 0.5\n0 0.5 0.5 0.2\n7 0.5 0.5 0.1 0.1\n1 0.9 0.5 0.2 0.2\n"
-                      "1 1.0 0.5 0.4 0.2\n")  # fmt: skip
+                      "1 1.0 0.5 0.4 0.2\n1 0.9 0.5 0.2000004 0.2\n")  # fmt: skip
     assert data_check_cli(root=root, fmt="yolo") == 1
     out = capsys.readouterr().out
     assert out.splitlines()[0] == (f"checked yolo folder {root / 'data.yaml'} (2 train / 1 val images, "
-                                   "2 classes): 3 images, 4 annotations, 2 categories")  # fmt: skip
+                                   "2 classes): 3 images, 5 annotations, 2 categories")  # fmt: skip
     assert f"{labels}:2: 4 fields; expected 'class cx cy w h' (5)" in out
     assert f"{labels}:3: class 7 is not a class id 0..1 (2 names in data.yaml)" in out
     report = check_folder(root, "yolo", workers=1)

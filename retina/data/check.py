@@ -59,6 +59,9 @@ from retina.data.convert import read_folder
 from retina.errors import InputError, MissingFileError, RetinaError
 
 ERROR, WARNING = "error", "warning"
+# A box may pass the border by this much (px) before it is "partly outside": normalised YOLO
+# labels written with 6 decimals put a box touching the edge of a 4000 px image up to 4e-3 px past it.
+EDGE_TOL = 0.01
 
 # kind -> (severity, title), in report order
 KINDS: dict[str, tuple[str, str]] = {
@@ -202,7 +205,7 @@ def _check_box(ann: dict, img: Optional[dict], out: _Collector, origin: Optional
     width, height = img["width"], img["height"]
     if x >= width or y >= height or x + w <= 0 or y + h <= 0:
         out.add("box_outside", f"{where}, image {width}x{height} (WxH)")
-    elif x < 0 or y < 0 or x + w > width or y + h > height:
+    elif min(x, y) < -EDGE_TOL or x + w > width + EDGE_TOL or y + h > height + EDGE_TOL:
         out.add("box_partly_outside", f"{where}, image {width}x{height} (WxH)")
 
 
