@@ -81,6 +81,17 @@ def test_load_checkpoint_refuses_a_malicious_file(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content", [b"hello\n", b"model:\n  fpn: {channels: 128}\n", b"\xff\xd8\xff\xe0"])
+def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path, content):
+    # text, a run's config.yaml, a JPEG: not "unsafe" nor a KeyError from the unpickler
+    path = tmp_path / "x.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"^{path} is not a checkpoint: not a file of torch.save "):
+        load_checkpoint(path)
+    torch.save({"model": {}}, path)  # the same path, written by torch.save, loads
+    assert load_checkpoint(path) == {"model": {}}
+
+
 def test_eval_refuses_a_malicious_checkpoint(tmp_path, capsys):
     marker = tmp_path / "ran"
     path = malicious_checkpoint(tmp_path / "run" / "model_final.pth", marker)

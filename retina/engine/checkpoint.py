@@ -83,6 +83,13 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive ("PK"; a truncated one is reported below), before 1.6 a
+    # pickle (0x80); a yaml, an image or text is named as what it is not
+    if head[:1] != b"\x80" and head != b"PK":
+        raise CheckpointError(f"{path} is not a checkpoint: not a file of torch.save (retina train "
+                              f"writes model_final.pth in its run directory)")
     try:
         ckpt = _torch_load(path, [])
     except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file
