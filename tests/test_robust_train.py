@@ -310,6 +310,28 @@ def test_bad_image_in_a_worker_exits_after_its_error(tmp_path):
     assert last.startswith("retina: error: bad image ") and "checkpoint " in last
 
 
+def test_log_lines_into_a_closed_pipe_do_not_stop_the_run(tmp_path):
+    """``retina train | head``: once head exits, printing raised BrokenPipeError inside the
+    training loop. The logger stops echoing; the run goes on."""
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from retina.engine.logger import TrainLogger
+        log = TrainLogger(Path({str(tmp_path / 'run')!r}), 0, 2000)
+        for i in range(2000):
+            log.write(f"line {{i}}")
+            log.log(i + 1, {{"loss": 1.0}})
+        Path({str(tmp_path / 'done')!r}).write_text("done")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().decode().endswith(" line 0\n")
+    proc.stdout.close()  # the reader goes away, as head does
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-800:]
+    assert (tmp_path / "done").read_text() == "done" and err == b""
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2000
+
+
 def test_resume_skips_an_unreadable_newest_checkpoint(shapes_root, tmp_path, capsys):
     cfg = short_config(shapes_root, max_iter=4)
     Trainer(cfg, tmp_path / "run", device="cpu", quiet=True).train()

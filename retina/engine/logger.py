@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,8 +78,7 @@ class TrainLogger:
             self.bar.update(iteration - self.bar.n)
             self.bar.set_postfix_str(f"{text} eta {eta}", refresh=True)
         elif self.echo:
-            print(f"{timestamp()} iter {iteration}/{self.max_iter} {text} {sec_per_iter:.3f} s/it eta {eta}",
-                  flush=True)
+            self._print(f"{timestamp()} iter {iteration}/{self.max_iter} {text} {sec_per_iter:.3f} s/it eta {eta}")
 
     def write(self, line: str) -> None:
         """Print ``line`` (above the progress bar, if any), each of its lines after a timestamp."""
@@ -89,7 +89,16 @@ class TrainLogger:
         if self.bar is not None:
             self.bar.write(line)
         else:
+            self._print(line)
+
+    def _print(self, line: str) -> None:
+        """Print, or stop printing when stdout's reader has gone (``retina train | head``): the
+        run goes on, its log is in metrics.jsonl and TensorBoard."""
+        try:
             print(line, flush=True)
+        except BrokenPipeError:
+            self.echo = False
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit's flush must not fail
 
     def add_scalars(self, iteration: int, scalars: dict[str, float]) -> None:
         if self.enabled:
