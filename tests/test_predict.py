@@ -42,10 +42,10 @@ def gray_png(path: Path, h: int, w: int, value: int = 128) -> None:
 
 
 def test_list_images_file_dir_and_errors(tmp_path: Path):
-    for name in ["b.png", "a.JPG", "c.bmp", "d.jpeg", "notes.txt"]:
+    for name in ["b.png", "a.JPG", "c.bmp", "d.jpeg", "e.webp", "f.TIF", "notes.txt"]:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub.png").mkdir()  # a directory with an image suffix is not an image
-    assert list_images(tmp_path) == [tmp_path / n for n in ["a.JPG", "b.png", "c.bmp", "d.jpeg"]]
+    assert list_images(tmp_path) == [tmp_path / n for n in ["a.JPG", "b.png", "c.bmp", "d.jpeg", "e.webp", "f.TIF"]]
     assert list_images(tmp_path / "b.png") == [tmp_path / "b.png"]
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         list_images(tmp_path / "missing.jpg")

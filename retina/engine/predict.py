@@ -21,18 +21,17 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from retina.data.coco import BadImageError, read_image
+from retina.data.formats import IMAGE_SUFFIXES
 from retina.engine.evaluate import in_input_order, same_size_batches
 from retina.errors import InputError, MissingFileError
 from retina.io import write_json
 from retina.viz import draw_detections, write_image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-
 
 def list_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
     """The images to predict on, in the order given, each once: a file is taken as it is, a
-    directory gives every .jpg/.jpeg/.png/.bmp directly inside it (case-insensitive, sorted), a
-    glob pattern (``*``, ``?``, ``[``; ``**`` recurses) gives its matches, sorted, files with those
+    directory gives every image directly inside it (the suffixes of ``IMAGE_SUFFIXES``, as a
+    YOLO folder may hold them; case-insensitive, sorted), a glob pattern (``*``, ``?``, ``[``; ``**`` recurses) gives its matches, sorted, files with those
     suffixes and directories as above.
 
     Raises:
