@@ -167,9 +167,9 @@ def test_bad_init_files_are_one_line_errors(shapes_root, tmp_path, capsys):
         load_init(model, tmp_path / "no.pth", ["a"], 0.01)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError) as e:  # weights_only refuses what is not a checkpoint
+    with pytest.raises(CheckpointError) as e:  # not a file of torch.save: named so
         load_init(model, junk, ["a"], 0.01)
-    assert str(e.value).startswith(f"{junk}: not a retina checkpoint") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{junk} is not a checkpoint: not a file of torch.save") and "\n" not in str(e.value)
     alien = save_checkpoint({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "alien.pth")
     with pytest.raises(CheckpointError, match=f"{alien}: no tensor fits this model"):
         load_init(model, alien, ["a"], 0.01)
