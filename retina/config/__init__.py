@@ -23,4 +23,5 @@ from retina.config.schema import Config, __all__ as _schema_names
 from retina.config.yaml_io import yaml_load
 
 __all__ = ["CONFIG_DIR", "Config", "ConfigError", "config_changes", "config_from_dict", "config_to_dict",
-           "dump_config", "find_config", "flat_keys", "get_key", "key_applies", "load_config", "replace", "validate", "yaml_load", *_schema_names]
+           "dump_config", "find_config", "flat_keys", "get_key", "key_applies", "load_config", "replace",
+           "validate", "yaml_load", *_schema_names]

@@ -1,8 +1,8 @@
 """Loading a config: YAML files (one ``base:`` each), dotted overrides, typed conversion.
 
 A config file may name one ``base`` file (a path relative to itself, or a bundled config's name);
-its own keys override the base's. Overrides (``loss.gamma=1``) are parsed as YAML scalars. Every error is a ``ConfigError``
-whose message is one line naming the source of the value and the key: the ``--set`` item, or the
+its own keys override the base's. Overrides (``loss.gamma=1``) are parsed as YAML scalars. Every
+error is a ``ConfigError`` whose message is one line naming the source of the value and the key: the ``--set`` item, or the
 file that set the key (a base file when the value comes from there; ``_Sources`` keeps track).
 The CLI prints it and exits with status 2. Bundled configs ship inside the package (``retina/configs``) and are found by
 name with ``find_config``.

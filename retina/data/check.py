@@ -54,7 +54,7 @@ from typing import Any, Iterable, Literal, Optional, Sequence
 
 from PIL import Image
 
-from retina.data.coco import load_coco_json, upright_size
+from retina.data.coco import is_number, load_coco_json, upright_size
 from retina.data.convert import read_folder
 from retina.errors import InputError, MissingFileError, RetinaError
 
@@ -143,10 +143,6 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _is_id(v: Any) -> bool:
     return _is_int(v) or isinstance(v, str)
 
@@ -220,7 +216,7 @@ def _check_annotations(anns: list, images: dict, cat_ids: set, out: _Collector,
             continue
         bbox = ann.get("bbox")
         problems = [k for k in ("id", "image_id", "category_id") if not _is_id(ann.get(k))]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(is_number, bbox))):
             problems.append("bbox (4 numbers)")
         if problems:
             out.add("bad_record", f"annotations[{i}] (id {ann.get('id')!r}): missing or invalid "

@@ -111,7 +111,8 @@ def upright_size(im: Image.Image) -> tuple[int, int]:
     return (h, w) if _orientation(im) in (5, 6, 7, 8) else (w, h)
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A JSON number (not a bool, which Python counts as an int); shared with ``retina data check``."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
@@ -133,7 +134,7 @@ def _check_references(data: dict, source: str) -> None:
             raise InputError(f"{source}: annotation {ann.get('id')!r} refers to image_id "
                              f"{ann.get('image_id')!r}, which no image has")
         box = ann.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
+        if not (isinstance(box, list) and len(box) == 4 and all(map(is_number, box))):
             raise InputError(f"{source}: annotation {ann.get('id')!r} (image {ann.get('image_id')!r}) "
                              f"has bbox {box!r}; COCO boxes are 4 numbers [x, y, width, height]")
 

@@ -15,9 +15,9 @@ Parity holds when there is no mismatch, every paired score is within ``score_tol
 paired box within ``box_tol`` px plus ``BOX_RTOL`` times its largest coordinate (torch.testing's
 float32 rule, atol + rtol x |expected|, with the box's extent as the magnitude: a box reaching 500
 px carries ~20 float32 ulps of rounding through a deep network, in every corner since the width
-comes from exp(dw) x the anchor, so a fixed 1e-3 px failed ordinary models) at the resolution the
-network sees: a box difference in the input's pixels is divided by ``max(1, px_scale)``, the input pixels per network pixel (an image
-shrunk 10x to the test size magnifies the float noise of the network's coordinates 10x when its
+comes from exp(dw) x the anchor, so a fixed 1e-3 px failed ordinary models) at the resolution
+the network sees: a box difference in the input's pixels is divided by ``max(1, px_scale)``, the
+input pixels per network pixel (an image shrunk 10x to the test size magnifies the float noise of the network's coordinates 10x when its
 boxes are mapped back; an enlarged image is held to ``box_tol`` input px). Labels are compared
 through the pairing: a detection whose partner would need another label counts as a mismatch.
 
@@ -51,7 +51,7 @@ class Parity:
     pairs: int = 0
     max_box_diff: float = 0.0  # input px
     max_box_diff_net: float = 0.0  # px at the network's resolution (see the module docstring)
-    max_box_excess: float = 0.0  # largest (difference - BOX_RTOL x the box's largest |coordinate|), network px
+    max_box_excess: float = 0.0  # largest (difference - BOX_RTOL x box's largest |coordinate|), net px
     max_score_diff: float = 0.0
     mismatches: int = 0  # unpaired detections not explained by a tie
     ties: int = 0  # unpaired detections explained by a tie
@@ -103,11 +103,11 @@ def compare_image(parity: Parity, ref: dict[str, Tensor], out: dict[str, Tensor]
             continue
         taken[j] = True
         parity.pairs += 1
-        diffs = (rb[i] - ob[j]).abs()  # (4,) input px
+        diff = float((rb[i] - ob[j]).abs().max())  # input px
         scale = max(1.0, px_scale)
-        parity.max_box_diff = max(parity.max_box_diff, float(diffs.max()))
-        parity.max_box_diff_net = max(parity.max_box_diff_net, float(diffs.max()) / scale)
-        excess = (float(diffs.max()) - BOX_RTOL * float(rb[i].abs().max())) / scale
+        parity.max_box_diff = max(parity.max_box_diff, diff)
+        parity.max_box_diff_net = max(parity.max_box_diff_net, diff / scale)
+        excess = (diff - BOX_RTOL * float(rb[i].abs().max())) / scale
         parity.max_box_excess = max(parity.max_box_excess, excess)
         parity.max_score_diff = max(parity.max_score_diff, float((rs[i] - os_[j]).abs()))
     unpaired = [("eager", rs, rl, i) for i in unpaired_ref]

@@ -31,8 +31,8 @@ from retina.viz import draw_detections, write_image
 def list_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
     """The images to predict on, in the order given, each once: a file is taken as it is, a
     directory gives every image directly inside it (the suffixes of ``IMAGE_SUFFIXES``, as a
-    YOLO folder may hold them; case-insensitive, sorted), a glob pattern (``*``, ``?``, ``[``; ``**`` recurses) gives its matches, sorted, files with those
-    suffixes and directories as above.
+    YOLO folder may hold them; case-insensitive, sorted), a glob pattern (``*``, ``?``, ``[``;
+    ``**`` recurses) gives its matches, sorted, files with those suffixes and directories as above.
 
     Raises:
         MissingFileError: a path that does not exist, or a pattern that matches nothing
