@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -327,16 +328,25 @@ COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "ablate": _abla
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from retina.engine.train import Interrupted
-
     if os.environ.get("RETINA_DEBUG"):  # full tracebacks for developers
-        return COMMANDS[args.command](args)
+        return _run(args)
     try:
-        return COMMANDS[args.command](args)
+        return _run(args)
     except RetinaError as e:  # meant for the user; any other exception is a bug: its traceback
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"retina: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves a checkpoint and raises
+        # Interrupted): while torch is imported, during eval, predict or an analysis
+        print("retina: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _run(args: argparse.Namespace) -> int:
+    from retina.engine.train import Interrupted  # imports torch: seconds in which Ctrl-C may come
+
+    try:
+        return COMMANDS[args.command](args)
     except Interrupted as e:
         print(f"retina: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -91,6 +91,22 @@ def test_internal_error_is_not_a_user_error(capsys, monkeypatch):
     assert capsys.readouterr().err == ""  # nothing printed as if the user had erred
 
 
+def test_ctrl_c_outside_training_is_one_line(capsys, monkeypatch):
+    """Ctrl-C while torch loads or during eval/predict: 'retina: interrupted', exit 130 (128 +
+    SIGINT, as a shell reports it), not a KeyboardInterrupt traceback; RETINA_DEBUG keeps it."""
+    import retina.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(retina.cli.COMMANDS, "eval", interrupted)
+    assert main(["eval", "--weights", "w.pth"]) == 130
+    assert capsys.readouterr().err == "retina: interrupted\n"
+    monkeypatch.setenv("RETINA_DEBUG", "1")
+    with pytest.raises(KeyboardInterrupt):
+        main(["eval", "--weights", "w.pth"])
+
+
 def test_user_facing_errors_share_one_base():
     from retina.config import ConfigError
     from retina.data import BadImageError, TooManyBadImages

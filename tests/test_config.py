@@ -62,6 +62,18 @@ def test_scalar_where_tuple_expected():
     assert cfg.model.input.min_size == (512,)
 
 
+def test_comma_separated_list_where_tuple_expected():
+    # `data.classes=cat,dog` was one class named 'cat,dog'; items keep their text for a list of
+    # names (a class "1" or "off" stays a string) and are YAML scalars for numbers
+    cfg = load_config(None, ["data.classes=cat, dog,1,off", "model.input.min_size=224,256",
+                             "data.augment.scale_jitter=0.75,1.25"])  # fmt: skip
+    assert cfg.data.classes == ("cat", "dog", "1", "off")
+    assert cfg.model.input.min_size == (224, 256)
+    assert cfg.data.augment.scale_jitter == (0.75, 1.25)
+    assert config_error(None, ["model.input.min_size=224,big"]).endswith("model.input.min_size='big' should be int")
+    assert load_config(None, ["data.classes=[a,b]"]).data.classes == ("a", "b")  # the YAML list as before
+
+
 def test_yaml_1_1_pitfalls_in_overrides_and_files(tmp_path: Path):
     # `off` must stay a string for a Literal choice; 1e-4 must be a float (PyYAML's YAML 1.1
     # rules read them as False and as the string '1e-4')

@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from retina.cli import main
 from retina.studies import coco_breakdown as cb
 from retina.studies.confusion import confusion_matrix, greedy_match
-from retina.studies.errors import analyze_errors, load_ground_truth
+from retina.studies.errors import analyze_errors, format_summary, load_ground_truth
 from retina.studies.tide import tide_breakdown
 
 CAT, DOG = 1, 2
@@ -147,6 +147,21 @@ def test_confusion_threshold_defaults_to_pooled_f1_best(tmp_path):
     # At >= .6: cat on A, cat on C, dog on B correct; the .8 cat is spurious; the .5 dog is out.
     assert summary["confusion"]["matrix"] == [[2, 0, 0], [0, 1, 0], [1, 0, 0]]
 
+
+def test_no_detections_is_every_box_missed(tmp_path):
+    # a model that detects nothing (early in training, or a too-high score threshold) is a
+    # result to report, not an error: AP 0, and each of the 3 GT boxes in the "missed" column
+    summary = analyze_errors(to_coco(PR_GT), [], tmp_path)
+    assert summary["num_detections"] == 0 and summary["num_gt"] == 3
+    assert summary["metrics"]["AP"] == 0.0 and summary["metrics"]["AP50"] == 0.0
+    assert {n: c["AP"] for n, c in summary["per_class"].items()} == {"cat": 0.0, "dog": 0.0}
+    assert summary["suggested_score_thresh"] is None and summary["confusion"]["score_thresh"] == 0.3
+    assert summary["confusion"]["matrix"] == [[0, 0, 2], [0, 0, 1], [0, 0, 0]]
+    assert summary["pr_curves"]["iou_0.50"]["cat"] == [0.0] * 101
+    assert summary["ap_by_num_objects"]["2-3"]["AP"] == 0.0
+    assert summary["tide"] is None and summary["tide_skipped"] == "no detections"  # TIDE's AP needs one
+    assert "TIDE: skipped, there are no detections" in format_summary(summary)
+    assert (tmp_path / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
 # ---------------------------------------------------------------------------------- TIDE
 # Ground truth: cats A and F, dog B. Correct detections: cat on A (.9), cat on F (.5), dog on B

@@ -14,6 +14,7 @@ The generated YOLO folder (``yolo_root``), names {0: cat, 1: dog}:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -305,6 +306,31 @@ def test_empty_split_is_refused(voc_root, tmp_path):
         Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing trained or written
 
+
+def test_train_refuses_val_json_with_other_classes(voc_root, tmp_path):
+    # COCO json splits each carry their categories; a val json that names category 1 "dog" where
+    # the train json names it "bird" would score the model's label 0 (bird) as dog, by position.
+    from retina.engine.train import Trainer
+    from tinyrun import tiny_config
+
+    folder = read_voc(voc_root, ("train", "val"))
+    val = dict(folder.splits["val"], categories=[{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"},
+                                                 {"id": 3, "name": "bird"}])  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(folder.splits["train"]))
+    (tmp_path / "val.json").write_text(json.dumps(val))
+    data = DataConfig(dataset="coco", root=str(tmp_path), format="coco", num_workers=0,
+                      train_ann="train.json", val_ann="val.json", train_images=str(voc_root / "JPEGImages"),
+                      val_images=str(voc_root / "JPEGImages"))  # fmt: skip
+    cfg = replace(tiny_config(tmp_path / "unused"), data=data)
+    with pytest.raises(ValueError) as e:
+        Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+    assert str(e.value) == (f"the train set ({tmp_path / 'train.json'}) has the classes ['bird', 'cat', 'dog'] "
+                            f"but the val set ({tmp_path / 'val.json'}) has ['dog', 'cat', 'bird']: both "
+                            "splits need the same classes in the same order")
+    assert not (tmp_path / "run" / "config.yaml").exists()  # stopped before anything was written
+    # the same json for both splits trains
+    Trainer(replace(cfg, data=dataclasses.replace(data, val_ann="train.json")), tmp_path / "run2",
+            device="cpu", quiet=True)  # fmt: skip
 
 def test_difficult_boxes_are_ignored_by_evaluation(voc_root):
     ds = _dataset(read_voc(voc_root, ("train",)), "train")

@@ -31,6 +31,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+def _scalar(text: str) -> Any:
+    """One comma-separated item of a list given as a string: a YAML scalar, else the text."""
+    try:
+        return yaml_load(text)
+    except yaml.YAMLError:
+        return text.strip()
+
+
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Coerce a YAML value to the annotated type, or raise a one-line ConfigError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -46,6 +54,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key}={value!r} should be one of {list(args)}")
         return value
     if origin is tuple:
+        if isinstance(value, str) and "," in value:  # `--set data.classes=cat,dog`, `min_size=224,256`
+            value = [v.strip() if args[0] is str else _scalar(v) for v in value.split(",")]
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]  # a scalar where a tuple is expected: `min_size: 800`
         if not isinstance(value, (list, tuple)):

@@ -104,16 +104,24 @@ def check_backend(backend: EvalBackend) -> None:
     _coco_classes(backend)
 
 
-def check_same_classes(model_classes: Sequence[str] | None, dataset: Any, weights: str | Path) -> None:
-    """A model's label k is scored as the dataset's k-th class, so the two lists must agree:
-    a val set with other classes (or another order) would score each box as the wrong class.
-    ``InputError`` (one line) when they differ; nothing to check for a model without names."""
+def check_same_classes(classes: Sequence[str] | None, dataset: Any, weights: str | Path | None = None,
+                       train_set: Any = None) -> None:
+    """A model's label k is scored as the val set's k-th class, so the two lists must agree: a val
+    set with other classes (or another order) would score each box as the wrong class. The
+    classes are a model's (``weights`` names it) or a training set's (``train_set``, whose labels
+    the model learns). ``InputError`` (one line) when they differ; nothing to check without names."""
     data_classes = list(getattr(dataset, "class_names", None) or [])
-    if model_classes and data_classes and list(model_classes) != data_classes:
-        source = getattr(dataset, "source", "the val set")
-        raise InputError(f"{weights} detects {list(model_classes)} but the val set ({source}) has the classes "
-                         f"{data_classes}: evaluate on data with the model's classes, in its order "
-                         f"(--set data.root=... / data.classes=...)")
+    if not classes or not data_classes or list(classes) == data_classes:
+        return
+    source = getattr(dataset, "source", None) or "the val set"
+    if train_set is not None:
+        trained_on = getattr(train_set, "source", None) or "the train set"
+        raise InputError(f"the train set ({trained_on}) has the classes {list(classes)} but the val set "
+                         f"({source}) has {data_classes}: both splits need the same classes in the same "
+                         f"order")
+    raise InputError(f"{weights} detects {list(classes)} but the val set ({source}) has the classes "
+                     f"{data_classes}: evaluate on data with the model's classes, in its order "
+                     f"(--set data.root=... / data.classes=...)")
 
 
 def evaluate_detections(

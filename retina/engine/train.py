@@ -37,7 +37,7 @@ from retina.engine.checkpoint import (CheckpointError, UnsafeCheckpointError, la
                                       list_checkpoints, load_checkpoint, prune_checkpoints, rng_state,
                                       save_checkpoint, set_rng_state)
 from retina.engine.ema import build_ema, ema_state, load_ema_state
-from retina.engine.evaluate import check_backend
+from retina.engine.evaluate import check_backend, check_same_classes
 from retina.engine.init import load_init
 from retina.engine.logger import LoggingHandler, TrainLogger, format_seconds
 from retina.engine.optim import build_optimizer, build_scheduler
@@ -104,6 +104,8 @@ class Trainer:
         # the val set is read now, so that a missing or empty one stops the run before training
         evaluates = cfg.train.eval_at_end or cfg.train.eval_period > 0
         self.val_set = build_dataset(cfg, "val") if evaluates else None
+        if self.val_set is not None:  # a COCO val json with other categories would be scored by position
+            check_same_classes(self.train_set.class_names, self.val_set, train_set=self.train_set)
         if cfg.model.num_classes != self.train_set.num_classes:
             cfg = replace(cfg, model=dataclasses.replace(cfg.model, num_classes=self.train_set.num_classes))
         self.cfg = cfg

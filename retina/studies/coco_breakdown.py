@@ -35,10 +35,16 @@ def run_cocoeval(coco_gt: COCO, results: list[dict], cat_ids: Sequence[int],
                  image_ids: Optional[Sequence[int]] = None) -> COCOeval:
     """Evaluated, accumulated and summarised bbox ``COCOeval`` (its prints silenced).
 
-    ``results`` must not be empty (pycocotools' ``loadRes`` cannot take an empty list).
+    No results at all give every GT box missed: precision 0 at every recall, AP 0.
     """
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes edits the dicts: copies
+        if results:
+            coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes edits the dicts: copies
+        else:  # loadRes cannot take an empty list (it reads results[0]): an empty result set
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                               "annotations": []}  # fmt: skip
+            coco_dt.createIndex()
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.catIds = [int(c) for c in cat_ids]
         if image_ids is not None:

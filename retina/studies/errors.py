@@ -110,8 +110,6 @@ def analyze_errors(coco_gt: COCO, results: list[dict], out_dir: str | Path,
     cat_ids = [int(c) for c in (cat_ids if cat_ids is not None else sorted(coco_gt.getCatIds()))]
     image_ids = [int(i) for i in (image_ids if image_ids is not None else sorted(coco_gt.getImgIds()))]
     class_names = [c["name"] for c in coco_gt.loadCats(cat_ids)]
-    if not results:
-        raise InputError(f"{source}: no detections to analyse")
     counts = cb.objects_per_image(coco_gt, image_ids, cat_ids)
     if sum(counts.values()) == 0:
         raise InputError(f"{source}: the ground truth has no (non-crowd) box in the analysed images")
@@ -123,7 +121,8 @@ def analyze_errors(coco_gt: COCO, results: list[dict], out_dir: str | Path,
     matrix = confusion_matrix(coco_gt, results, cat_ids, image_ids, thresh, iou_thresh)
     curves = {iou: cb.precision_curves(coco_eval, iou) for iou in CURVE_IOUS}  # {iou: (K, R)}
     recall = np.asarray(coco_eval.params.recThrs)
-    tide = tide_breakdown(coco_gt, results, cat_ids, image_ids)
+    # TIDE's AP is undefined without detections (tidecv divides by zero): then skipped
+    tide = tide_breakdown(coco_gt, results, cat_ids, image_ids) if results else None
     by_size = cb.ap_by_size(coco_eval)
     by_count = cb.ap_by_num_objects(coco_gt, results, image_ids, cat_ids)
     labels = class_names + ["background"]
@@ -143,6 +142,7 @@ def analyze_errors(coco_gt: COCO, results: list[dict], out_dir: str | Path,
         "confusion": {"score_thresh": thresh, "iou_thresh": iou_thresh, "rows": "ground truth",
                       "cols": "predicted", "labels": labels, "matrix": matrix.tolist()},
         "tide": tide,
+        "tide_skipped": None if tide is not None else "no detections" if not results else "tidecv is not installed",
         "ap_by_size": by_size,
         "ap_by_num_objects": by_count,
     }
@@ -191,7 +191,9 @@ def format_summary(summary: dict) -> str:
         lines += [f"{n[:cw].rjust(cw)} | " + " ".join(str(v).rjust(cw) for v in row)
                   for n, row in zip(conf["labels"], conf["matrix"])]
     tide = summary["tide"]
-    if tide is None:
+    if tide is None and summary.get("tide_skipped") == "no detections":
+        lines += ["", "TIDE: skipped, there are no detections"]
+    elif tide is None:
         lines += ["", "TIDE: skipped, tidecv is not installed (pip install 'retina[analysis]')"]
     else:
         lines += ["", f"TIDE (AP50 {_f(tide['ap50'])}) dAP50: " + "  ".join(
