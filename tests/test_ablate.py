@@ -247,6 +247,22 @@ def test_report_marks_unfinished_runs_and_needs_runs(tmp_path):
         build_report(tmp_path / "gamma=3")
 
 
+def test_ablate_cli_user_errors_are_one_line(tmp_path, capsys):
+    # each of these was a traceback (exit 1): the grid reader parsed the file on its own, and the
+    # report raised plain FileNotFoundErrors
+    from retina.cli import main
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("base: shapes\nablate:\n  grids:\n    - {loss.gamma: [0, 1]\n")
+    cases = [(["--config", str(broken)], f"{broken}: line 5 YAML syntax error: expected ',' or '}}', but got '<stream end>'"),
+             (["--config", str(tmp_path / "none.yaml")], f"{tmp_path / 'none.yaml'}: config file not found"),
+             (["--report", str(tmp_path / "none")], f"{tmp_path / 'none'}: no such sweep directory"),
+             (["--report", str(tmp_path)], f"{tmp_path}: no run directories (with ablate_run.json or config.yaml)")]
+    for args, message in cases:
+        assert main(["ablate", *args, "--out", str(tmp_path / "sweep")]) == 2, args
+        assert capsys.readouterr().err == f"retina: error: {message}\n"
+
+
 # ------------------------------------------------------------------------------------ seeds
 def test_seeds_add_a_seed_override_seed_major(tmp_path):
     runs = plan_sweep(SHAPES, ["loss.gamma=0,2"], [], tmp_path, seeds=2)

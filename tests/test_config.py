@@ -62,6 +62,15 @@ def test_scalar_where_tuple_expected():
     assert cfg.model.input.min_size == (512,)
 
 
+def test_overrides_leave_the_callers_dict_as_it_was():
+    # a checkpoint's or an exported file's config dict was edited in place by --set, so comparing
+    # it with the result (`config_changes`) found nothing
+    data = {"loss": {"gamma": 2.0}, "model": {"inference": {"score_thresh": 0.05}}}
+    cfg = config_from_dict(data, ["loss.gamma=0", "model.inference.score_thresh=0.5"])
+    assert (cfg.loss.gamma, cfg.model.inference.score_thresh) == (0.0, 0.5)
+    assert data == {"loss": {"gamma": 2.0}, "model": {"inference": {"score_thresh": 0.05}}}
+
+
 def test_comma_separated_list_where_tuple_expected():
     # `data.classes=cat,dog` was one class named 'cat,dog'; items keep their text for a list of
     # names (a class "1" or "off" stays a string) and are YAML scalars for numbers

@@ -152,6 +152,11 @@ def test_references_pycocotools_would_get_wrong(tiny_coco):
     _edit_json(ann_file, lambda d: d["annotations"].append({**d["annotations"][0], "id": 77, "image_id": 999}))
     with pytest.raises(ValueError, match="annotation 77 refers to image_id 999, which no image has"):
         CocoDetection(ann_file, image_dir)
+    # an image without file_name: eval and `data show` stopped at it with KeyError: 'file_name'
+    ann_file.write_text(original)
+    _edit_json(ann_file, lambda d: d["images"][1].pop("file_name"))
+    with pytest.raises(ValueError, match=r": image id \S+ has file_name None; every image needs one"):
+        CocoDetection(ann_file, image_dir)
 
 
 def test_corrupt_missing_or_resized_image_names_the_file(tiny_coco):

@@ -209,6 +209,23 @@ def test_predict_and_eval_through_onnx_equal_the_checkpoint(run_dir, onnx_export
         assert mb[key] == pytest.approx(ma[key], abs=1e-6), key
 
 
+def test_exported_model_refuses_settings_it_holds_as_constants(run_dir, onnx_export, tmp_path, capsys):
+    # a score threshold or test size given for an .onnx was read and silently not used: the
+    # graph holds its own, so the AP came out unchanged
+    onnx_path = onnx_export[0]
+    code, _ = _run_cli(["eval", "--weights", str(onnx_path), "-o", str(tmp_path / "e"),
+                        "--set", "model.inference.score_thresh=0.5", "model.input.test_min_size=48"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"retina: error: {onnx_path} has its inference and input settings built in, so "
+        "model.inference.score_thresh: 0.05 -> 0.5 cannot apply (nor 1 more); run the checkpoint with "
+        "them, or export it again with --set\n")
+    assert not (tmp_path / "e").exists()
+    # what the file does not hold is read as for a checkpoint
+    code, _ = _run_cli(["eval", "--weights", str(onnx_path), "-o", str(tmp_path / "e"), "--set", "eval.batch_size=2"])
+    assert code == 0
+
+
 @pytest.mark.skipif(not RACCOON.is_dir(), reason=f"{RACCOON} absent: the shared raccoon-voc photos "
                                                  "(several sizes) are not on this machine")
 def test_onnx_parity_on_raccoon_photos_of_several_sizes(run_dir, onnx_export):

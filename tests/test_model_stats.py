@@ -101,5 +101,22 @@ def test_cli_analyze_model(tiny, tiny_flops, tmp_path, capsys):
     assert stats["gflops"] == pytest.approx(2 * stats["gmacs"]) == pytest.approx(tiny_flops["total"] / 1e9)
     printed = capsys.readouterr().out
     assert "FLOPs at 64x64" in printed and "head" in printed
+    assert stats["num_classes"] == 3 and "the train set's" in stats["classes_from"]
+    # a shorter side above the cap: the model scales the dummy 128 x 64 image down to 64 x 32
+    assert main(["analyze", "model", "--config", str(config_file), "--json", str(out), "--device", "cpu",
+                 "--set", "model.input.test_min_size=128", "model.input.test_max_size=64"]) == 0
+    stats = json.loads(out.read_text())
+    assert stats["input_size"] == [64, 32] and stats["flops"]["total"] < tiny_flops["total"]
+    # the bundled shapes config leaves model.num_classes at 80: training makes it the set's 3
+    capsys.readouterr()
+    assert main(["analyze", "model", "--config", "shapes", "--json", str(out), "--device", "cpu"]) == 0
+    assert json.loads(out.read_text())["num_classes"] == 3
+    assert "classes: 3 (the train set's, as training sets model.num_classes)" in capsys.readouterr().out
+    # data that is not there: model.num_classes, said so
+    assert main(["analyze", "model", "--config", "photos_cpu_mobilenet", "--json", str(out), "--device", "cpu",
+                 "--set", f"data.root={tmp_path / 'none'}", "model.num_classes=7"]) == 0
+    assert json.loads(out.read_text())["num_classes"] == 7
+    assert f"classes: 7 (model.num_classes; the data at data.root={tmp_path / 'none'} could not be read)" \
+        in capsys.readouterr().out
     assert main(["analyze", "model"]) == 2  # neither --config nor --weights
     assert "--config" in capsys.readouterr().err

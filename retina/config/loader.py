@@ -10,6 +10,7 @@ name with ``find_config``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -22,7 +23,7 @@ import yaml
 from retina.config.errors import ConfigError
 from retina.config.rules import validate
 from retina.config.schema import Config
-from retina.config.yaml_io import yaml_load
+from retina.config.yaml_io import read_yaml_file, yaml_load
 
 
 def _type_name(tp: Any) -> str:
@@ -163,16 +164,7 @@ def _merge(base: dict, update: dict) -> dict:
 
 def _read_yaml(path: Path, sources: _Sources, _chain: tuple[Path, ...] = ()) -> dict:
     """The merged keys of ``path`` and its bases; ``sources`` learns which file set each."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}:{where} YAML syntax error: {problem}") from None
-    data = data or {}
+    data = read_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level should be a mapping")
     data.pop("ablate", None)  # a sweep's grid, read only by retina/studies/ablate.py
@@ -224,7 +216,7 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), source: str = "<
 
 
 def _from_dict(data: dict, overrides: Sequence[str], sources: _Sources) -> Config:
-    data = _merge({}, data)
+    data = copy.deepcopy(data)  # the overrides edit nested sections: the caller's stay as they are
     for item in overrides:
         key_path, value = _parse_override(item)
         data = _apply_override(data, key_path, value)

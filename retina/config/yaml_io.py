@@ -1,14 +1,18 @@
 """YAML as the config reads it: YAML 1.2 scalars on PyYAML's SafeLoader.
 
-``yaml_load`` is public: the sweep code reads grids and run configs with the same rules.
+``yaml_load`` and ``read_yaml_file`` are public: the sweep code reads grids and run configs with
+the same rules.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+from retina.config.errors import ConfigError
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -37,3 +41,18 @@ _YamlLoader.add_implicit_resolver(
 def yaml_load(text: str) -> Any:
     """Parse YAML text with YAML 1.2 booleans and floats (see ``_YamlLoader``)."""
     return yaml.load(text, Loader=_YamlLoader)
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """The YAML of a config file; ``ConfigError`` (one line naming the file, and the line of a
+    syntax error) when it is missing or not YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return yaml_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where} YAML syntax error: {problem}") from None

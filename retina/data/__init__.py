@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from retina.config import Config
-from retina.data.coco import BadImageError, CocoDetection, collate
+from retina.data.coco import BadImageError, CocoDetection, collate, load_coco_json
 from retina.data.convert import read_folder
 from retina.data.dense import ensure_dense, generate_dense
 from retina.data.formats import detect_format
 from retina.data.robust import SkipBadImages, TooManyBadImages
-from retina.data.shapes import ensure_shapes, generate_shapes
+from retina.data.shapes import CLASS_NAMES as SHAPES_CLASSES, ensure_shapes, generate_shapes
 from retina.data.transforms import Augmentation, build_transforms
-from retina.errors import InputError, MissingFileError
+from retina.errors import InputError, MissingFileError, RetinaError
 
 __all__ = [
     "BadImageError",
@@ -26,6 +26,7 @@ __all__ = [
     "build_dataset",
     "build_transforms",
     "collate",
+    "dataset_num_classes",
     "ensure_dense",
     "ensure_shapes",
     "generate_dense",
@@ -98,3 +99,21 @@ def build_dataset(cfg: Config, split: Literal["train", "val"]) -> CocoDetection 
     if split == "train" and cfg.data.on_bad_image == "skip":
         return SkipBadImages(dataset, cfg.data.max_bad_fraction)
     return dataset
+
+
+def dataset_num_classes(cfg: Config) -> Optional[int]:
+    """The class count that training on ``cfg.data`` gives the model (it replaces
+    ``model.num_classes``), without generating or decoding images: the bundled sets' by
+    definition, a COCO json's or a VOC / YOLO folder's from its annotations; None when the data
+    cannot be read (not there, or broken: training names the problem)."""
+    data = cfg.data
+    if data.dataset == "shapes":
+        return len(SHAPES_CLASSES)
+    if data.dataset == "dense":
+        return data.dense.num_classes
+    try:
+        ann = dataset_source(cfg, "train")[0]
+        categories = (ann if isinstance(ann, dict) else load_coco_json(ann)).get("categories")
+    except RetinaError:
+        return None
+    return len(categories) if isinstance(categories, list) else None

@@ -119,10 +119,14 @@ def is_number(v: Any) -> bool:
 def _check_references(data: dict, source: str) -> None:
     """What pycocotools' index would silently get wrong: a repeated image id (the last image
     wins, the others' boxes land on it), an annotation of an image that is not listed (dropped),
-    a bbox that is not 4 numbers (numpy reads "1" as 1.0). ``InputError`` naming the first."""
+    a bbox that is not 4 numbers (numpy reads "1" as 1.0); and an image without a file_name,
+    found only when it is read. ``InputError`` naming the first."""
     images = [img for img in data.get("images", []) if isinstance(img, dict)]
     seen: set = set()
     for img in images:
+        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            raise InputError(f"{source}: image id {img.get('id')!r} has file_name {img.get('file_name')!r}; "
+                             f"every image needs one (its path in the image folder)")
         if img.get("id") in seen:
             raise InputError(f"{source}: image id {img.get('id')!r} is used by more than one image "
                              f"({img.get('file_name')!r} among them); ids must be unique")

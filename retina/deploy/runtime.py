@@ -166,12 +166,17 @@ class ProgramDetector(ExportedDetector):
         return tuple(o.cpu() for o in outputs)  # type: ignore[return-value]
 
 
+# The config keys an exported graph holds as constants: its score threshold, NMS, top-k, test
+# size, normalisation and padding. Other keys (data, eval) are read as for a checkpoint.
+BUILT_IN = ("model.inference.", "model.input.")
+
+
 def load_exported(path: str | Path, device: torch.device | str = "cpu", overrides: Sequence[str] = (),
                   cfg=None):
     """``(detector, config, class_names, cat_ids)`` of an exported file, as ``load_model`` for a
     checkpoint: the config is the file's (with ``overrides``, e.g. ``data.root=...``) unless
-    ``cfg`` is given."""
-    from retina.config import config_from_dict
+    ``cfg`` is given. ``InputError`` when the config changes a setting of ``BUILT_IN``."""
+    from retina.config import config_changes, config_from_dict
 
     path = Path(path)
     if not path.is_file():
@@ -182,8 +187,14 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", override
     if "retina_export" not in meta or "config" not in meta:
         raise ExportError(f"{path} has no retina metadata (config, class names); was it written by "
                           "retina export?")
+    built_in = json.loads(meta["config"])
     if cfg is None:
-        cfg = config_from_dict(json.loads(meta["config"]), overrides, source=str(path))
+        cfg = config_from_dict(built_in, overrides, source=str(path))
+    changed = [c for c in config_changes(built_in, cfg) if c.startswith(BUILT_IN)]
+    if changed:  # they would be read, and silently not used: the graph holds its own
+        raise InputError(f"{path} has its inference and input settings built in, so {changed[0]} "
+                         f"cannot apply{f' (nor {len(changed) - 1} more)' if len(changed) > 1 else ''}; "
+                         f"run the checkpoint with them, or export it again with --set")
     return detector.eval(), cfg, json.loads(meta["class_names"]), json.loads(meta["cat_ids"])
 
 

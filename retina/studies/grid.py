@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from retina.config import ConfigError, yaml_load
+from retina.config.yaml_io import read_yaml_file
 from retina.studies.runs import short_keys
 
 __all__ = ["expand_grid", "grids_from_config", "parse_grid", "run_name", "seeds_from_config", "check_seeds"]
@@ -80,7 +81,7 @@ def _yaml_value_text(value: Any) -> str:
 
 def _ablate_section(path: str | Path) -> dict:
     """The ``ablate:`` mapping of a config file (its own text, not its base's); {} when none."""
-    data = yaml_load(Path(path).read_text()) or {}
+    data = read_yaml_file(path) or {}
     section = data.get("ablate") if isinstance(data, dict) else None
     if section is None:
         return {}

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from retina.config import Config, replace
 from retina.errors import UsageError
 from retina.engine.evaluate import write_json
-from retina.model.resize import eval_size
+from retina.model.resize import eval_size, resized_size
 
 TOP_MODULES = ("backbone", "fpn", "head")
 
@@ -70,9 +70,11 @@ def count_flops(model: nn.Module, image_size: tuple[int, int]) -> dict[str, int]
 
 
 def inference_size(cfg: Config) -> tuple[int, int]:
-    """(H, W) of the dummy image: the config's inference shorter side x its longer-side cap."""
+    """(H, W) of the dummy image: the config's inference shorter side x its longer-side cap, as
+    the model resizes it (a shorter side above the cap is scaled down with the cap)."""
     i = cfg.model.input
-    return eval_size(i.min_size, i.max_size, i.test_min_size, i.test_max_size)
+    short, cap = eval_size(i.min_size, i.max_size, i.test_min_size, i.test_max_size)
+    return tuple(resized_size(short, cap, short, cap))  # type: ignore[return-value]
 
 
 def padded_size(size: tuple[int, int], divisibility: int) -> tuple[int, int]:
@@ -109,7 +111,8 @@ def format_stats(stats: dict) -> str:
     p, f = stats["params"], stats["flops"]
     h, w = stats["input_size"]
     ph, pw = stats["padded_size"]
-    lines = [f"parameters: {p['total'] / 1e6:.2f} M ({p['trainable'] / 1e6:.2f} M trainable)",
+    lines = [f"classes: {stats['num_classes']} ({stats['classes_from']})"] if "num_classes" in stats else []
+    lines += [f"parameters: {p['total'] / 1e6:.2f} M ({p['trainable'] / 1e6:.2f} M trainable)",
              f"FLOPs at {h}x{w} (padded {ph}x{pw}): {stats['gflops']:.1f} GFLOPs "
              f"= {stats['gmacs']:.1f} G multiply-adds", "",
              f"{'module':<9} | {'params (M)':>10} | {'trainable (M)':>13} | {'GFLOPs':>7}",
@@ -134,11 +137,22 @@ def model_cli(config: Optional[str] = None, weights: Optional[str] = None, overr
         from retina.engine.checkpoint import load_model
 
         cfg = load_config(find_config(config), list(overrides)) if config else None
-        model, cfg, _, _ = load_model(weights, dev, tuple(overrides), cfg)
+        model, cfg, class_names, _ = load_model(weights, dev, tuple(overrides), cfg)
+        classes = (len(class_names) if class_names else cfg.model.num_classes, "the checkpoint's")
     else:
+        from retina.data import dataset_num_classes
+
         cfg = load_config(find_config(config), list(overrides))
+        # training replaces model.num_classes (80 by default) with the data's count: count that model
+        k = dataset_num_classes(cfg)
+        if k is None:
+            classes = (cfg.model.num_classes, f"model.num_classes; the data at data.root={cfg.data.root} "
+                                              f"could not be read")
+        else:
+            classes = (k, "the train set's, as training sets model.num_classes")
+            cfg = replace(cfg, model=dataclasses.replace(cfg.model, num_classes=k))
         model = model_for_counting(cfg).to(dev)
-    stats = model_stats(model, cfg)
+    stats = {"num_classes": classes[0], "classes_from": classes[1], **model_stats(model, cfg)}
     print(format_stats(stats))
     if json_path:
         write_json(json_path, stats)

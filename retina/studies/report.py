@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from retina.config import get_key, key_applies
+from retina.errors import MissingFileError
 from retina.studies.runs import (METRICS, SEED_KEY, RunRow, Setting, collect_runs, group_seeds, short_keys,
                                  sort_key, tied)
 
@@ -290,10 +291,10 @@ def build_report(out_dir: str | Path, metrics_file: str = "metrics.json") -> dic
     table.eval_thr0.csv and ablation.eval_thr0.png (the name of the file's folder)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise FileNotFoundError(f"{out_dir}: no such sweep directory")
+        raise MissingFileError(f"{out_dir}: no such sweep directory")
     keys, rows = collect_runs(out_dir, metrics_file)
     if not rows:
-        raise FileNotFoundError(f"{out_dir}: no run directories (with ablate_run.json or config.yaml)")
+        raise MissingFileError(f"{out_dir}: no run directories (with ablate_run.json or config.yaml)")
     source = Path(metrics_file)
     tag = "" if metrics_file == "metrics.json" else "." + (source.parent.name or source.stem)
     paths = {"table.md": out_dir / f"table{tag}.md", "table.csv": out_dir / f"table{tag}.csv",
