@@ -28,6 +28,17 @@ def _add_set(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", "-s", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=help)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of a count that must be >= 1 (``--num-images 0`` analysed nothing, exit 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c",
                    help=f"YAML config: a path or a bundled config's name, e.g. shapes or "
@@ -46,21 +57,14 @@ def _add_weights_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    """(model, cfg, class_names, cat_ids) from --weights, with --config / --set applied."""
+    """(model, cfg, class_names, cat_ids, device) from --weights, with --config / --set applied."""
     from retina.config import load_config
-    from retina.engine.checkpoint import load_model
+    from retina.deploy.runtime import load_detector
     from retina.engine.dist import resolve_device
-
-    from retina.deploy.fuse import inference_model
-    from retina.deploy.runtime import is_exported, load_exported
 
     device = resolve_device(args.device)
     cfg = load_config(find_config(args.config), args.set) if args.config else None
-    if is_exported(args.weights):  # retina export's .onnx / .pt2: config and classes inside
-        model, cfg, class_names, cat_ids = load_exported(args.weights, device, tuple(args.set), cfg)
-        return model, cfg, class_names, cat_ids, device
-    model, cfg, class_names, cat_ids = load_model(args.weights, device, tuple(args.set), cfg)
-    return inference_model(model), cfg, class_names, cat_ids, device
+    return (*load_detector(args.weights, device, tuple(args.set), cfg), device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="config instead of the checkpoint's (model: the config to count)")
     _add_set(p, "errors, model, imbalance: config overrides, e.g. data.root=/data/coco")
     p.add_argument("--gammas", default="0,0.5,1,2", help="loss-cdf: comma-separated gammas")
-    p.add_argument("--num-images", type=int, default=100, help="loss-cdf, imbalance: val images to sample")
+    p.add_argument("--num-images", type=_positive_int, default=100, help="loss-cdf, imbalance: val images to sample")
     p.add_argument("--coco", action="store_true",
                    help="imbalance: add COCO's initial figures at 800x1333 (R and K counted, positives assumed)")
     p.add_argument("--coco-positives", type=float, default=100.0,
@@ -149,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the file's input dtype: uint8 0..255 or float32 in [0, 1] (default: uint8)")
     p.add_argument("--images", "-i", nargs="+", default=[], metavar="PATH",
                    help="images for the parity check (default: the first val images of the config)")
-    p.add_argument("--num-images", type=int, default=4, help="images for the parity check")
+    p.add_argument("--num-images", type=_positive_int, default=4, help="images for the parity check")
     p.add_argument("--box-tol", type=float, default=1e-3, help="parity: largest box difference, px")
     p.add_argument("--config", "-c", help="config to use instead of the one the checkpoint holds")
     _add_set(p, "config overrides, e.g. data.root=/data/coco model.inference.score_thresh=0.1")

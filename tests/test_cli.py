@@ -91,6 +91,16 @@ def test_internal_error_is_not_a_user_error(capsys, monkeypatch):
     assert capsys.readouterr().err == ""  # nothing printed as if the user had erred
 
 
+@pytest.mark.parametrize("argv", [["analyze", "loss-cdf", "--num-images", "0"],
+                                  ["export", "--weights", "w.pth", "--num-images", "-3"]])
+def test_image_counts_must_be_positive(capsys, argv):
+    # `analyze loss-cdf --num-images 0` analysed no image, exit 0, over an earlier result
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "argument --num-images: expected at least 1, got" in capsys.readouterr().err
+
+
 def test_ctrl_c_outside_training_is_one_line(capsys, monkeypatch):
     """Ctrl-C while torch loads or during eval/predict: 'retina: interrupted', exit 130 (128 +
     SIGINT, as a shell reports it), not a KeyboardInterrupt traceback; RETINA_DEBUG keeps it."""

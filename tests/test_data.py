@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,18 @@ def test_grayscale_and_rgba_become_rgb(tiny_coco):
     assert rgba.shape == (3, H, W) and gray.shape == (3, H, W)
     assert rgba[:, 7, 7].tolist() == [100, 150, 200]  # alpha dropped
     assert gray[:, 7, 7].tolist() == [77, 77, 77]  # L -> R = G = B
+
+
+def test_one_pixel_wide_image_reads_without_a_warning(tmp_path):
+    # a 1 x 1 (or 1 x W) image's CHW transpose was a view of PIL's read-only buffer: torch warned
+    from retina.data.coco import read_image
+
+    Image.fromarray(np.array([[[9, 8, 7]]], dtype=np.uint8)).save(tmp_path / "dot.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = read_image(tmp_path / "dot.png")
+    assert image.tolist() == [[[9]], [[8]], [[7]]]
+    image[0, 0, 0] = 1  # writable
 
 
 def test_unknown_category_names_annotation_and_category(tiny_coco):

@@ -270,9 +270,15 @@ def test_cli_analyze_errors_on_detections_json(tmp_path, capsys):
     assert main(["analyze", "errors", "--detections", str(bad), "--ann", str(ann)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bad.json" in err and "image_id 7" in err
+    bad.write_text(json.dumps([{**det(1, CAT, A, 0.9), "category_id": "1"}]))
+    assert main(["analyze", "errors", "--detections", str(bad), "--ann", str(ann)]) == 2
+    assert capsys.readouterr().err.endswith("detection 0: category_id should be an integer, got '1'\n")
     assert main(["analyze", "errors", "--detections", str(dets)]) == 2  # no --ann
     assert "--ann" in capsys.readouterr().err
     assert main(["analyze", "errors"]) == 2  # neither --weights nor --detections
+    assert "needs either --weights" in capsys.readouterr().err
+    assert main(["analyze", "errors", "--weights", "run", "--detections", str(dets), "--ann", str(ann)]) == 2
+    assert "not both" in capsys.readouterr().err
     with pytest.raises(Exception, match="not a COCO annotation file"):
         bad.write_text("[]")
         load_ground_truth(bad)

@@ -132,11 +132,18 @@ def test_per_class_ap_with_noncontiguous_ids_and_custom_names():
     assert m["AP"] == pytest.approx(70.0)
 
 
-def test_zero_detections_give_zero_without_error():
-    coco = make_coco([(1, 100, 100)], [(1, 1, [0.0, 0.0, 10.0, 10.0])], [(1, "a")])
-    m = evaluate_detections(coco, [])
-    assert [m[n] for n in METRIC_NAMES] == [0.0] * 12
-    assert m["per_class"] == {"a": 0.0}
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_zero_detections_give_zero_without_error(backend):
+    if backend == "faster_coco_eval":
+        pytest.importorskip("faster_coco_eval", reason="optional evaluator")
+    # one small box (10 x 10 = 100 px < 32^2) of class a, no box of class b: every value of a
+    # range or class with ground truth is 0; medium, large and class b have none, so they are NaN,
+    # as with detections (it was 0.0 everywhere: APl 0.0 for a set without large objects)
+    coco = make_coco([(1, 100, 100)], [(1, 1, [0.0, 0.0, 10.0, 10.0])], [(1, "a"), (2, "b")])
+    m = evaluate_detections(coco, [], backend=backend)
+    assert [m[n] for n in ("AP", "AP50", "AP75", "APs", "AR1", "AR10", "AR100", "ARs")] == [0.0] * 8
+    assert all(math.isnan(m[n]) for n in ("APm", "APl", "ARm", "ARl"))
+    assert m["per_class"]["a"] == 0.0 and math.isnan(m["per_class"]["b"])
 
 
 def test_format_metrics_table_lists_all_names_and_classes():

@@ -209,6 +209,18 @@ def test_predict_and_eval_through_onnx_equal_the_checkpoint(run_dir, onnx_export
         assert mb[key] == pytest.approx(ma[key], abs=1e-6), key
 
 
+def test_analyze_errors_runs_an_exported_model(run_dir, onnx_export, tmp_path):
+    # it said "not a checkpoint" for the .onnx that eval and predict take
+    summaries = []
+    for name, weights in (("pth", run_dir), ("onnx", onnx_export[0])):
+        code, _ = _run_cli(["analyze", "errors", "--weights", str(weights), "--out", str(tmp_path / name)])
+        assert code == 0
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    a, b = summaries
+    assert a["num_detections"] == b["num_detections"] > 0
+    assert b["metrics"]["AP"] == pytest.approx(a["metrics"]["AP"], abs=1e-6)
+
+
 def test_exported_model_refuses_settings_it_holds_as_constants(run_dir, onnx_export, tmp_path, capsys):
     # a score threshold or test size given for an .onnx was read and silently not used: the
     # graph holds its own, so the AP came out unchanged

@@ -95,8 +95,10 @@ def read_image(path: str | Path, image_id: Optional[int] = None) -> Tensor:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         reason = str(e).strip() or type(e).__name__
         raise BadImageError.of(path, image_id, f"cannot read it: {reason}") from e
-    # numpy makes the CHW copy: single-threaded, no intra-op thread pool for a tiny copy.
-    return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))  # (3, H, W)
+    # numpy makes the CHW copy: single-threaded, no intra-op thread pool for a tiny copy. Always
+    # a copy (np.array): a 1 x W image's transpose is already contiguous, and a view of PIL's
+    # read-only buffer makes torch warn.
+    return torch.from_numpy(np.array(hwc.transpose(2, 0, 1), order="C"))  # (3, H, W)
 
 
 def _orientation(im: Image.Image) -> int:

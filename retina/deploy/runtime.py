@@ -201,3 +201,17 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", override
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def load_detector(weights: str | Path, device: torch.device | str = "cpu", overrides: Sequence[str] = (),
+                  cfg=None):
+    """``(detector, config, class_names, cat_ids)`` of what ``--weights`` names, for inference
+    (``retina eval``, ``predict``, ``analyze errors``): an exported file run by its runtime, or a
+    checkpoint as ``inference_model`` makes it (BatchNorm folded, memory format chosen)."""
+    from retina.deploy.fuse import inference_model
+    from retina.engine.checkpoint import load_model
+
+    if is_exported(weights):  # retina export's .onnx / .pt2: config and classes inside
+        return load_exported(weights, device, overrides, cfg)
+    model, cfg, class_names, cat_ids = load_model(weights, device, tuple(overrides), cfg)
+    return inference_model(model), cfg, class_names, cat_ids

@@ -74,11 +74,18 @@ def to_coco_results(
 
 
 # ------------------------------------------------------------------------------ evaluation
-def _empty_metrics(class_names: Sequence[str]) -> dict:
-    """Metrics for a run with no detections at all: every value 0.0."""
-    metrics: dict[str, Any] = {name: 0.0 for name in METRIC_NAMES}
-    metrics["per_class"] = {name: 0.0 for name in class_names}
-    return metrics
+def results_coco(coco_gt: Any, results: list[dict]) -> Any:
+    """``results`` as a COCO object of ``coco_gt``'s class (pycocotools' or faster-coco-eval's).
+    ``loadRes`` cannot take an empty list (it reads results[0]): no results give an index of the
+    same images with no detection, which COCOeval scores as every box missed (AP 0; -1, reported
+    as missing, where there is no ground truth)."""
+    if results:
+        return coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys in place: copies
+    empty = type(coco_gt)()
+    empty.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                     "annotations": []}  # fmt: skip
+    empty.createIndex()
+    return empty
 
 
 class EvalBackendError(RetinaError, ValueError):
@@ -148,8 +155,8 @@ def evaluate_detections(
     Returns:
         ``{"AP": .., ..., "ARl": ..}`` (the 12 ``METRIC_NAMES``, percent, NaN where pycocotools
         reports -1 because a size range has no GT) and ``"per_class": {name: AP percent}`` (NaN for
-        a class without GT). An empty ``results`` gives 0.0 everywhere (pycocotools' ``loadRes``
-        cannot take an empty list).
+        a class without GT). An empty ``results`` scores every box missed: 0.0 (NaN where
+        there is no GT, as with detections).
     """
     if cat_ids is None:
         cat_ids = sorted(coco_gt.getCatIds())
@@ -158,16 +165,12 @@ def evaluate_detections(
         class_names = [cat["name"] for cat in coco_gt.loadCats(cat_ids)]
     if len(class_names) != len(cat_ids):
         raise ValueError(f"{len(class_names)} class names but {len(cat_ids)} category ids")
-    if len(results) == 0:
-        return _empty_metrics(class_names)
-
     coco_cls, cocoeval_cls = _coco_classes(backend)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = coco_gt
         if not isinstance(coco_gt, coco_cls):  # faster-coco-eval indexes the same dataset dict
             gt = coco_cls(coco_gt.dataset, print_function=lambda *a, **k: None)
-        # loadRes adds keys (area, id, segmentation) to each dict in place: give it copies.
-        coco_dt = gt.loadRes([dict(r) for r in results])
+        coco_dt = results_coco(gt, results)
         kwargs = {"print_function": lambda *a, **k: None} if backend != "pycocotools" else {}
         coco_eval = cocoeval_cls(gt, coco_dt, iouType="bbox", **kwargs)
         coco_eval.params.catIds = cat_ids

@@ -24,7 +24,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from retina.engine.evaluate import evaluate_detections
+from retina.engine.evaluate import evaluate_detections, results_coco
 
 # Number-of-objects bins (inclusive; None: no upper bound) for AP by crowdedness.
 COUNT_BINS: tuple[tuple[int, Optional[int]], ...] = ((1, 1), (2, 3), (4, 7), (8, None))
@@ -38,13 +38,7 @@ def run_cocoeval(coco_gt: COCO, results: list[dict], cat_ids: Sequence[int],
     No results at all give every GT box missed: precision 0 at every recall, AP 0.
     """
     with contextlib.redirect_stdout(io.StringIO()):
-        if results:
-            coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes edits the dicts: copies
-        else:  # loadRes cannot take an empty list (it reads results[0]): an empty result set
-            coco_dt = COCO()
-            coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
-                               "annotations": []}  # fmt: skip
-            coco_dt.createIndex()
+        coco_dt = results_coco(coco_gt, results)
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.catIds = [int(c) for c in cat_ids]
         if image_ids is not None:

@@ -77,6 +77,9 @@ def check_results(results: Any, coco_gt: COCO, source: str) -> list[dict]:
             raise InputError(f"{source}: detection {i}: bbox should be [x, y, w, h], got {box!r}")
         if not isinstance(r["score"], numbers.Real) or not math.isfinite(r["score"]):
             raise InputError(f"{source}: detection {i}: score should be a number, got {r['score']!r}")
+        for key in ("image_id", "category_id"):  # "3" looked like 3 in the message below
+            if not isinstance(r[key], numbers.Integral) or isinstance(r[key], bool):
+                raise InputError(f"{source}: detection {i}: {key} should be an integer, got {r[key]!r}")
         if r["image_id"] not in images:
             raise InputError(f"{source}: detection {i}: image_id {r['image_id']} is not in the ground truth")
         if r["category_id"] not in cats:
@@ -213,13 +216,13 @@ def _run_detections(weights: str, config: Optional[str], overrides: Sequence[str
     image_ids); the detections are also written to ``out_dir/detections.json``."""
     from retina.config import find_config, load_config
     from retina.data import build_dataset
-    from retina.engine.checkpoint import load_model
+    from retina.deploy.runtime import load_detector
     from retina.engine.evaluate import check_same_classes, inference, to_coco_results
     from retina.engine.dist import resolve_device
 
     dev = resolve_device(device)
     cfg = load_config(find_config(config), list(overrides)) if config else None
-    model, cfg, class_names, _ = load_model(weights, dev, tuple(overrides), cfg)
+    model, cfg, class_names, _ = load_detector(weights, dev, tuple(overrides), cfg)  # .pth, .onnx or .pt2
     dataset = build_dataset(cfg, "val")
     check_same_classes(class_names, dataset, weights)
     outputs, image_ids = inference(model, dataset, cfg.eval.batch_size, dev,
@@ -235,7 +238,9 @@ def errors_cli(weights: Optional[str] = None, detections: Optional[str] = None, 
                device: str = "auto", score_thresh: Optional[float] = None) -> int:
     """``retina analyze errors --weights RUN`` or ``--detections D.json --ann GT.json``; default
     out: ``<run dir>/analysis/errors`` or ``<detections dir>/errors``. Returns the exit status."""
-    if (weights is None) == (detections is None):
+    if weights is not None and detections is not None:
+        raise UsageError("retina analyze errors takes --weights RUN or --detections D.json --ann A.json, not both")
+    if weights is None and detections is None:
         raise UsageError("retina analyze errors needs either --weights RUN or --detections D.json --ann A.json")
     if detections is not None and ann is None:
         raise UsageError("retina analyze errors --detections needs --ann (the COCO ground-truth json)")
