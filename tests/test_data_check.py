@@ -91,7 +91,8 @@ EXPECTED_COUNTS = {
     "malformed_label": 0, "missing_annotation": 0, "unknown_class": 0,  # VOC / YOLO folders only
     "bad_record": 0, "duplicate_image_id": 1, "duplicate_annotation_id": 1,
     "duplicate_category_id": 0, "unknown_image_id": 1, "unknown_category": 1, "missing_file": 1,
-    "unreadable_image": 2, "size_mismatch": 1, "nonfinite_box": 1, "degenerate_box": 2,
+    "unreadable_image": 2, "size_mismatch": 1, "category_name": 0, "nonfinite_box": 1,
+    "degenerate_box": 2,
     "tiny_box": 1, "box_outside": 1, "box_partly_outside": 1, "image_without_annotations": 1,
 }  # fmt: skip
 
@@ -158,10 +159,26 @@ def test_clean_set_reports_nothing(tmp_path):
     ann = tmp_path / "a.json"
     ann.write_text(json.dumps({"images": [_image(1, "a.png")],
                                "annotations": [_ann(1, 1, [0, 0, 30, 20])],  # the whole image
-                               "categories": [{"id": 1}]}))  # fmt: skip
+                               "categories": [{"id": 1, "name": "thing"}]}))  # fmt: skip
     report = check_dataset(ann, tmp_path)
     assert report.errors == [] and report.warnings == [] and report.exit_status == 0
     assert format_report(report).splitlines()[-1] == "no problems found"
+
+
+def test_category_names_missing_or_shared_are_warnings(tmp_path):
+    # both passed; training then showed class '1', and two "cat" classes could not be told apart
+    _save(tmp_path / "a.png")
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps({"images": [_image(1, "a.png")], "annotations": [_ann(1, 1, [0, 0, 30, 20])],
+                               "categories": [{"id": 1}, {"id": 2, "name": "cat"}, {"id": 3, "name": "cat"},
+                                              {"id": 4, "name": " "}]}))  # fmt: skip
+    report = check_dataset(ann, tmp_path)
+    assert report.examples("category_name") == [
+        "categories[0] (id 1): no name; the class is shown as its id",
+        "categories[3] (id 4): no name; the class is shown as its id",
+        "2 categories are named 'cat': their classes cannot be told apart in results",
+    ]
+    assert report.errors == [] and report.exit_status == 0
 
 
 def test_malformed_records(tmp_path):

@@ -27,6 +27,8 @@ Errors:
 - ``size_mismatch``: the file's width x height differs from the json's
 
 Warnings:
+- ``category_name``: a category without a name (its class is shown as its id), or a name that
+  several categories share
 - ``nonfinite_box``: NaN or infinity in bbox (dropped by the loader)
 - ``degenerate_box``: width or height <= 0 (dropped)
 - ``tiny_box``: width or height in (0, 1) px (dropped)
@@ -77,6 +79,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "missing_file": (ERROR, "missing image files"),
     "unreadable_image": (ERROR, "unreadable or corrupt images"),
     "size_mismatch": (ERROR, "image sizes that disagree with the json"),
+    "category_name": (WARNING, "categories without a name or with another's name"),
     "nonfinite_box": (WARNING, "boxes with non-finite numbers"),
     "degenerate_box": (WARNING, "boxes of zero or negative width or height"),
     "tiny_box": (WARNING, "boxes under 1 px wide or high"),
@@ -312,6 +315,15 @@ def _check_coco(data: dict, ann_file: Path, image_dir: Path, out: _Collector, de
             out.add("bad_record", f"categories[{i}]: missing or invalid id")
     cat_ids = [c["id"] for c in cats if isinstance(c, dict) and _is_id(c.get("id"))]
     _duplicates(cat_ids, "duplicate_category_id", "category", out)
+    names = Counter(c.get("name") for c in cats if isinstance(c, dict) and isinstance(c.get("name"), str))
+    for i, cat in enumerate(cats):
+        if isinstance(cat, dict) and not (isinstance(cat.get("name"), str) and cat["name"].strip()):
+            out.add("category_name", f"categories[{i}] (id {cat.get('id')!r}): no name; "
+                                     f"the class is shown as its id")
+    for name, n in names.items():
+        if n > 1:
+            out.add("category_name", f"{n} categories are named {name!r}: their classes cannot be "
+                                     f"told apart in results")
     annotated = _check_annotations(anns, by_id, set(cat_ids), out, origins)
     for image_id, img in by_id.items():
         if image_id not in annotated:
