@@ -74,8 +74,15 @@ def test_ablate_section_is_read_by_ablate_and_ignored_by_training(tmp_path):
     assert [r.name for r in runs] == ["gamma=0,alpha=0.25", "gamma=0,alpha=null", "gamma=2,alpha=0.25",
                                       "gamma=2,alpha=null", "type=ohem,gamma=0,min_size=96"]
     assert [r.name for r in plan_sweep(preset, ["loss.gamma=5"], [], tmp_path)] == ["gamma=5"]  # --grid wins
-    with pytest.raises(ConfigError, match="unknown key 'loss.gama'"):  # checked before any training
+    with pytest.raises(ConfigError, match="^--grid loss.gama=0: unknown key 'loss.gama'"):  # before any training
         plan_sweep(preset, ["loss.gama=0,1"], [], tmp_path / "out")
+    # a bad value of the config's own grids is named there, not as a --set item
+    preset.write_text("base: base.yaml\nablate:\n  grids:\n    - {solver.lr: [0.01, -1]}\n")
+    with pytest.raises(ConfigError) as e:
+        plan_sweep(preset, [], [], tmp_path / "out")
+    assert str(e.value) == f"{preset}: ablate.grids: solver.lr=-1: solver.lr=-1.0 must be > 0"
+    with pytest.raises(ConfigError, match=r"^--set solver.max_iter=0: "):  # a --set item stays one
+        plan_sweep(preset, [], ["solver.max_iter=0"], tmp_path / "out")
 
 
 # ------------------------------------------------------------------------------ skip / resume

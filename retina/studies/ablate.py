@@ -76,8 +76,15 @@ def plan_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str
             raise ConfigError(f"--seeds: the grid already sweeps {SEED_KEY}; give one or the other")
         combos = [[*c, f"{SEED_KEY}={s}"] for s in range(seeds) for c in combos]
     runs, seen = [], {}
+    grid_source = "--grid" if grids else f"{config_path}: ablate.grids:"
     for overrides in combos:
-        cfg = load_config(config_path, [*sets, *overrides])
+        try:
+            cfg = load_config(config_path, [*sets, *overrides])
+        except ConfigError as e:  # the loader names a grid value as a --set item: name its source
+            item = next((o for o in overrides if str(e).startswith(f"--set {o}:")), None)
+            if item is None:
+                raise
+            raise ConfigError(f"{grid_source} {str(e)[len('--set '):]}") from None
         if not cfg.train.eval_at_end:
             raise ConfigError(f"{config_path}: ablate needs train.eval_at_end=true (the table "
                               f"reads each run's metrics.json)")
