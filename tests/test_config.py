@@ -264,6 +264,14 @@ def test_gamma_does_not_apply_to_ce_or_ohem():
     assert load_config(None, ["loss.type=ohem", "loss.gamma=0"]).loss.type == "ohem"
 
 
+def test_every_key_of_a_choice_that_does_not_apply_is_named_at_once():
+    # evaluating a shapes run on COCO json took one error per leftover data.shapes key
+    msg = config_error(None, ["data.shapes.num_train=64", "data.shapes.image_size=128", "data.dataset=coco"])
+    assert msg == ("--set data.dataset=coco: data.shapes.num_train=64 and data.shapes.image_size=128 do not "
+                   "apply to data.dataset=coco (read only by the generated shapes set); set "
+                   "data.shapes.num_train=2000 data.shapes.image_size=160 or use data.dataset=shapes")
+
+
 def test_focal_star_reads_its_own_gamma():
     msg = config_error(None, ["loss.type=focal_star", "loss.gamma=1"])
     assert msg == ("--set loss.gamma=1: loss.gamma=1.0 does not apply to loss.type=focal_star "

@@ -257,10 +257,17 @@ def validate(cfg: Config, source: str = "<config>", blame: Optional[Blame] = Non
     for key, ok, requirement in _range_checks(cfg):
         if not ok:
             raise ConfigError(f"{origin(key, *_RELATED.get(key, ()))}: {shown(key)} {requirement}")
-    for key, scope, inert in _not_applying(cfg):
+    not_applying = list(_not_applying(cfg))
+    if not_applying:  # every key of the first choice at once: one error to fix, not one per key
+        scope = not_applying[0][1]
+        group = [(key, inert) for key, s, inert in not_applying if s is scope]
+        keys = [key for key, _ in group]
         chosen = f"{scope.by}={_as_override(get_key(cfg, scope.by))}"
-        raise ConfigError(f"{origin(key, scope.by)}: {shown(key)} does not apply to {chosen} "
-                          f"({scope.why}); set {key}={_as_override(inert)} or {scope.fix}")
+        listed = shown(keys[0]) if len(keys) == 1 else \
+            f"{', '.join(shown(k) for k in keys[:-1])} and {shown(keys[-1])}"
+        resets = " ".join(f"{key}={_as_override(inert)}" for key, inert in group)
+        raise ConfigError(f"{origin(*keys, scope.by)}: {listed} {'does' if len(keys) == 1 else 'do'} not apply "
+                          f"to {chosen} ({scope.why}); set {resets} or {scope.fix}")
     return cfg
 
 
