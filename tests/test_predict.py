@@ -15,6 +15,7 @@ from torch import nn
 from retina.data.coco import read_image, upright_size
 from retina.data.formats import image_size
 from retina.engine.predict import list_images, predict_paths
+from retina.errors import InputError
 
 
 class FixedModel(nn.Module):
@@ -96,7 +97,7 @@ def test_predict_unreadable_image_names_file_and_keeps_the_others(tmp_path: Path
     gray_png(src / "c.png", 20, 30)
     out = tmp_path / "out"
     model = FixedModel()
-    with pytest.raises(ValueError, match=r"^1 of 3 images could not be read \(the first: bad image "
+    with pytest.raises(ValueError, match=r"^1 of 3 images could not be read or run \(the first: bad image "
                                          r".*b\.png: cannot read it: .*\); the detections of the other 2 "
                                          r"are in .*detections\.json$") as info:
         predict_paths(model, list_images(src), out, ["a", "b"], [1, 2], "cpu", batch_size=2)
@@ -106,6 +107,31 @@ def test_predict_unreadable_image_names_file_and_keeps_the_others(tmp_path: Path
     assert [d["file_name"] for d in json.loads((out / "detections.json").read_text())] == ["a.png", "c.png"]
     assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "c.jpg", "detections.json"]
     assert len(model.seen) == 2
+
+
+class OneSizeModel(FixedModel):
+    """A static export: refuses images of another size than 20 x 30, as ``ExportedDetector`` does."""
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict]:
+        for im in images:
+            if tuple(im.shape[-2:]) != (20, 30):
+                raise InputError(f"exported for input [1, 3, 20, 30]; got {tuple(im.shape)}")
+        return super().forward(images)
+
+
+def test_predict_skips_images_the_model_refuses_and_keeps_the_others(tmp_path: Path, capsys):
+    # a static export stopped at the first image of another size and wrote nothing
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, (h, w) in {"a.png": (20, 30), "b.png": (40, 30), "c.png": (20, 30)}.items():
+        gray_png(src / name, h, w)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"^1 of 3 images could not be read or run \(the first: .*b\.png: "
+                                         r"exported for input \[1, 3, 20, 30\]; got \(3, 40, 30\)\)"):
+        predict_paths(OneSizeModel(), list_images(src), out, ["a", "b"], [1, 2], "cpu", batch_size=3)
+    assert "warning: skipping " in capsys.readouterr().err
+    assert [d["file_name"] for d in json.loads((out / "detections.json").read_text())] == ["a.png", "c.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "c.jpg", "detections.json"]
 
 
 def test_read_image_bmp(tmp_path: Path):

@@ -22,7 +22,7 @@ from torchvision.ops import box_convert
 
 from retina.data.coco import BadImageError, read_image
 from retina.data.formats import IMAGE_SUFFIXES
-from retina.engine.evaluate import in_input_order, same_size_batches
+from retina.engine.evaluate import same_size_batches
 from retina.errors import InputError, MissingFileError
 from retina.io import write_json
 from retina.viz import draw_detections, write_image
@@ -123,7 +123,8 @@ def predict_paths(
         The detections written to JSON, in input order then model order.
 
     Raises:
-        InputError: some files could not be read: each was skipped with a warning on stderr,
+        InputError: some files could not be read, or the model refused them (a static export
+            given another size): each was skipped with a warning on stderr,
             the others' detections and drawings were written first; one line names the first.
     """
     device = torch.device(device)
@@ -153,10 +154,17 @@ def predict_paths(
                 continue
             index, images = [i for i, _ in read], [img for _, img in read]
             groups = same_size_batches([tuple(img.shape[-2:]) for img in images], len(images), len(images))
-            with torch.inference_mode():  # one call per image size, see the docstring
-                outputs = in_input_order(groups, [out for group in groups
-                                                  for out in model([images[i].to(device) for i in group])])
-            for i, image, out in zip(index, images, outputs):
+            outputs: dict[int, dict] = {}  # position in ``read`` -> the model's output
+            for group in groups:  # one call per image size, see the docstring
+                try:
+                    with torch.inference_mode():
+                        outputs.update(zip(group, model([images[j].to(device) for j in group])))
+                except InputError as e:  # an image the model refuses (a static export's other size)
+                    for j in group:
+                        bad.append(f"{paths[index[j]]}: {e}")
+                        print(f"warning: skipping {bad[-1]}", file=sys.stderr)
+            for j in sorted(outputs):
+                i, image, out = index[j], images[j], outputs[j]
                 name, dst = record_names[i], out_paths[i]
                 keep = out["scores"] >= score_thresh  # (D,)
                 boxes = out["boxes"][keep].detach().cpu().float()  # (D', 4)
@@ -169,7 +177,7 @@ def predict_paths(
         model.train(was_training)
     write_json(out_dir / "detections.json", detections)
     if bad:  # after the others' results are written: one bad file loses no finished work
-        raise InputError(f"{len(bad)} of {len(paths)} images could not be read (the first: {bad[0]}); "
+        raise InputError(f"{len(bad)} of {len(paths)} images could not be read or run (the first: {bad[0]}); "
                          f"the detections of the other {len(paths) - len(bad)} are in "
                          f"{out_dir / 'detections.json'}")
     return detections
