@@ -81,8 +81,7 @@ def plan_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str
         try:
             cfg = load_config(config_path, [*sets, *overrides])
         except ConfigError as e:  # the loader names a grid value as a --set item: name its source
-            item = next((o for o in overrides if str(e).startswith(f"--set {o}:")), None)
-            if item is None:
+            if not any(str(e).startswith(f"--set {o}:") for o in overrides):
                 raise
             raise ConfigError(f"{grid_source} {str(e)[len('--set '):]}") from None
         if not cfg.train.eval_at_end:
