@@ -5,7 +5,7 @@
   (``validate``; ``key_applies`` for tables that print "-" for a key a run does not read).
 - ``loader.py``: YAML files with one ``base:``, ``--set`` overrides, typed conversion, the bundled
   configs (``find_config``), writing a config back (``dump_config``).
-- ``yaml_io.py``: the YAML 1.2 reader shared with the sweep code (``yaml_load``).
+- ``yaml_io.py``: the YAML 1.2 reader shared with the sweep code (``yaml_load``, ``read_yaml_file``).
 - ``errors.py``: ``ConfigError`` (a ``retina.errors.RetinaError``), one line naming the source of
   the value (the ``--set`` item, or the file that set the key) and the key.
 
@@ -20,8 +20,8 @@ from retina.config.loader import (CONFIG_DIR, config_changes, config_from_dict, 
 from retina.config.rules import get_key, key_applies, validate
 from retina.config.schema import *  # noqa: F401,F403  (the dataclasses: Config, ModelConfig, ...)
 from retina.config.schema import Config, __all__ as _schema_names
-from retina.config.yaml_io import yaml_load
+from retina.config.yaml_io import read_yaml_file, yaml_load
 
 __all__ = ["CONFIG_DIR", "Config", "ConfigError", "config_changes", "config_from_dict", "config_to_dict",
-           "dump_config", "find_config", "flat_keys", "get_key", "key_applies", "load_config", "replace",
-           "validate", "yaml_load", *_schema_names]
+           "dump_config", "find_config", "flat_keys", "get_key", "key_applies", "load_config", "read_yaml_file",
+           "replace", "validate", "yaml_load", *_schema_names]

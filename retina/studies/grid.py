@@ -13,8 +13,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from retina.config import ConfigError, yaml_load
-from retina.config.yaml_io import read_yaml_file
+from retina.config import ConfigError, read_yaml_file, yaml_load
 from retina.studies.runs import short_keys
 
 __all__ = ["expand_grid", "grids_from_config", "parse_grid", "run_name", "seeds_from_config", "check_seeds"]
