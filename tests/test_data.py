@@ -33,8 +33,11 @@ from retina.data import (
     ensure_shapes,
     generate_shapes,
 )
+from retina.data import coco as coco_module
 from retina.data import shapes as shapes_module
+from retina.data.coco import BadImageError
 from retina.data.transforms import hflip, resize
+from retina.errors import InputError
 
 H, W = 40, 60
 BOXES = torch.tensor([[10.5, 5.25, 30.5, 15.25], [50.0, 30.0, 60.0, 40.0]])  # image 2's targets
@@ -199,6 +202,45 @@ def test_missing_files_and_invalid_json(tiny_coco, tmp_path):
     with pytest.raises(ValueError, match="not valid JSON") as e:
         CocoDetection(ann_file, image_dir)
     assert str(ann_file) in str(e.value)
+
+
+def test_cache_images_serves_the_decoded_pixels_and_survives_edits(tiny_coco):
+    ann_file, image_dir = tiny_coco
+    ds = CocoDetection(ann_file, image_dir)
+    read = [ds[i][0] for i in range(len(ds))]
+    report = ds.cache_images(threads=2)
+    # three 40x60 images, 3 bytes a pixel
+    assert (report.images, report.unreadable, report.nbytes) == (3, 0, 3 * 40 * 60 * 3)
+    assert "3 images cached in RAM" in str(report)
+    for name in ("a.png", "b.png", "c.png"):
+        (image_dir / name).unlink()  # served from memory from now on
+    for i in range(len(ds)):
+        image = ds[i][0]
+        assert torch.equal(image, read[i])
+        image.zero_()  # a transform writing into its input
+        assert torch.equal(ds[i][0], read[i])
+
+
+def test_cache_images_leaves_an_unreadable_image_to_fail_when_read(tiny_coco):
+    ann_file, image_dir = tiny_coco
+    (image_dir / "a.png").write_bytes(b"not a png")  # ids sorted: a.png (id 2) is index 0
+    ds = CocoDetection(ann_file, image_dir)
+    report = ds.cache_images()
+    assert (report.images, report.unreadable) == (2, 1) and "1 unreadable left out" in str(report)
+    with pytest.raises(BadImageError, match="a.png"):
+        ds[0]
+    assert ds[1][0].shape == (3, H, W)
+
+
+def test_cache_images_refused_when_memory_is_short(tiny_coco, monkeypatch):
+    ann_file, image_dir = tiny_coco
+    ds = CocoDetection(ann_file, image_dir)
+    monkeypatch.setattr(coco_module, "available_memory", lambda: 3 * 40 * 60 * 3)  # the 3 images exactly: half is short
+    with pytest.raises(InputError, match=r"need 0.0 GiB decoded, more than 50% .* set data.cache=none") as e:
+        ds.cache_images()
+    assert str(ann_file) in str(e.value) and ds._cached is None
+    monkeypatch.setattr(coco_module, "available_memory", lambda: None)  # unknown: no refusal
+    assert ds.cache_images().images == 3
 
 
 def test_collate_keeps_lists(tiny_coco):

@@ -118,6 +118,21 @@ def test_resume_is_exact(shapes_root, tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
 
 
+def test_ram_cache_trains_the_same_weights(shapes_root, tmp_path, capsys):
+    """data.cache=ram changes where the pixels come from, not which: the same 4 steps give the
+    same weights, also through a forked DataLoader worker that reads the parent's cache."""
+    cfg = tiny_config(shapes_root, solver={"max_iter": 4, "warmup_iters": 2},
+                      train={"checkpoint_period": 4, "log_period": 1, "eval_at_end": False})
+    Trainer(cfg, tmp_path / "files", device="cpu", quiet=True).train()
+    cached = with_changes(cfg, data={"cache": "ram", "num_workers": 1})
+    Trainer(cached, tmp_path / "cached", device="cpu").train()
+    assert f"train set: {TINY_DATA['num_train']} images cached in RAM" in capsys.readouterr().out
+    a = load_checkpoint(tmp_path / "files" / "model_final.pth")["model"]
+    b = load_checkpoint(tmp_path / "cached" / "model_final.pth")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 def test_resume_without_config_uses_the_runs_own(shapes_root, tmp_path, monkeypatch, capsys):
     # "continue with: retina train --resume --out RUN" is what a stopped run prints; without
     # --config it took the default shapes.yaml, whose model did not fit the checkpoint

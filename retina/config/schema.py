@@ -206,6 +206,10 @@ class DataConfig:
     hflip_prob: float = 0.5  # random horizontal flip, Sec. 4.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training images only
     num_workers: int = 4  # DataLoader workers
+    # ram: decode every training image once, before the first step, and keep it in memory
+    # (ultralytics' cache=ram): refused when the images need more than half the available
+    # memory. Each process holds its own copy (a DDP rank; DataLoader workers share the parent's).
+    cache: Literal["none", "ram"] = "none"
     aspect_grouping: bool = True  # batches of one orientation (landscape / portrait): less padding
     # A missing, corrupt or wrongly sized training image: "error" stops the run with one line
     # naming the file and image id; "skip" logs it and trains on the next readable image instead

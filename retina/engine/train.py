@@ -297,6 +297,8 @@ class Trainer:
         self.logger.write(f"train set: {ds.source}")
         self.logger.write(f"train set: {len(ds)} images, {ds.num_classes} classes, "
                           f"{ds.num_degenerate} degenerate boxes dropped (under 1 px or not finite)")
+        if cfg.data.cache == "ram":
+            self.logger.write(f"train set: {ds.cache_images()}")
         if self.budget.limited:
             self.logger.write(f"training for {cfg.solver.max_minutes:g} min of data + step time "
                               f"({self.budget.spent / 60:.1f} spent), at most {cfg.solver.max_iter} "
