@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 from retina.data.formats import FolderData, detect_format
 from retina.data.voc import read_voc
@@ -49,8 +49,17 @@ def _has_area(ann: dict) -> bool:
     return ann["bbox"][2] > 0 and ann["bbox"][3] > 0
 
 
-def convert_folder(folder: FolderData, out_dir: str | Path) -> list[Path]:
-    """Write ``out_dir/instances_<split>.json`` for every split of ``folder``; their paths.
+class Written(NamedTuple):
+    """One json ``convert_folder`` wrote: its split, path, annotations kept and left out."""
+
+    split: str
+    path: Path
+    kept: int
+    left_out: int
+
+
+def convert_folder(folder: FolderData, out_dir: str | Path) -> list[Written]:
+    """Write ``out_dir/instances_<split>.json`` for every split of ``folder``; what was written.
 
     Refuses (``InputError``, the first problem) a folder with problems: a json silently missing
     some images or boxes would look complete. Boxes of zero or negative width or height (a
@@ -59,15 +68,16 @@ def convert_folder(folder: FolderData, out_dir: str | Path) -> list[Path]:
     folder.raise_on_problems()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    written = []
     for split, data in folder.splits.items():
-        data = {**data, "annotations": [a for a in data["annotations"] if _has_area(a)]}
+        kept = [a for a in data["annotations"] if _has_area(a)]
         path = out_dir / f"instances_{split}.json"
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, allow_nan=False))  # readers never see half a file
+        # readers never see half a file
+        tmp.write_text(json.dumps({**data, "annotations": kept}, allow_nan=False))
         tmp.replace(path)
-        paths.append(path)
-    return paths
+        written.append(Written(split, path, len(kept), len(data["annotations"]) - len(kept)))
+    return written
 
 
 def data_convert_cli(root: str | Path, fmt: Literal["auto", "voc", "yolo"], out_dir: str | Path,
@@ -76,18 +86,17 @@ def data_convert_cli(root: str | Path, fmt: Literal["auto", "voc", "yolo"], out_
     """``retina data convert --from voc|yolo --to coco --root DIR --out OUT``: write the json
     files, print what was written and the config keys that train on them; exit status 0."""
     folder = read_folder(root, fmt, splits, classes, keep_difficult)
-    paths = convert_folder(folder, out_dir)
+    written = convert_folder(folder, out_dir)
     print(folder.summary(detected=fmt == "auto"))
-    for path, (split, data) in zip(paths, folder.splits.items()):
-        kept = sum(map(_has_area, data["annotations"]))
-        left_out = len(data["annotations"]) - kept
-        print(f"wrote {path}: {len(data['images'])} images, {kept} annotations, "
-              f"{len(data['categories'])} categories; images in {folder.image_dirs[split]}"
-              + (f"; left out {left_out} boxes of zero or negative width or height (retina data "
-                 f"check --root {root} names them)" if left_out else ""))
-    if len(paths) == 2:  # (train, val), as the config names them
+    for w in written:
+        data = folder.splits[w.split]
+        print(f"wrote {w.path}: {len(data['images'])} images, {w.kept} annotations, "
+              f"{len(data['categories'])} categories; images in {folder.image_dirs[w.split]}"
+              + (f"; left out {w.left_out} boxes of zero or negative width or height (retina data "
+                 f"check --root {root} names them)" if w.left_out else ""))
+    if len(written) == 2:  # (train, val), as the config names them
         keys = [f"data.root={Path(out_dir)}", "data.format=coco"]
-        for key, path, split in zip(("train", "val"), paths, folder.splits):
-            keys += [f"data.{key}_ann={path.name}", f"data.{key}_images={folder.image_dirs[split].resolve()}"]
+        for key, w in zip(("train", "val"), written):
+            keys += [f"data.{key}_ann={w.path.name}", f"data.{key}_images={folder.image_dirs[w.split].resolve()}"]
         print("train on them with: --set " + " ".join(keys))
     return 0
