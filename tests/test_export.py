@@ -254,6 +254,16 @@ def test_onnx_parity_on_raccoon_photos_of_several_sizes(run_dir, onnx_export):
         _assert_parity(model, detector, [read_image(path)])
 
 
+def test_export_refuses_hflip_tta(run_dir, tmp_path, capsys):
+    # the graph detects each image once: the eager model with the mirror merge could not match it
+    assert main(["export", "--weights", str(run_dir), "--out", str(tmp_path / "m.onnx"),
+                 "--set", "model.inference.hflip_tta=true"]) == 2
+    assert capsys.readouterr().err == ("retina: error: model.inference.hflip_tta is not exported (the exported "
+                                       "graph detects each image once); export with --set "
+                                       "model.inference.hflip_tta=false\n")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_export_without_onnxruntime_says_how_to_install(run_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     assert main(["export", "--weights", str(run_dir)]) == 2

@@ -90,6 +90,25 @@ def test_eval_boxes_in_original_image_coordinates():
         assert_close(b[:, 3].max(), torch.tensor(float(h)))
 
 
+def test_hflip_tta_merges_the_detections_of_each_image_and_its_mirror():
+    from retina.model.postprocess import merge_mirrored
+
+    images, _ = images_and_targets()
+    plain = tiny_model("model.inference.score_thresh=0.0").eval()
+    tta = tiny_model("model.inference.score_thresh=0.0", "model.inference.hflip_tta=true").eval()
+    with torch.no_grad():
+        got = tta(images)
+        expected = merge_mirrored(plain(images), plain([im.flip(-1) for im in images]), [50, 70],
+                                  plain.postprocessor.nms_thresh, 100)  # fmt: skip
+        alone = plain(images)
+    for g, e, a, image in zip(got, expected, alone, images):
+        assert len(g["scores"]) == 100  # score_thresh 0: the cap decides
+        for key in ("boxes", "scores", "labels"):
+            assert_close(g[key], e[key], rtol=0, atol=1e-4)
+        assert g["boxes"][:, 2].max() <= image.shape[-1]  # mapped back into the image
+        assert not torch.equal(g["scores"], a["scores"])  # the mirror's detections are in
+
+
 def test_class_bias_prior_and_head_channels():
     model = tiny_model()
     # pi = 0.01: bias = -log((1 - 0.01) / 0.01) = -log 99

@@ -1,5 +1,5 @@
 """Tests for retina.model.postprocess: threshold, per-level top-k, decoding, clipping, class-wise NMS,
-the per-image cap, batched == per-image and empty outputs."""
+the per-image cap, batched == per-image and empty outputs; the mirror merge of flip TTA."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from torchvision.ops import batched_nms
 
 from retina.model.box_coder import BoxCoder
-from retina.model.postprocess import PostProcessor, grouped_nms, scored_candidates
+from retina.model.postprocess import PostProcessor, grouped_nms, merge_mirrored, scored_candidates
 
 NEG = -20.0  # sigmoid(-20) ~ 2e-9: far below any threshold
 
@@ -180,3 +180,23 @@ def test_scored_candidates_clip_threshold_flatten():
     # one (h, w) for the whole batch, as the exported graph clips: (2,)
     b2, *_ = scored_candidates(boxes, scores, labels, torch.tensor([10.0, 20.0]), 0.05)
     assert torch.equal(b2[1], torch.tensor([4.0, 0.0, 9.0, 10.0]))
+
+
+def test_merge_mirrored_maps_the_mirror_back_and_keeps_the_best_of_each_overlap():
+    w = 100
+    det = [{"boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0], [50.0, 50.0, 60.0, 60.0]]),
+            "scores": torch.tensor([0.9, 0.3]), "labels": torch.tensor([0, 1])}]
+    # in the mirror's pixels: [70, 20, 90, 40] is [10, 20, 30, 40] back in the image (x -> 100 - x)
+    mir = [{"boxes": torch.tensor([[70.0, 20.0, 90.0, 40.0], [40.0, 50.0, 50.0, 60.0], [0.0, 0.0, 10.0, 10.0]]),
+            "scores": torch.tensor([0.8, 0.6, 0.5]), "labels": torch.tensor([0, 0, 2])}]
+    out = merge_mirrored(det, mir, [w], nms_thresh=0.5, detections_per_image=100)[0]
+    # [10,20,30,40] from both: the 0.8 copy (IoU 1) is suppressed by the 0.9 one. [40,50,50,60]
+    # maps to [50,50,60,60], the other box's place, but as class 0 it does not suppress class 1.
+    assert_close(out["boxes"], torch.tensor([[10.0, 20.0, 30.0, 40.0], [50.0, 50.0, 60.0, 60.0],
+                                             [90.0, 0.0, 100.0, 10.0], [50.0, 50.0, 60.0, 60.0]]))
+    assert_close(out["scores"], torch.tensor([0.9, 0.6, 0.5, 0.3]))
+    assert out["labels"].tolist() == [0, 0, 2, 1]
+    capped = merge_mirrored(det, mir, [w], nms_thresh=0.5, detections_per_image=2)[0]
+    assert capped["scores"].tolist() == pytest.approx([0.9, 0.6])
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    assert merge_mirrored([empty], [empty], [w], 0.5, 100)[0]["boxes"].shape == (0, 4)

@@ -113,6 +113,10 @@ class InferenceConfig:
     topk_candidates: int = 1000  # per level
     nms_thresh: float = 0.5  # class-wise
     detections_per_image: int = 100
+    # eval / predict: detect each image and its mirror image, merge by class-wise NMS at nms_thresh
+    # (test-time augmentation, mmdet's --tta, ultralytics' augment): twice the inference time.
+    # Not exported (the exported graph runs each image once)
+    hflip_tta: bool = False
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,9 @@ def export_cli(weights: str, fmt: Format, out: str | None, dynamic: bool, opset:
         require_onnxruntime()  # before the minutes of export, not after
     cfg = load_config(find_config(config), overrides) if config else None
     model, cfg, class_names, cat_ids = load_model(weights, "cpu", tuple(overrides), cfg)
+    if cfg.model.inference.hflip_tta:  # the graph runs each image once: parity could not hold
+        raise InputError("model.inference.hflip_tta is not exported (the exported graph detects each "
+                         "image once); export with --set model.inference.hflip_tta=false")
     model = model.to(memory_format=torch.contiguous_format)
     model.channels_last = False  # the exported graph is NCHW; the runtime picks its own layout
     samples = _parity_images(cfg, images, num_images)

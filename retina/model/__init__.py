@@ -51,7 +51,7 @@ def build_model(cfg: Config, pretrained: bool = True) -> RetinaNet:
                           normalizer=lc.ohem.normalizer),
         focal_star=FocalStarSettings(gamma=lc.focal_star.gamma, beta=lc.focal_star.beta))
     post = PostProcessor(box_coder, m.inference.score_thresh, m.inference.topk_candidates,
-                         m.inference.nms_thresh, m.inference.detections_per_image)
+                         m.inference.nms_thresh, m.inference.detections_per_image, m.inference.hflip_tta)
     spec = InputSpec(m.input.min_size, m.input.max_size, m.input.pixel_mean, m.input.pixel_std,
                      m.input.size_divisibility, m.input.resize, m.input.test_min_size, m.input.test_max_size)
     model = RetinaNet(backbone, fpn, head, anchors, TargetAssigner(matcher, box_coder, m.num_classes),

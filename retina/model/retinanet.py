@@ -44,7 +44,7 @@ from retina.model.losses import EMA_INIT, LossSettings, retinanet_losses
 from retina.model.anchors import AnchorGenerator
 from retina.model.backbone import FPN, Trunk
 from retina.model.head import RetinaHead
-from retina.model.postprocess import PostProcessor
+from retina.model.postprocess import PostProcessor, merge_mirrored
 from retina.model.resize import ResizeMode, axis_scale, eval_size, resize_scale, resized_size
 
 
@@ -172,9 +172,20 @@ class RetinaNet(nn.Module):
         """Training mode: ``{"loss_cls", "loss_box", "num_pos"}`` (``compute_loss``: sum the
         ``loss_*`` terms; ``num_pos`` is the batch's positive anchors, logged, never added).
         Eval mode: per image a dict of ``boxes`` (D, 4) XYXY in its own pixels, ``scores`` (D,),
-        ``labels`` (D,)."""
+        ``labels`` (D,); with ``model.inference.hflip_tta`` the images and their mirror images
+        go through as one batch and each image's two sets are merged (``merge_mirrored``)."""
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
+        post = self.postprocessor
+        if not self.training and post.hflip_tta:
+            n = len(images)
+            both = self._run([*images, *(image.flip(-1) for image in images)])
+            return merge_mirrored(both[:n], both[n:], [image.shape[-1] for image in images],
+                                  post.nms_thresh, post.detections_per_image)  # fmt: skip
+        return self._run(images, targets)
+
+    def _run(self, images: Sequence[Tensor], targets: Optional[list[dict]] = None):
+        """``forward`` without the test-time augmentation."""
         batch, sizes, _, targets = self.preprocess(images, targets)
         features = self.features(batch)
         pred_logits, pred_deltas = self.head(features)  # (N, R, K), (N, R, 4)
