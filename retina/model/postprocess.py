@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
-import torch
 from typing import Sequence
 
+import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, nms
 
@@ -96,7 +96,7 @@ def merge_mirrored(detections: Sequence[dict], mirrored: Sequence[dict], widths:
     ``detections``, ``mirrored``: N dicts of ``boxes`` (D, 4) XYXY, ``scores`` (D,), ``labels``
     (D,); ``widths``: the N input widths W. Returns N dicts of the same keys."""
     merged = []
-    for det, mir, width in zip(detections, mirrored, widths):  # N images, a few hundred boxes each
+    for det, mir, width in zip(detections, mirrored, widths):  # N images, 2 x detections_per_image boxes at most each
         x1, y1, x2, y2 = mir["boxes"].unbind(-1)
         boxes = torch.cat([det["boxes"], torch.stack([width - x2, y1, width - x1, y2], dim=-1)])
         scores = torch.cat([det["scores"], mir["scores"]])
