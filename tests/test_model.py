@@ -12,6 +12,7 @@ from torch.testing import assert_close
 from retina.config import load_config
 from retina.model import build_model
 from retina.model.head import RetinaHead, prior_bias, to_n_hwa_c
+from retina.model.postprocess import merge_mirrored
 
 TINY = ["model.backbone.depth=18", "model.fpn.channels=32", "model.head.num_convs=1",
         "model.input.min_size=[64]", "model.num_classes=3"]
@@ -91,14 +92,12 @@ def test_eval_boxes_in_original_image_coordinates():
 
 
 def test_hflip_tta_merges_the_detections_of_each_image_and_its_mirror():
-    from retina.model.postprocess import merge_mirrored
-
     images, _ = images_and_targets()
     plain = tiny_model("model.inference.score_thresh=0.0").eval()
     tta = tiny_model("model.inference.score_thresh=0.0", "model.inference.hflip_tta=true").eval()
     with torch.no_grad():
         got = tta(images)
-        expected = merge_mirrored(plain(images), plain([im.flip(-1) for im in images]), [50, 70],
+        expected = merge_mirrored(plain(images), plain([im.flip(-1) for im in images]), [(40, 50), (100, 70)],
                                   plain.postprocessor.nms_thresh, 100)  # fmt: skip
         alone = plain(images)
     for g, e, a, image in zip(got, expected, alone, images):

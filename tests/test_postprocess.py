@@ -184,19 +184,20 @@ def test_scored_candidates_clip_threshold_flatten():
 
 def test_merge_mirrored_maps_the_mirror_back_and_keeps_the_best_of_each_overlap():
     w = 100
+    size = [(80, w)]  # (H, W): the flip reads W
     det = [{"boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0], [50.0, 50.0, 60.0, 60.0]]),
             "scores": torch.tensor([0.9, 0.3]), "labels": torch.tensor([0, 1])}]
     # in the mirror's pixels: [70, 20, 90, 40] is [10, 20, 30, 40] back in the image (x -> 100 - x)
     mir = [{"boxes": torch.tensor([[70.0, 20.0, 90.0, 40.0], [40.0, 50.0, 50.0, 60.0], [0.0, 0.0, 10.0, 10.0]]),
             "scores": torch.tensor([0.8, 0.6, 0.5]), "labels": torch.tensor([0, 0, 2])}]
-    out = merge_mirrored(det, mir, [w], nms_thresh=0.5, detections_per_image=100)[0]
+    out = merge_mirrored(det, mir, size, nms_thresh=0.5, detections_per_image=100)[0]
     # [10,20,30,40] from both: the 0.8 copy (IoU 1) is suppressed by the 0.9 one. [40,50,50,60]
     # maps to [50,50,60,60], the other box's place, but as class 0 it does not suppress class 1.
     assert_close(out["boxes"], torch.tensor([[10.0, 20.0, 30.0, 40.0], [50.0, 50.0, 60.0, 60.0],
                                              [90.0, 0.0, 100.0, 10.0], [50.0, 50.0, 60.0, 60.0]]))
     assert_close(out["scores"], torch.tensor([0.9, 0.6, 0.5, 0.3]))
     assert out["labels"].tolist() == [0, 0, 2, 1]
-    capped = merge_mirrored(det, mir, [w], nms_thresh=0.5, detections_per_image=2)[0]
+    capped = merge_mirrored(det, mir, size, nms_thresh=0.5, detections_per_image=2)[0]
     assert capped["scores"].tolist() == pytest.approx([0.9, 0.6])
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
-    assert merge_mirrored([empty], [empty], [w], 0.5, 100)[0]["boxes"].shape == (0, 4)
+    assert merge_mirrored([empty], [empty], size, 0.5, 100)[0]["boxes"].shape == (0, 4)

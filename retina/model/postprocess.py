@@ -8,7 +8,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torchvision import tv_tensors
 from torchvision.ops import batched_nms, nms
+from torchvision.transforms.v2 import functional as TF
 
 from retina.model.box_coder import BoxCoder
 
@@ -86,19 +88,19 @@ def scored_candidates(boxes: Tensor, scores: Tensor, labels: Tensor, sizes: Tens
     return boxes[keep_mask], scores[keep_mask], labels[keep_mask], image_idx[keep_mask]
 
 
-def merge_mirrored(detections: Sequence[dict], mirrored: Sequence[dict], widths: Sequence[int],
+def merge_mirrored(detections: Sequence[dict], mirrored: Sequence[dict], sizes: Sequence[tuple[int, int]],
                    nms_thresh: float, detections_per_image: int) -> list[dict]:
     """Horizontal-flip test-time augmentation: each image's detections and those of its mirror
-    image (boxes in the mirror's pixels, mapped back by x -> W - x), merged by class-wise NMS
-    and capped at ``detections_per_image``, best first (mmdet's ``DetTTAModel`` merges a flip
-    the same way; ultralytics' ``augment``).
+    image (boxes in the mirror's pixels, mapped back by the flip the training pipeline uses,
+    ``v2``'s x -> W - x), merged by class-wise NMS and capped at ``detections_per_image``, best
+    first (mmdet's ``DetTTAModel`` merges a flip the same way; ultralytics' ``augment``).
 
     ``detections``, ``mirrored``: N dicts of ``boxes`` (D, 4) XYXY, ``scores`` (D,), ``labels``
-    (D,); ``widths``: the N input widths W. Returns N dicts of the same keys."""
+    (D,); ``sizes``: the N input sizes (H, W). Returns N dicts of the same keys."""
     merged = []
-    for det, mir, width in zip(detections, mirrored, widths):  # N images, 2 x detections_per_image boxes at most each
-        x1, y1, x2, y2 = mir["boxes"].unbind(-1)
-        boxes = torch.cat([det["boxes"], torch.stack([width - x2, y1, width - x1, y2], dim=-1)])
+    for det, mir, size in zip(detections, mirrored, sizes):  # N images, <= 2 x detections_per_image boxes each
+        back = TF.horizontal_flip_bounding_boxes(mir["boxes"], tv_tensors.BoundingBoxFormat.XYXY, tuple(size))
+        boxes = torch.cat([det["boxes"], back])
         scores = torch.cat([det["scores"], mir["scores"]])
         labels = torch.cat([det["labels"], mir["labels"]])
         keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_image]

@@ -180,7 +180,7 @@ class RetinaNet(nn.Module):
         if not self.training and post.hflip_tta:
             n = len(images)
             both = self._run([*images, *(image.flip(-1) for image in images)])
-            return merge_mirrored(both[:n], both[n:], [image.shape[-1] for image in images],
+            return merge_mirrored(both[:n], both[n:], [image.shape[-2:] for image in images],
                                   post.nms_thresh, post.detections_per_image)  # fmt: skip
         return self._run(images, targets)
 
