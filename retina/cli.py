@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", required=True, nargs="+", metavar="PATH",
                    help="image files, directories (their .jpg/.jpeg/.png/.bmp) and quoted globs, "
                         "e.g. a.jpg photos/ 'shots/**/*.png'")
-    p.add_argument("--out", "-o", default="predictions", help="output directory")
+    p.add_argument("--out", "-o", help="output directory (default: predictions, or predictions2, 3, ... "
+                                       "when it already holds files: an earlier prediction is kept)")
     p.add_argument("--score-thresh", type=float, default=0.3,
                    help="detections scoring lower are neither drawn nor written (default: 0.3; "
                         "the model itself keeps those above model.inference.score_thresh)")
@@ -224,11 +225,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from retina.engine.predict import list_images, predict_paths
+    from retina.engine.predict import list_images, predict_paths, unused_dir
 
     paths = list_images(args.input)  # before loading the model: a wrong path fails at once
     model, _, class_names, cat_ids, device = _load(args)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else unused_dir("predictions")
     dets = predict_paths(model, paths, out, class_names, cat_ids, device, args.score_thresh)
     print(f"{len(dets)} detections in {len(paths)} images -> {out / 'detections.json'}")
     return 0

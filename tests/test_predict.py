@@ -278,3 +278,33 @@ def test_predict_calls_the_model_once_per_image_size_and_keeps_input_order(tmp_p
                          device="cpu", score_thresh=0.0, batch_size=3)  # fmt: skip
     assert model.calls == [[(3, 40, 50), (3, 40, 50)], [(3, 32, 32)]]
     assert [(d["file_name"], d["score"]) for d in dets] == [("a.png", 0.4), ("b.png", 0.32), ("c.png", 0.4)]
+
+
+def test_unused_dir_keeps_earlier_outputs(tmp_path: Path):
+    from retina.engine.predict import unused_dir
+
+    base = tmp_path / "predictions"
+    assert unused_dir(base) == base  # does not exist
+    base.mkdir()
+    assert unused_dir(base) == base  # exists, empty
+    (base / "detections.json").write_text("[]")
+    (tmp_path / "predictions2").write_text("a file, not a folder")
+    (tmp_path / "predictions3").mkdir()
+    assert unused_dir(base) == tmp_path / "predictions3"  # the first free or empty one after it
+
+
+def test_cli_predict_default_out_does_not_overwrite_an_earlier_prediction(tmp_path: Path, monkeypatch, capsys):
+    from retina import cli
+
+    gray_png(tmp_path / "one.png", 20, 24)
+    model = FixedModel()
+    monkeypatch.setattr(cli, "_load", lambda args: (model, None, ["circle", "square"], [3, 9], "cpu"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["predict", "-w", "unused.pth", "--input", "one.png"]) == 0
+    first = (tmp_path / "predictions" / "detections.json").read_text()
+    assert cli.main(["predict", "-w", "unused.pth", "--input", "one.png", "--score-thresh", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "1 detections in 1 images -> predictions/detections.json" in out
+    assert "2 detections in 1 images -> predictions2/detections.json" in out
+    assert (tmp_path / "predictions" / "detections.json").read_text() == first  # the first run's, untouched
+    assert len(json.loads((tmp_path / "predictions2" / "detections.json").read_text())) == 2
