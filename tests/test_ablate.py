@@ -30,6 +30,8 @@ def test_expand_grid_multiplies_first_slowest():
         ["loss.gamma=0", "loss.alpha=0.25"], ["loss.gamma=0", "loss.alpha=null"],
         ["loss.gamma=2", "loss.alpha=0.25"], ["loss.gamma=2", "loss.alpha=null"]]
     assert expand_grid([]) == [[]]  # no grid: one run with the config as it is
+    # true and 1 are different YAML values (a bool and an int), not a repeat
+    assert expand_grid(["a.b=1,true"]) == [["a.b=1"], ["a.b=true"]]
 
 
 def test_expand_grid_list_values_and_quotes():
@@ -42,7 +44,8 @@ def test_expand_grid_list_values_and_quotes():
 
 @pytest.mark.parametrize("bad, match", [
     ("loss.gamma", "expected key=v1,v2"), ("loss.gamma=", "expected key=v1,v2"),
-    ("loss.gamma=0,,1", "empty value"), ("loss.gamma=[0", "not valid YAML")])
+    ("loss.gamma=0,,1", "empty value"), ("loss.gamma=[0", "not valid YAML"),
+    ("loss.gamma=0,0.0", "value 0.0 is 0 again"), ("model.input.min_size=[96],[ 96 ]", r"is \[96\] again")])
 def test_expand_grid_errors(bad, match):
     with pytest.raises(ConfigError, match=match):
         expand_grid([bad])

@@ -46,13 +46,18 @@ def parse_grid(item: str) -> tuple[str, list[str]]:
     if not sep or not key or not raw.strip():
         raise ConfigError(f"--grid {item}: expected key=v1,v2,..., e.g. loss.gamma=0,0.5,1,2")
     values = split_values(raw)
+    seen: dict[str, Any] = {}
     for v in values:
         if not v:
             raise ConfigError(f"--grid {item}: empty value")
         try:
-            yaml_load(v)
+            parsed = yaml_load(v)
         except yaml.YAMLError:
             raise ConfigError(f"--grid {item}: value {v!r} is not valid YAML") from None
+        same = [u for u, p in seen.items() if p == parsed and isinstance(p, bool) == isinstance(parsed, bool)]
+        if same:  # 0 and 0.0 set the same config: the same run twice
+            raise ConfigError(f"--grid {item}: value {v} is {same[0]} again; list each value once")
+        seen[v] = parsed
     return key, values
 
 
