@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", "-o", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--init", metavar="CKPT", help="start from a retina checkpoint's weights (model.init): "
-                                                  "every tensor that fits; ignored on --resume")
+    p.add_argument("--init", metavar="CKPT", help="start from a retina checkpoint's weights (model.init; a run "
+                                                  "directory: its newest checkpoint): every tensor that "
+                                                  "fits; ignored on --resume")
 
     p = sub.add_parser("eval", help="COCO evaluation of a checkpoint on the val split")
     _add_weights_args(p)

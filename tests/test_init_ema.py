@@ -96,6 +96,25 @@ def test_classes_matched_by_name(shapes_root, tmp_path):
         assert_close(bias[a * 2 + 1], torch.tensor(-math.log(99.0)))
 
 
+def test_init_from_a_run_directory_takes_its_newest_checkpoint(shapes_root, tmp_path):
+    # as --weights does: model_final.pth when the run finished, else the highest iteration
+    cfg = with_changes(tiny_config(shapes_root), model={"num_classes": 1})
+    run = tmp_path / "run"
+    older, newer = trained_like(cfg, seed=6), trained_like(cfg, seed=7)
+    save_checkpoint({"model": older, "class_names": ["x"]}, run / "model_0000004.pth")
+    save_checkpoint({"model": newer, "class_names": ["x"]}, run / "model_0000008.pth")
+    model = build_model(cfg, pretrained=False)
+    line = load_init(model, run, ["x"], 0.01)
+    assert line.startswith("init: ") and f" tensors from {run / 'model_0000008.pth'}" in line
+    assert torch.equal(model.state_dict()["fpn.output.0.weight"], newer["fpn.output.0.weight"])
+    save_checkpoint({"model": older, "class_names": ["x"]}, run / "model_final.pth")
+    load_init(model, run, ["x"], 0.01)
+    assert torch.equal(model.state_dict()["fpn.output.0.weight"], older["fpn.output.0.weight"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=f"no checkpoint in {tmp_path / 'empty'}"):
+        load_init(model, tmp_path / "empty", ["x"], 0.01)
+
+
 def test_ema_weights_of_a_checkpoint_are_the_ones_loaded(shapes_root, tmp_path):
     cfg = with_changes(tiny_config(shapes_root), model={"num_classes": 1})
     raw, averaged = trained_like(cfg, seed=4), trained_like(cfg, seed=5)

@@ -194,12 +194,15 @@ def test_bf16_autocast_training_step():
         assert v.dtype == torch.float32 and torch.isfinite(v)
 
 
-@pytest.mark.parametrize("channels", [32, 48])
-def test_head_group_norm_any_width(channels):
-    # GroupNorm needs groups | channels: 32 groups for 32, gcd(32, 48) = 16 for 48
+@pytest.mark.parametrize("channels, groups", [(256, 32), (64, 32), (48, 16), (96, 32), (32, 16), (16, 8),
+                                             (2, 1), (33, 1)])
+def test_head_group_norm_any_width(channels, groups):
+    # GroupNorm needs groups | channels: gcd(32, C) groups, halved while that leaves one channel
+    # per group (32 -> 16, 16 -> 8, 2 -> 1); 33 channels: one group of all 33
     head = RetinaHead(channels, num_anchors=2, num_classes=K, num_convs=1, norm="gn")
     gn = head.cls_tower[1]
-    assert isinstance(gn, torch.nn.GroupNorm) and gn.num_groups == {32: 32, 48: 16}[channels]
-    logits, deltas = head([torch.rand(1, channels, 3, 4), torch.rand(1, channels, 2, 2)])
-    # R = (3 * 4 + 2 * 2) * 2 = 32
-    assert logits.shape == (1, 32, K) and deltas.shape == (1, 32, 4)
+    assert isinstance(gn, torch.nn.GroupNorm) and gn.num_groups == groups
+    # one image whose last level is 1 x 1 (P7 of a small image): no group of a single value
+    logits, deltas = head([torch.rand(1, channels, 3, 4), torch.rand(1, channels, 1, 1)])
+    # R = (3 * 4 + 1 * 1) * 2 = 26
+    assert logits.shape == (1, 26, K) and deltas.shape == (1, 26, 4)

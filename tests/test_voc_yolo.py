@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +141,23 @@ def test_voc_unknown_class_names_the_object(voc_root):
         folder.raise_on_problems()
     assert str(e.value) == (f"{voc_root / 'Annotations' / 'a.xml'} object 2: class 'cat' is not among "
                             f"the classes ['dog', 'bird']; list them all with: retina data check "
-                            f"--root {voc_root} --format voc")  # fmt: skip
+                            f"--root {voc_root} --format voc --splits train --classes dog,bird")  # fmt: skip
+
+
+def test_the_suggested_check_reads_the_folder_as_training_did(voc_root, capsys):
+    # a split other than train/val and a class list: the check command in the error repeats
+    # both, so it finds the problem training stopped on (without them: no trainval.txt, and
+    # no class list to find 'cat' missing from)
+    main_dir = voc_root / "ImageSets" / "Main"
+    (main_dir / "trainval.txt").write_text((main_dir / "train.txt").read_text())
+    folder = read_voc(voc_root, ("trainval", "val"), classes=("dog", "bird"))
+    with pytest.raises(ValueError) as e:
+        folder.raise_on_problems()
+    command = str(e.value).split("list them all with: ")[1]
+    assert command == f"retina data check --root {voc_root} --format voc --splits trainval,val --classes dog,bird"
+    capsys.readouterr()
+    assert main(shlex.split(command)[1:]) == 1
+    assert "class 'cat' is not among the classes ['dog', 'bird']" in capsys.readouterr().out
 
 
 def test_voc_bad_files_are_one_line_problems(voc_root):
@@ -184,6 +201,25 @@ def test_yolo_normalised_boxes_to_pixels(yolo_root):
     _, target = _dataset(folder, "val")[0]
     assert_close(target["boxes"], torch.tensor([[25.0, 25.0, 75.0, 75.0]]))  # 0.25..0.75 of 100
     assert folder.origins["val"][1] == f"{yolo_root / 'labels' / 'val' / 'c.txt'}:1"
+
+
+def test_windows_text_files_read_as_the_same_folder(voc_root, yolo_root):
+    # A byte-order mark and CRLF line ends (Windows Notepad's UTF-8) in VOC split files and YOLO
+    # label files and image lists: the same records as the plain files; a repeated split line
+    # lists its image once
+    sets = voc_root / "ImageSets" / "Main"
+    plain = read_voc(voc_root, ("train", "val"))
+    (sets / "train.txt").write_bytes(b"\xef\xbb\xbfa\r\nb\r\na\r\n")
+    windows = read_voc(voc_root, ("train", "val"))
+    assert windows.problems == [] and windows.splits == plain.splits
+    labels = yolo_root / "labels" / "train" / "a.txt"
+    plain = read_yolo(yolo_root, ("train", "val"))
+    labels.write_bytes(b"\xef\xbb\xbf" + labels.read_bytes().replace(b"\n", b"\r\n"))
+    (yolo_root / "train.txt").write_bytes(b"\xef\xbb\xbfimages/train/a.png\r\nimages/train/b.jpg\r\n")
+    (yolo_root / "data.yaml").write_text((yolo_root / "data.yaml").read_text().replace("train: images/train",
+                                                                                      "train: train.txt"))
+    windows = read_yolo(yolo_root, ("train", "val"))
+    assert windows.problems == [] and windows.splits == plain.splits
 
 
 def test_yolo_yaml_variants(yolo_root):

@@ -21,6 +21,7 @@ record is left out. ``retina data check`` counts them; training refuses the fold
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -67,6 +68,7 @@ class FolderData:
     image_dirs: dict[str, Path] = field(default_factory=dict)
     origins: dict[str, dict[int, str]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    given_classes: tuple[str, ...] = ()  # VOC: the class list the folder was read with, if any
 
     def summary(self, detected: bool = False) -> str:
         """One line: ``voc layout detected in ROOT (160 train / 40 val images, 1 class)``."""
@@ -81,8 +83,17 @@ class FolderData:
             return
         first, more = self.problems[0], len(self.problems) - 1
         also = f" (and {more} more problem{'s' * (more != 1)})" if more else ""
-        raise InputError(f"{first.where}{also}; list them all with: retina data check "
-                         f"--root {self.root} --format {self.format}")  # fmt: skip
+        raise InputError(f"{first.where}{also}; list them all with: {self.check_command()}")
+
+    def check_command(self) -> str:
+        """The ``retina data check`` that reads this folder as it was read: same splits, same
+        class list (without them the check would look for train/val or miss an unknown class)."""
+        cmd = ["retina", "data", "check", "--root", str(self.root), "--format", self.format]
+        if list(self.splits) != ["train", "val"]:
+            cmd += ["--splits", ",".join(self.splits)]
+        if self.given_classes:
+            cmd += ["--classes", ",".join(self.given_classes)]
+        return shlex.join(cmd)
 
 
 def detect_format(root: str | Path) -> Format:

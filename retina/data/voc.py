@@ -54,13 +54,19 @@ class _Malformed(Exception):
 
 
 def split_ids(root: Path, split: str) -> list[tuple[str, str]]:
-    """(image id, "file:line") of every line of ``ImageSets/Main/<split>.txt``."""
+    """(image id, "file:line") of every line of ``ImageSets/Main/<split>.txt``, each id once (a
+    repeated line would count its image's boxes twice in evaluation), in file order. Read as
+    UTF-8 with or without a byte-order mark (Windows editors write one)."""
     path = root / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         raise MissingFileError(f"{path} not found: a VOC folder lists the image ids of split "
                                 f"{split!r} there, one a line")  # fmt: skip
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [(line.split()[0], f"{path}:{i}") for i, line in enumerate(lines, 1) if line.strip()]
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    ids = {}  # image id -> its first line
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            ids.setdefault(line.split()[0], f"{path}:{i}")
+    return list(ids.items())
 
 
 def _text(node: ET.Element, tag: str, where: str) -> str:
@@ -179,7 +185,7 @@ def read_voc(root: str | Path, splits: Sequence[str], classes: Sequence[str] = (
               for split in splits}  # fmt: skip
     images = {split: [img for img in imgs if img is not None] for split, imgs in images.items()}
     names = list(classes) or sorted({o.name for imgs in images.values() for img in imgs for o in img.objects})
-    folder = FolderData("voc", root, names)
+    folder = FolderData("voc", root, names, given_classes=tuple(classes))
     for split, split_images in images.items():
         folder.splits[split], folder.origins[split] = _split_dict(split_images, names, keep_difficult,
                                                                   problems)  # fmt: skip

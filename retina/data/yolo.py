@@ -44,7 +44,7 @@ def yaml_path(root: Path) -> Path:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -88,7 +88,7 @@ def list_images(base: Path, entry: Any, where: str) -> list[Path]:
         if path.is_dir():
             files += [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
         elif path.is_file() and path.suffix == ".txt":
-            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
             files += [path.parent / ln for ln in lines if ln]
         else:
             raise MissingFileError(f"{where}: {path} is neither a folder nor a .txt list of images")
@@ -129,7 +129,7 @@ def _read_labels(path: Path, num_classes: int, problems: list[Problem]) -> list[
     """(class id, normalised [x1, y1, w, h], "file:line") of every good line; none when there is
     no file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         return []
     except (OSError, UnicodeDecodeError) as e:

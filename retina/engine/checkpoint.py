@@ -139,6 +139,18 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """``path``, or for a run directory its newest complete checkpoint (``last_checkpoint``):
+    what ``--weights`` and ``--init`` take. ``CheckpointError`` for a directory without one."""
+    path = Path(path)
+    if path.is_dir():
+        found = last_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoint in {path}")
+        return found
+    return path
+
+
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Keep the ``keep`` newest periodic checkpoints (0 keeps all)."""
     if keep <= 0:
@@ -210,12 +222,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: 
     from retina.config import config_from_dict, config_to_dict
     from retina.model import build_model
 
-    path = Path(path)
-    if path.is_dir():
-        found = last_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"no checkpoint in {path}")
-        path = found
+    path = checkpoint_file(path)
     ckpt = load_checkpoint(path)
     if "config" not in ckpt:
         raise CheckpointError(f"{path} holds no config; was it written by retina train?")

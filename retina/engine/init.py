@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from retina.engine.checkpoint import CheckpointError, deployed_weights, load_checkpoint
+from retina.engine.checkpoint import CheckpointError, checkpoint_file, deployed_weights, load_checkpoint
 from retina.model.head import prior_bias
 
 CLASS_PREDICTOR = ("head.cls_logits.weight", "head.cls_logits.bias")
@@ -76,7 +76,7 @@ def _copy_classes_by_name(predictor: nn.Conv2d, num_anchors: int, weights: dict[
 
 @torch.no_grad()
 def load_init(model: nn.Module, path: str | Path, class_names: Sequence[str], prior_prob: float) -> str:
-    """Load the tensors of checkpoint ``path`` that fit ``model`` (a ``RetinaNet`` predicting
+    """Load the tensors of checkpoint ``path`` (a run directory: its newest) that fit ``model`` (a ``RetinaNet`` predicting
     ``class_names``); re-initialise its class predictor when the checkpoint's classes differ,
     keeping the rows of the classes both name.
 
@@ -88,6 +88,7 @@ def load_init(model: nn.Module, path: str | Path, class_names: Sequence[str], pr
         CheckpointError: ``path`` is missing, unreadable, unsafe or has no tensor that fits; one
             line naming it.
     """
+    path = checkpoint_file(path)  # a run directory: its newest checkpoint
     ckpt = load_checkpoint(path)
     weights = {k: v for k, v in deployed_weights(ckpt).items() if k not in RUN_STATE}
     own = {k: v for k, v in model.state_dict().items() if k not in RUN_STATE}

@@ -21,13 +21,21 @@ def to_n_hwa_c(x: Tensor, c: int) -> Tensor:
     return x.view(n, -1, c, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, c)
 
 
+def group_count(channels: int) -> int:
+    """GroupNorm's groups for a tower ``channels`` wide: 32 (GN paper, torchvision's v2 head),
+    fewer when 32 does not divide the width (48 -> 16), and at least 2 channels per group (32 ->
+    16, 16 -> 8): a group of one channel normalises a 1x1 level (P7 of a small image) to its
+    bias alone, and torch refuses it for a single image. 64 channels and wider keep 32 groups."""
+    groups = math.gcd(32, channels)
+    return groups // 2 if groups > 1 and channels // groups < 2 else groups
+
+
 def _tower(channels: int, num_convs: int, norm: str, bias: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(num_convs):
         layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=bias))
         if norm == "gn":
-            # 32 groups (GN paper); fewer when 32 does not divide the width, e.g. 48 -> 16
-            layers.append(nn.GroupNorm(math.gcd(32, channels), channels))
+            layers.append(nn.GroupNorm(group_count(channels), channels))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
