@@ -302,6 +302,18 @@ def test_check_yolo_folder_names_label_lines(tmp_path, capsys):
     assert report.examples("image_without_annotations") == ["image 2: images/train/b.jpg"]
 
 
+def test_check_folder_reports_a_shared_class_name_once(tmp_path):
+    # both splits carry the folder's one class list: its repeated name is one finding, not two
+    from test_voc_yolo import make_yolo
+
+    root = make_yolo(tmp_path / "yolo")
+    (root / "data.yaml").write_text("train: images/train\nval: images/val\nnames: [cat, cat]\n")
+    report = check_folder(root, "yolo", workers=1)
+    assert report.count("category_name") == 1
+    assert report.examples("category_name") == [
+        "2 categories are named 'cat': their classes cannot be told apart in results"]
+
+
 def test_check_folder_unusable_inputs_exit_2(tmp_path, capsys):
     assert data_check_cli(root=tmp_path) == 2  # neither VOC nor YOLO
     err = capsys.readouterr().err

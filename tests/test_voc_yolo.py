@@ -232,6 +232,8 @@ def test_yolo_yaml_variants(yolo_root):
     assert folder.class_names == ["cat", "dog"] and folder.root == cfg
     assert folder.splits["val"]["images"][0]["file_name"] == "images/val/c.png"
     assert folder.image_dirs["val"] == cfg.parent / ".."
+    cfg.write_text("path: ..\nval: val.txt\nnames: {'1': dog, '0': cat}\n")  # quoted ids, as ultralytics reads
+    assert read_yolo(cfg, ("val",)).class_names == ["cat", "dog"]
     assert label_path(Path("/d/images/x/images/a.jpg")) == Path("/d/images/x/labels/a.txt")  # last
     assert label_path(Path("/d/pics/a.png")) == Path("/d/pics/a.txt")  # no images/ folder
 
@@ -429,6 +431,18 @@ def test_convert_refuses_a_folder_with_problems(voc_root, tmp_path, capsys):
     assert err.startswith("retina: error: ") and err.count("\n") == 1 and "c.xml" in err
     assert main(["data", "convert", "--root", str(voc_root)]) == 2
     assert "needs --root DIR (a VOC or YOLO folder) and --out DIR" in capsys.readouterr().err
+
+
+def test_convert_refuses_a_folder_whose_photo_is_missing(voc_root, tmp_path, capsys):
+    # c.xml gives the size, so the folder reads without opening c.jpg; the json would name a
+    # photo that is not there
+    (voc_root / "JPEGImages" / "c.jpg").unlink()
+    assert read_folder(voc_root, "voc", ("train", "val")).problems == []
+    assert main(["data", "convert", "--root", str(voc_root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"retina: error: {voc_root / 'JPEGImages' / 'c.jpg'} not found, an image of split 'val'; "
+                   f"list them all with: retina data check --root {voc_root} --format voc\n")
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -302,14 +302,9 @@ def check_dataset(ann_file: str | Path, image_dir: str | Path, max_examples: int
     return CheckReport(ann_file, image_dir, *sizes, out.findings)
 
 
-def _check_coco(data: dict, ann_file: Path, image_dir: Path, out: _Collector, decode: bool,
-                workers: Optional[int], progress: bool, origins: Optional[dict] = None,
-                said_by: str = "the json") -> tuple[int, int, int]:  # fmt: skip
-    """Every problem of one COCO dict (``ann_file`` names it in messages) into ``out``;
-    (images, annotations, categories) counted."""
-    images = data["images"]
-    anns, cats = _records(data, "annotations", ann_file), _records(data, "categories", ann_file)
-    by_id = _check_image_records(images, out)
+def _check_categories(cats: list, out: _Collector) -> list:
+    """The valid category ids of ``cats``; ids missing, invalid or repeated and names missing
+    or repeated into ``out``."""
     for i, cat in enumerate(cats):
         if not (isinstance(cat, dict) and _is_id(cat.get("id"))):
             out.add("bad_record", f"categories[{i}]: missing or invalid id")
@@ -324,6 +319,19 @@ def _check_coco(data: dict, ann_file: Path, image_dir: Path, out: _Collector, de
         if n > 1:
             out.add("category_name", f"{n} categories are named {name!r}: their classes cannot be "
                                      f"told apart in results")
+    return cat_ids
+
+
+def _check_coco(data: dict, ann_file: Path, image_dir: Path, out: _Collector, decode: bool,
+                workers: Optional[int], progress: bool, origins: Optional[dict] = None,
+                said_by: str = "the json", check_categories: bool = True) -> tuple[int, int, int]:  # fmt: skip
+    """Every problem of one COCO dict (``ann_file`` names it in messages) into ``out``;
+    (images, annotations, categories) counted."""
+    images = data["images"]
+    anns, cats = _records(data, "annotations", ann_file), _records(data, "categories", ann_file)
+    by_id = _check_image_records(images, out)
+    # the splits of a folder share one category list: its problems are reported once
+    cat_ids = _check_categories(cats, out if check_categories else _Collector(0))
     annotated = _check_annotations(anns, by_id, set(cat_ids), out, origins)
     for image_id, img in by_id.items():
         if image_id not in annotated:
@@ -348,9 +356,10 @@ def check_folder(root: str | Path, fmt: Literal["auto", "voc", "yolo"] = "auto",
     for problem in folder.problems:
         out.add(problem.kind, problem.where)
     totals = [0, 0, len(folder.class_names)]
-    for split, data in folder.splits.items():
+    for i, (split, data) in enumerate(folder.splits.items()):
         n_images, n_anns, _ = _check_coco(data, folder.root, folder.image_dirs[split], out, decode,
-                                          workers, progress, folder.origins[split], "its annotation")
+                                          workers, progress, folder.origins[split], "its annotation",
+                                          check_categories=i == 0)  # fmt: skip
         totals[0] += n_images
         totals[1] += n_anns
     image_dir = next(iter(folder.image_dirs.values()), folder.root)

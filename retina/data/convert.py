@@ -61,11 +61,19 @@ class Written(NamedTuple):
 def convert_folder(folder: FolderData, out_dir: str | Path) -> list[Written]:
     """Write ``out_dir/instances_<split>.json`` for every split of ``folder``; what was written.
 
-    Refuses (``InputError``, the first problem) a folder with problems: a json silently missing
-    some images or boxes would look complete. Boxes of zero or negative width or height (a
+    Refuses (``InputError``, the first problem) a folder with problems, or with an image file
+    missing: a json silently missing some images or boxes would look complete, one naming a
+    missing photo would fail only in training. Boxes of zero or negative width or height (a
     warning of ``retina data check``; training drops them) are left out: COCO has no such box.
     """
     folder.raise_on_problems()
+    for split, data in folder.splits.items():  # a size in the xml does not mean the photo is there
+        missing = [img["file_name"] for img in data["images"]
+                   if not (folder.image_dirs[split] / img["file_name"]).is_file()]  # fmt: skip
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise MissingFileError(f"{folder.image_dirs[split] / missing[0]} not found{more}, an image of "
+                                   f"split {split!r}; list them all with: {folder.check_command()}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

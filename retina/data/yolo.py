@@ -55,10 +55,13 @@ def _read_yaml(path: Path) -> dict:
 
 
 def class_names(data: dict, path: Path) -> list[str]:
-    """The K names of ``data['names']`` (a list, or a mapping 0..K-1 -> name) in class-id order."""
+    """The K names of ``data['names']`` (a list, or a mapping 0..K-1 -> name, keys numbers or
+    quoted numbers) in class-id order."""
     names: Any = data.get("names")
     if isinstance(names, dict):
-        if sorted(names) != list(range(len(names))):
+        # quoted keys ('0': cat) are class ids too, as ultralytics reads them (int(k))
+        names = {int(k) if isinstance(k, str) and k.strip().isdigit() else k: v for k, v in names.items()}
+        if set(names) != set(range(len(names))):
             raise InputError(f"{path}: 'names' keys should be the class ids 0..{len(names) - 1}, "
                              f"got {sorted(names, key=str)}")  # fmt: skip
         names = [names[k] for k in range(len(names))]
