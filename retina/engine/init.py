@@ -76,9 +76,9 @@ def _copy_classes_by_name(predictor: nn.Conv2d, num_anchors: int, weights: dict[
 
 @torch.no_grad()
 def load_init(model: nn.Module, path: str | Path, class_names: Sequence[str], prior_prob: float) -> str:
-    """Load the tensors of checkpoint ``path`` (a run directory: its newest) that fit ``model`` (a ``RetinaNet`` predicting
-    ``class_names``); re-initialise its class predictor when the checkpoint's classes differ,
-    keeping the rows of the classes both name.
+    """Load the tensors of checkpoint ``path`` (a run directory: its newest) that fit ``model``
+    (a ``RetinaNet`` predicting ``class_names``); re-initialise its class predictor when the
+    checkpoint's classes differ, keeping the rows of the classes both name.
 
     Returns one line: ``init: L/T tensors from PATH`` (L loaded of the model's T), then what was
     re-initialised, kept as initialised (not in the checkpoint or of another shape) and left
