@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="COCO evaluation of a checkpoint on the val split")
     _add_weights_args(p)
-    p.add_argument("--out", "-o", help="where detections.json and metrics.json go "
-                                       "(default: <run dir>/eval)")
+    p.add_argument("--out", "-o", help="where detections.json and metrics.json go (default: <run dir>/eval, "
+                                       "or eval2, 3, ... when it holds an earlier evaluation: kept)")
 
     p = sub.add_parser("predict", help="detect objects in image files; write drawn images + JSON")
     _add_weights_args(p)
@@ -211,10 +211,11 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from retina.data import build_dataset
     from retina.engine.evaluate import check_same_classes, evaluate, format_metrics_table
+    from retina.io import unused_dir
 
     model, cfg, class_names, _, device = _load(args)
     weights = Path(args.weights)
-    out = Path(args.out) if args.out else (weights if weights.is_dir() else weights.parent) / "eval"
+    out = Path(args.out) if args.out else unused_dir((weights if weights.is_dir() else weights.parent) / "eval")
     dataset = build_dataset(cfg, "val")
     check_same_classes(class_names, dataset, args.weights)
     metrics = evaluate(model, dataset, cfg.eval.batch_size, device, out_dir=out,
@@ -226,7 +227,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from retina.engine.predict import list_images, predict_paths, unused_dir
+    from retina.engine.predict import list_images, predict_paths
+    from retina.io import unused_dir
 
     paths = list_images(args.input)  # before loading the model: a wrong path fails at once
     model, _, class_names, cat_ids, device = _load(args)

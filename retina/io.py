@@ -100,3 +100,16 @@ def read_json(path: str | Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+
+
+def unused_dir(base: str | Path) -> Path:
+    """``base`` if it does not exist or is an empty directory, else the first of ``base2``,
+    ``base3``, ... that does not exist or is empty: a default output folder (``predictions``,
+    ``<run>/eval``) never overwrites earlier results (ultralytics numbers its ``predict`` and
+    ``val`` folders the same way)."""
+    base = Path(base)
+    candidate, n = base, 1
+    while candidate.exists() and not (candidate.is_dir() and not any(candidate.iterdir())):
+        n += 1
+        candidate = base.with_name(f"{base.name}{n}")
+    return candidate

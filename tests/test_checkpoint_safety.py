@@ -226,6 +226,20 @@ def test_eval_and_predict_from_a_checkpoint_whose_config_names_missing_weights(
     assert not missing.exists()
 
 
+def test_eval_without_out_keeps_an_earlier_evaluation(tiny_checkpoint, capsys):
+    # the default <run>/eval, then eval2 for a second evaluation (here with another score
+    # threshold): the first one's files are kept as they were
+    run = tiny_checkpoint.parent
+    assert main(["eval", "--weights", str(run), "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert f"metrics: {run / 'eval' / 'metrics.json'}" in capsys.readouterr().out
+    first = (run / "eval" / "metrics.json").read_text()
+    assert main(["eval", "--weights", str(tiny_checkpoint), "--device", "cpu",
+                 "--set", "model.inference.score_thresh=0.5"]) == 0, capsys.readouterr().err
+    assert f"metrics: {run / 'eval2' / 'metrics.json'}" in capsys.readouterr().out
+    assert (run / "eval" / "metrics.json").read_text() == first
+    assert (run / "eval2" / "detections.json").is_file()
+
+
 @pytest.mark.parametrize("loss_type", ["ce", "ohem"])
 def test_checkpoints_of_ce_and_ohem_runs_from_before_the_rule_load_with_gamma_0(
         tiny_checkpoint, loss_type):

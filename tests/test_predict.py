@@ -281,7 +281,7 @@ def test_predict_calls_the_model_once_per_image_size_and_keeps_input_order(tmp_p
 
 
 def test_unused_dir_keeps_earlier_outputs(tmp_path: Path):
-    from retina.engine.predict import unused_dir
+    from retina.io import unused_dir
 
     base = tmp_path / "predictions"
     assert unused_dir(base) == base  # does not exist

@@ -28,18 +28,6 @@ from retina.io import write_json
 from retina.viz import draw_detections, write_image
 
 
-def unused_dir(base: str | Path) -> Path:
-    """``base`` if it does not exist or is an empty directory, else the first of ``base2``,
-    ``base3``, ... that does not exist: a default output folder never overwrites an earlier
-    prediction (ultralytics names its runs ``predict``, ``predict2``, ... the same way)."""
-    base = Path(base)
-    candidate, n = base, 1
-    while candidate.exists() and not (candidate.is_dir() and not any(candidate.iterdir())):
-        n += 1
-        candidate = base.with_name(f"{base.name}{n}")
-    return candidate
-
-
 def list_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
     """The images to predict on, in the order given, each once: a file is taken as it is, a
     directory gives every image directly inside it (the suffixes of ``IMAGE_SUFFIXES``, as a
