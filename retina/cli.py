@@ -211,11 +211,10 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from retina.data import build_dataset
     from retina.engine.evaluate import check_same_classes, evaluate, format_metrics_table
-    from retina.io import unused_dir
+    from retina.io import unused_dir, weights_dir
 
     model, cfg, class_names, _, device = _load(args)
-    weights = Path(args.weights)
-    out = Path(args.out) if args.out else unused_dir((weights if weights.is_dir() else weights.parent) / "eval")
+    out = Path(args.out) if args.out else unused_dir(weights_dir(args.weights) / "eval")
     dataset = build_dataset(cfg, "val")
     check_same_classes(class_names, dataset, args.weights)
     metrics = evaluate(model, dataset, cfg.eval.batch_size, device, out_dir=out,

@@ -102,6 +102,13 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
 
 
+def weights_dir(weights: str | Path) -> Path:
+    """The folder of a ``--weights`` argument, beside which its outputs go by default: a run
+    directory itself, or the folder of a checkpoint or an exported model."""
+    weights = Path(weights)
+    return weights if weights.is_dir() else weights.parent
+
+
 def unused_dir(base: str | Path) -> Path:
     """``base`` if it does not exist or is an empty directory, else the first of ``base2``,
     ``base3``, ... that does not exist or is empty: a default output folder (``predictions``,

@@ -416,7 +416,7 @@ def test_convert_leaves_out_boxes_without_area(voc_root, tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[2].startswith(f"wrote {out / 'instances_val.json'}: 1 images, 1 annotations") and \
         printed[2].endswith("; left out 1 boxes of zero or negative width or height "
-                            f"(retina data check --root {voc_root} names them)")
+                            f"(retina data check --root {voc_root} --format voc names them)")
     assert [a["bbox"] for a in json.loads((out / "instances_val.json").read_text())["annotations"]] == \
         [[10, 10, 20, 20]]
 

@@ -100,8 +100,8 @@ def data_convert_cli(root: str | Path, fmt: Literal["auto", "voc", "yolo"], out_
         data = folder.splits[w.split]
         print(f"wrote {w.path}: {len(data['images'])} images, {w.kept} annotations, "
               f"{len(data['categories'])} categories; images in {folder.image_dirs[w.split]}"
-              + (f"; left out {w.left_out} boxes of zero or negative width or height (retina data "
-                 f"check --root {root} names them)" if w.left_out else ""))
+              + (f"; left out {w.left_out} boxes of zero or negative width or height "
+                 f"({folder.check_command()} names them)" if w.left_out else ""))
     if len(written) == 2:  # (train, val), as the config names them
         keys = [f"data.root={Path(out_dir)}", "data.format=coco"]
         for key, w in zip(("train", "val"), written):

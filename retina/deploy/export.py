@@ -40,6 +40,7 @@ from retina.deploy.graph import OUTPUTS, DetectorGraph
 from retina.deploy.parity import BOX_TOL, Parity, compare_image
 from retina.deploy.runtime import (ExportError, ExportedDetector, load_exported, require_onnxruntime)
 from retina.errors import InputError
+from retina.io import weights_dir
 from retina.model.resize import resized_size
 from retina.model.retinanet import RetinaNet
 
@@ -176,8 +177,7 @@ def export_cli(weights: str, fmt: Format, out: str | None, dynamic: bool, opset:
     if input_dtype == "float32":
         example = example.float() / 255
     shape: list[int | str] = ["batch", 3, "height", "width"] if dynamic else list(example.shape)
-    w = Path(weights)
-    path = Path(out) if out else (w if w.is_dir() else w.parent) / f"model{SUFFIX[fmt]}"
+    path = Path(out) if out else weights_dir(weights) / f"model{SUFFIX[fmt]}"
     export_model(model, path, fmt, example,
                  export_metadata(cfg, class_names, cat_ids, input_dtype, shape), dynamic, opset)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {fmt}, input {shape} {input_dtype})")

@@ -31,6 +31,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from retina.errors import InputError, MissingFileError, UsageError
+from retina.io import weights_dir
 from retina.engine.evaluate import write_json
 from retina.studies import coco_breakdown as cb
 from retina.studies.confusion import confusion_matrix
@@ -247,8 +248,7 @@ def errors_cli(weights: Optional[str] = None, detections: Optional[str] = None, 
     if score_thresh is not None and not 0 <= score_thresh <= 1:
         raise UsageError(f"--score-thresh {score_thresh}: expected a value in [0, 1]")
     if weights is not None:
-        w = Path(weights)
-        out_dir = Path(out) if out else (w if w.is_dir() else w.parent) / "analysis" / "errors"
+        out_dir = Path(out) if out else weights_dir(weights) / "analysis" / "errors"
         coco_gt, results, cat_ids, image_ids = _run_detections(weights, config, overrides, device, out_dir)
         source = str(weights)
     else:

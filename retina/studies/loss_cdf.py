@@ -26,6 +26,7 @@ from torch import Tensor
 
 from retina.model.assigner import pad_targets
 from retina.config import Config, load_config
+from retina.io import weights_dir
 
 MAX_NEG_PER_IMAGE = 50_000
 CURVE_POINTS = 1001  # fractions 0, 0.001, ..., 1 in the CSV
@@ -169,8 +170,7 @@ def analyze_cli(kind: str, config: Optional[str], weights: str, gammas: str | Se
         from retina.config import find_config
 
         cfg = load_config(find_config(config))
-    w = Path(weights)
-    out_dir = Path(out) if out else (w if w.is_dir() else w.parent) / "analysis"
+    out_dir = Path(out) if out else weights_dir(weights) / "analysis"
     res = loss_cdf(cfg, weights, _parse_gammas(gammas), out_dir, num_images, device)
     print(f"{res['num_pos']} positive and {res['num_neg']} negative examples")
     for g, share in res["neg_top1pct"].items():
