@@ -20,7 +20,7 @@ from retina.config import ConfigError, config_from_dict, load_config
 from retina.model.losses import LossSettings, OhemSettings, focal_star_loss, ohem_select, retinanet_losses
 from retina.model import build_model
 
-SHAPES = str(Path(__file__).resolve().parents[1] / "retina" / "configs" / "shapes.yaml")
+SHAPES = str(Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml")
 
 
 # ------------------------------------------------------------------------------- grid, names

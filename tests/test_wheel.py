@@ -30,7 +30,8 @@ def site(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     # Build from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
     src = tmp / "src"
-    shutil.copytree(REPO / "retina", src / "retina", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("retina", "configs"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",

@@ -128,7 +128,7 @@ def build_models(spec: BenchSpec, image_size: tuple[int, int]) -> tuple[RetinaNe
     description, how the weights were made equal).
 
     Default: ``retina.deploy.convert`` builds retina's torchvision-parity model (the model section of
-    ``retina/configs/torchvision_retinanet_r50_fpn.yaml``) from torchvision's random-init state dict, so
+    ``configs/torchvision_retinanet_r50_fpn.yaml``) from torchvision's random-init state dict, so
     both hold the same weights; with trainable BatchNorm, as torchvision has without pretrained
     weights. With ``spec.config`` both are built from one seed.
     """

@@ -4,8 +4,8 @@ A config file may name one ``base`` file (a path relative to itself, or a bundle
 its own keys override the base's. Overrides (``loss.gamma=1``) are parsed as YAML scalars. Every
 error is a ``ConfigError`` whose message is one line naming the source of the value and the key: the ``--set`` item, or the
 file that set the key (a base file when the value comes from there; ``_Sources`` keeps track).
-The CLI prints it and exits with status 2. Bundled configs ship inside the package (``retina/configs``) and are found by
-name with ``find_config``.
+The CLI prints it and exits with status 2. Bundled configs (``configs/`` at the top of the
+repository, ``retina/configs`` in the wheel) are found by name with ``find_config``.
 """
 
 from __future__ import annotations
@@ -228,13 +228,15 @@ def _from_dict(data: dict, overrides: Sequence[str], sources: _Sources) -> Confi
     return validate(_build(Config, data, "", sources.of), sources.fallback, sources.blame)
 
 
-# The configs shipped inside the package (package data), so an installed wheel finds them.
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The bundled configs: configs/ at the top of a checkout, shipped in the wheel as retina/configs
+# (pyproject's package-dir), so an installed retina finds them by name too.
+_PACKAGE = Path(__file__).resolve().parent.parent
+CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 
 
 def find_config(name: str | Path) -> Path:
     """A path as given, else a bundled config: ``shapes``, ``shapes.yaml``, ``ablations/shapes_focal``
-    or ``configs/shapes.yaml`` (the repository's old layout) all name ``retina/configs/shapes.yaml``."""
+    or ``configs/shapes.yaml`` (from any folder) all name the bundled ``configs/shapes.yaml``."""
     path = Path(name)
     if path.is_file():
         return path
@@ -245,10 +247,27 @@ def find_config(name: str | Path) -> Path:
     return path  # load_config reports it as missing
 
 
+def bundled_configs() -> list[str]:
+    """The bundled configs' names, as ``--config`` takes them: ``shapes``, ``ablations/table1_core``."""
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+def _config_hint(path: Path) -> str:
+    """"; did you mean 'shapes'?" for a mistyped bundled name, else the list to choose from."""
+    name = str(path.with_suffix("")) if path.suffix == ".yaml" else str(path)
+    close = difflib.get_close_matches(name, bundled_configs(), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f" (bundled: {', '.join(bundled_configs())})"
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (and its base), apply ``key=value`` overrides, type-check, validate."""
+    """Read a YAML config (a path, or a bundled config's name: ``load_config("shapes")``) and its
+    base, apply ``key=value`` overrides, type-check, validate."""
+    if path is not None:
+        path = find_config(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found{_config_hint(path)}")
     sources = _Sources(str(path) if path is not None else "<defaults>")
-    data = _read_yaml(Path(path), sources) if path is not None else {}
+    data = _read_yaml(path, sources) if path is not None else {}
     return _from_dict(data, overrides, sources)
 
 

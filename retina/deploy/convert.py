@@ -36,7 +36,7 @@ COCO_SLOTS = 91  # torchvision's COCO label space: index = COCO category id
 def torchvision_config(variant: Variant, num_classes: int = 80, overrides: Sequence[str] = ()
                        ) -> Config:
     """The config that reproduces torchvision's architecture, preprocessing and post-processing
-    (``retina/configs/torchvision_retinanet_r50_fpn{,_v2}.yaml`` hold the same model section), with
+    (``configs/torchvision_retinanet_r50_fpn{,_v2}.yaml`` hold the same model section), with
     dotted ``overrides`` (``data.root=/data/coco``) applied."""
     if variant not in ("v1", "v2"):
         raise ValueError(f"variant must be 'v1' or 'v2', got {variant!r}")
