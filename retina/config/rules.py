@@ -83,6 +83,7 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("data.shapes.num_train", cfg.data.shapes.num_train >= 1, "must be >= 1"),
         ("data.shapes.num_val", cfg.data.shapes.num_val >= 0, "must be >= 0"),
         ("data.shapes.image_size", cfg.data.shapes.image_size >= 16, "must be >= 16"),
+        ("data.shapes.extra_classes", cfg.data.shapes.extra_classes >= 0, "must be >= 0 (absent classes)"),
         ("data.dense.num_train", cfg.data.dense.num_train >= 1, "must be >= 1"),
         ("data.dense.num_val", cfg.data.dense.num_val >= 0, "must be >= 0"),
         ("data.dense.image_size", cfg.data.dense.image_size >= 32, "must be >= 32"),

@@ -147,6 +147,10 @@ class ShapesConfig:
     num_val: int = 200
     image_size: int = 160
     seed: int = 0
+    # Classes no object is ever of (retina/data/shapes.py): K = 3 + extra_classes, so every
+    # anchor gets extra_classes more easy negatives (COCO's 80 classes give it 79) while the
+    # images and boxes stay the same; the imbalance knob of ablations/imbalance_*.yaml.
+    extra_classes: int = 0
 
 
 @dataclass(frozen=True)

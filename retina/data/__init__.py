@@ -1,5 +1,5 @@
 """Data: COCO-format datasets (COCO json, or VOC / YOLO folders read as COCO), training
-transforms and the bundled synthetic sets.
+transforms, the bundled synthetic sets and the seeded sample stream of training (``sampler.py``).
 
 ``build_dataset(cfg, split)`` is the one place that reads the data config.
 """
@@ -16,7 +16,7 @@ from retina.data.convert import read_folder
 from retina.data.dense import ensure_dense, generate_dense
 from retina.data.formats import detect_format
 from retina.data.robust import SkipBadImages, TooManyBadImages
-from retina.data.shapes import CLASS_NAMES as SHAPES_CLASSES, ensure_shapes, generate_shapes
+from retina.data.shapes import class_names as shapes_class_names, ensure_shapes, generate_shapes, with_absent_classes
 from retina.data.transforms import Augmentation, build_transforms
 from retina.errors import InputError, MissingFileError, RetinaError
 
@@ -42,7 +42,8 @@ def dataset_paths(cfg: Config, split: Literal["train", "val"]) -> tuple[Path, Pa
     data = cfg.data
     root = Path(data.root)
     if data.dataset == "shapes":
-        ensure_shapes(root, **dataclasses.asdict(data.shapes))
+        s = data.shapes  # the images do not depend on extra_classes: dataset_source adds those
+        ensure_shapes(root, s.num_train, s.num_val, s.image_size, s.seed)
         return root / "annotations" / f"instances_{split}.json", root / split
     if data.dataset == "dense":
         ensure_dense(root, **dataclasses.asdict(data.dense))
@@ -62,13 +63,19 @@ def dataset_paths(cfg: Config, split: Literal["train", "val"]) -> tuple[Path, Pa
 
 def dataset_source(cfg: Config, split: Literal["train", "val"]) -> tuple[Path | dict, Path, Optional[str]]:
     """(annotations, image folder, what they are) of ``split``: a COCO json file (``dataset_paths``),
-    or the COCO dict read from a VOC or YOLO folder (``data.format`` voc / yolo, or detected)."""
+    or a COCO dict: read from a VOC or YOLO folder (``data.format`` voc / yolo, or detected), or
+    the shapes json with its absent classes added (``data.shapes.extra_classes``)."""
     data = cfg.data
     if data.dataset == "coco" and data.format == "auto" and not Path(data.root).exists():
         # else the COCO default names were reported missing, confusing for a VOC or YOLO folder
         raise MissingFileError(f"data.root={data.root} not found (a relative root is read from the "
                                f"current directory, {Path.cwd()}); give it with --set data.root=...")
     fmt = detect_format(data.root) if data.format == "auto" else data.format
+    if data.dataset == "shapes" and data.shapes.extra_classes:
+        ann, images = dataset_paths(cfg, split)
+        extra = data.shapes.extra_classes
+        return (with_absent_classes(load_coco_json(ann), extra), images,
+                f"{ann} with data.shapes.extra_classes={extra} absent classes")
     if data.dataset != "coco" or fmt == "coco":  # the generated sets are COCO json
         return (*dataset_paths(cfg, split), None)
     folder = read_folder(data.root, fmt, (data.train_split, data.val_split), data.classes,
@@ -108,7 +115,7 @@ def dataset_num_classes(cfg: Config) -> Optional[int]:
     cannot be read (not there, or broken: training names the problem)."""
     data = cfg.data
     if data.dataset == "shapes":
-        return len(SHAPES_CLASSES)
+        return len(shapes_class_names(data.shapes.extra_classes))
     if data.dataset == "dense":
         return data.dense.num_classes
     try:

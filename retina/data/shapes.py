@@ -17,6 +17,17 @@ not JPEG: lossless, so no compression ringing blurs the edges those exact boxes 
 Each image: a smooth textured background, 0-4 objects (about 5% of images are empty), sides
 log-uniform from 10 to min(120, 0.8 x image_size) px, overlaps allowed up to box IoU 0.2.
 
+Absent classes (``data.shapes.extra_classes``, E): the imbalance knob of the Table 1 study. The
+class list grows to K = 3 + E with categories ``absent 4`` .. ``absent K`` that no object is ever
+of, so every anchor gets E more pure easy negatives (as COCO's 80 classes give every anchor 79),
+while the images, boxes, anchors and positives, hence what the detector must recognise, stay
+the same. They are added to the COCO dict when the set is read (``with_absent_classes``): one set
+on disk serves every E. The evaluation is unchanged by them: COCOeval averages over the classes
+that have ground truth, skipping those without (their precision stays -1), detections predicted
+for them included. What they can change is the detector's own output: its per-image top-k
+(``model.inference.detections_per_img``) spans all K classes, so absent-class detections scored
+above real ones take places in it, a cost of the imbalance the loss must train away.
+
 Shape legend: M objects of one image.
 """
 
@@ -35,6 +46,7 @@ from retina.errors import InputError
 from retina.io import atomic_write
 
 CLASS_NAMES = ("square", "circle", "triangle")  # category ids 1, 2, 3
+ABSENT_NAME = "absent {}"  # the name of absent category id k > 3
 VERSION = 2  # bump when the drawing changes, so an old set on disk is refused, not reused
 SPLITS: dict[str, int] = {"train": 0, "val": 1}  # split code mixed into each image's seed
 
@@ -159,6 +171,34 @@ def draw_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[di
     return image, objects
 
 
+# ------------------------------------------------------------------------------- categories
+def class_names(extra_classes: int) -> list[str]:
+    """The K = 3 + ``extra_classes`` class names, in category id order (ids 1..K): the three
+    shapes, then the absent classes ``absent 4`` .. ``absent K``."""
+    if extra_classes < 0:
+        raise InputError(f"data.shapes.extra_classes={extra_classes}: must be >= 0")
+    absent = range(len(CLASS_NAMES) + 1, len(CLASS_NAMES) + extra_classes + 1)
+    return [*CLASS_NAMES, *(ABSENT_NAME.format(k) for k in absent)]
+
+
+def categories(extra_classes: int) -> list[dict[str, Any]]:
+    """COCO ``categories`` of the set with ``extra_classes`` absent classes (ids 1..K)."""
+    return [{"id": i + 1, "name": n} for i, n in enumerate(class_names(extra_classes))]
+
+
+def with_absent_classes(coco: dict, extra_classes: int) -> dict:
+    """A shapes split's COCO dict with its categories replaced by ``categories(extra_classes)``;
+    images and annotations are shared, not copied.
+
+    Raises:
+        InputError: the dict's categories are not the three shapes (not a shapes split).
+    """
+    if coco.get("categories") != categories(0):
+        raise InputError(f"data.shapes.extra_classes={extra_classes}: the annotations' categories are "
+                         f"{coco.get('categories')!r}, not the shapes set's {categories(0)!r}")
+    return {**coco, "categories": categories(extra_classes)}
+
+
 # --------------------------------------------------------------------------------- writing
 def _png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -185,8 +225,7 @@ def _generate_split(out_dir: Path, split: str, num_images: int, size: int, seed:
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **obj,
                                 "iscrowd": 0})  # fmt: skip
-    categories = [{"id": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)]
-    return {"images": images, "annotations": annotations, "categories": categories}
+    return {"images": images, "annotations": annotations, "categories": categories(0)}
 
 
 def _meta(num_train: int, num_val: int, image_size: int, seed: int) -> dict[str, int]:
