@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from retina.config import ConfigError, config_from_dict
 from retina.data import build_dataset, generate_shapes
 from retina.data.transforms import Augmentation, TrainTransform, hflip, identity, resize
-from retina.engine.sampler import SeededDataset
+from retina.data.sampler import SeededDataset
 from tinyrun import TINY_DATA, tiny_config
 
 H, W = 80, 120

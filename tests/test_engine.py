@@ -17,7 +17,7 @@ from retina.config import SolverConfig
 from retina.engine.budget import TimeBudget
 from retina.engine.logger import TrainLogger
 from retina.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from retina.engine.sampler import SeededDataset, TrainSampler
+from retina.data.sampler import SeededDataset, TrainSampler
 
 
 def test_lr_factor_warmup_then_steps():

@@ -1,6 +1,6 @@
 """``retina data show``: training samples drawn as the model receives them.
 
-The train split is read through the training sample stream itself (``retina.engine.sampler.
+The train split is read through the training sample stream itself (``retina.data.sampler.
 train_stream``): the first N samples of a run with this config, in its order, each augmented with
 its own seeded draws, so what is drawn is exactly what iteration 0 onwards is fed. The val split
 has no augmentation: its images are drawn as they are (the model resizes them at inference).
@@ -28,6 +28,7 @@ from torchvision.utils import make_grid
 
 from retina.config import Config
 from retina.data import build_dataset
+from retina.data.sampler import train_stream
 from retina.errors import UsageError
 from retina.viz import PALETTE, draw_boxes, write_image
 
@@ -61,8 +62,6 @@ def samples(cfg: Config, split: Literal["train", "val"],
     dataset = build_dataset(cfg, split)
     if split == "val":
         return [dataset[i] for i in range(min(num, len(dataset)))], list(dataset.class_names)
-    from retina.engine.sampler import train_stream  # the trainer's own stream (engine imports data)
-
     stream, sampler = train_stream(dataset, cfg, start=0)
     return [stream[item] for item in itertools.islice(sampler, num)], list(dataset.class_names)
 

@@ -18,7 +18,7 @@ torchvision's policy "lsj") the image is instead scaled to that size times a fac
 to it: the model still receives an image of the rule's size.
 
 Randomness: every draw (v2's included) uses torch's global RNG, which the training sample stream
-(``retina.engine.sampler.SeededDataset``) forks and seeds per sample, so a resumed run and
+(``retina.data.sampler.SeededDataset``) forks and seeds per sample, so a resumed run and
 ``retina data show`` draw the same augmentations. Evaluation uses no transform: the model
 resizes at inference and maps boxes back to the original image, whose size each target keeps in
 ``orig_size``.

@@ -4,7 +4,6 @@
 - ``checkpoint.py``: writing and reading checkpoints (tensors and plain values only).
 - ``optim.py``: optimizer and learning-rate schedule from ``SolverConfig``.
 - ``precision.py``: the autocast dtype of ``train.amp`` on the run's device (``auto``).
-- ``sampler.py``: the seeded, resumable stream of training samples.
 - ``dist.py``: torch.distributed setup and rank queries.
 - ``preflight.py``: checks before training starts (a writable run directory with room for
   checkpoints) and the one-line text of a DataLoader worker's error.

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from retina.config import Config, config_changes, config_to_dict, dump_config, replace
 from retina.data import build_dataset, collate
+from retina.data.sampler import train_stream
 from retina.engine import dist
 from retina.engine.budget import TimeBudget
 from retina.engine.checkpoint import (CheckpointError, UnsafeCheckpointError, last_checkpoint,
@@ -43,7 +44,6 @@ from retina.engine.logger import LoggingHandler, TrainLogger, format_seconds
 from retina.engine.optim import build_optimizer, build_scheduler
 from retina.engine.precision import autocast_dtype
 from retina.engine.preflight import check_run_dir, worker_error_line
-from retina.engine.sampler import train_stream
 from retina.engine.validation import Validator
 from retina.errors import RetinaError
 from retina.io import read_json
