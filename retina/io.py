@@ -7,16 +7,31 @@ killed mid-write (kill -9, a crash) leaves the old file or the new one under the
 never a truncated one; only a stray temporary file. With ``fsync`` (the default) the data and
 the rename are also flushed to the disk before returning, so a power cut cannot leave a renamed
 but empty file either. Files are created with the usual permissions (0o666 less the umask).
+
+``lock_dir`` gives one process a folder (a run directory, a sweep folder): an exclusive ``flock``
+on ``FOLDER/.retina.lock``, which holds the holder's pid while it is held. A second process is
+refused at once, in one line naming the folder and that pid (``DirInUseError``). The OS drops
+an ``flock`` when its process ends, however it ends, so a lock left by a killed process (kill -9,
+a crash, a power cut) never blocks: the next process takes the stale file over.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import secrets
+import threading
 from pathlib import Path
-from typing import IO, Any, Callable, Union
+from typing import IO, Any, Callable, Optional, Union
+
+from retina.errors import InputError, RetinaError
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: folders are not locked there (lock_dir only creates them)
+    fcntl = None
 
 Writer = Callable[[IO[bytes]], None]
 
@@ -120,3 +135,121 @@ def unused_dir(base: str | Path) -> Path:
         n += 1
         candidate = base.with_name(f"{base.name}{n}")
     return candidate
+
+
+# -------------------------------------------------------------------------------- folder locks
+LOCK_NAME = ".retina.lock"
+
+
+class DirInUseError(RetinaError):
+    """Another process holds the folder's lock (``lock_dir``); the message names it and its pid."""
+
+
+# Per process, the folders locked and how many holds each has: a process that holds a folder takes
+# it again (a Trainer built twice on one run directory), as flock alone would refuse it.
+_held: dict[Path, list[int]] = {}  # resolved folder -> [descriptor, holds]
+_held_guard = threading.Lock()
+
+
+def _forget_held_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited descriptors, so the lock goes
+    with the process that took it, not with the last of its workers."""
+    global _held_guard
+    for fd, _ in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+    _held_guard = threading.Lock()  # another thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_held_locks)
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"process {pid}" if pid.isdigit() else "another process"  # empty: it is writing its pid
+
+
+def _take(directory: Path) -> Optional[int]:
+    """A descriptor of ``directory/LOCK_NAME`` that holds its flock, with this pid written in;
+    ``None`` on a filesystem without flock (some network mounts), where the folder goes unlocked."""
+    path = directory / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise InputError(f"cannot write the lock file {path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                return None
+            raise DirInUseError(f"{directory} is in use: {_holder(path)} holds its lock ({path}); "
+                                f"wait for it to end, or choose another --out folder") from None
+        # The holder before us unlinks the file as it lets go: if we locked that unlinked file,
+        # the lock is on nothing anyone else will open; open the current one again.
+        try:
+            current = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+class DirLock:
+    """An exclusive lock on a folder, shared by none: ``acquire`` (or ``with``) takes it, creating
+    the folder, or raises ``DirInUseError``; ``release`` (or leaving the ``with``) removes the lock
+    file and lets go. A process ending lets go too. Held per process: taken twice in one process,
+    it is let go at the second release."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._key: Optional[Path] = None  # the resolved folder while this object holds it
+
+    def acquire(self) -> "DirLock":
+        if self._key is not None:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        key = self.directory.resolve()
+        with _held_guard:
+            if key in _held:
+                _held[key][1] += 1
+            elif fcntl is not None:
+                fd = _take(self.directory)
+                if fd is not None:
+                    _held[key] = [fd, 1]
+        self._key = key
+        return self
+
+    def release(self) -> None:
+        key, self._key = self._key, None
+        with _held_guard:
+            entry = _held.get(key) if key is not None else None
+            if entry is None:  # not held, not lockable here, or inherited across a fork
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _held[key]
+                (key / LOCK_NAME).unlink(missing_ok=True)  # while still locked: see _take
+                os.close(entry[0])  # lets go of the flock
+
+    def __enter__(self) -> "DirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_dir(directory: str | Path) -> DirLock:
+    """``DirLock(directory).acquire()``: the folder, held by this process until ``release``."""
+    return DirLock(directory).acquire()

@@ -46,7 +46,7 @@ from retina.engine.precision import autocast_dtype
 from retina.engine.preflight import check_run_dir, worker_error_line
 from retina.engine.validation import Validator
 from retina.errors import RetinaError
-from retina.io import read_json
+from retina.io import lock_dir, read_json
 from retina.model import build_model
 
 
@@ -133,6 +133,8 @@ class Trainer:
         self.max_iter = self._horizon()
         if self.main:
             check_run_dir(self.run_dir, self.model, self.optimizer)
+        # one process per run directory (rank 0 speaks for all), until train() returns or it ends
+        self.run_lock = lock_dir(self.run_dir) if self.main else None
         self.logger = TrainLogger(self.run_dir, self.iteration, self.max_iter,
                                   enabled=self.main, echo=not quiet)
         for line in (amp_line, init_line, self._resume_line(ckpt)):
@@ -283,7 +285,15 @@ class Trainer:
     def train(self) -> dict:
         """Run to ``solver.max_iter`` (or for ``solver.max_minutes``); save ``model_final.pth``;
         evaluate; return the metrics.
-        A resumed run that is already complete is left as it is (see ``_already_complete``)."""
+        A resumed run that is already complete is left as it is (see ``_already_complete``).
+        The run directory's lock is let go on the way out."""
+        try:
+            return self._train()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _train(self) -> dict:
         cfg = self.cfg
         if self.checkpoint_path is not None and self.iteration >= self.max_iter:
             return self._already_complete()
