@@ -31,7 +31,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from retina.errors import InputError, MissingFileError, UsageError
-from retina.io import weights_dir
+from retina.io import unused_dir, weights_dir
 from retina.engine.evaluate import write_json
 from retina.studies import coco_breakdown as cb
 from retina.studies.confusion import confusion_matrix
@@ -238,7 +238,8 @@ def errors_cli(weights: Optional[str] = None, detections: Optional[str] = None, 
                config: Optional[str] = None, overrides: Sequence[str] = (), out: Optional[str] = None,
                device: str = "auto", score_thresh: Optional[float] = None) -> int:
     """``retina analyze errors --weights RUN`` or ``--detections D.json --ann GT.json``; default
-    out: ``<run dir>/analysis/errors`` or ``<detections dir>/errors``. Returns the exit status."""
+    out: ``<run dir>/analysis/errors`` or ``<detections dir>/errors``, else ``errors2``, ``errors3``,
+    ... when it holds an earlier analysis (kept). Returns the exit status."""
     if weights is not None and detections is not None:
         raise UsageError("retina analyze errors takes --weights RUN or --detections D.json --ann A.json, not both")
     if weights is None and detections is None:
@@ -248,11 +249,11 @@ def errors_cli(weights: Optional[str] = None, detections: Optional[str] = None, 
     if score_thresh is not None and not 0 <= score_thresh <= 1:
         raise UsageError(f"--score-thresh {score_thresh}: expected a value in [0, 1]")
     if weights is not None:
-        out_dir = Path(out) if out else weights_dir(weights) / "analysis" / "errors"
+        out_dir = Path(out) if out else unused_dir(weights_dir(weights) / "analysis" / "errors")
         coco_gt, results, cat_ids, image_ids = _run_detections(weights, config, overrides, device, out_dir)
         source = str(weights)
     else:
-        out_dir = Path(out) if out else Path(detections).parent / "errors"
+        out_dir = Path(out) if out else unused_dir(Path(detections).parent / "errors")
         coco_gt = load_ground_truth(ann)
         results = check_results(_read(detections), coco_gt, str(detections))
         cat_ids, image_ids, source = None, None, str(detections)
