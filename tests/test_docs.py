@@ -233,11 +233,29 @@ def test_readme_gives_the_two_fresh_machine_commands():
     assert 'pip install -e ".[test]" && pytest -q' in (ROOT / ".ci" / "run").read_text()
 
 
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces -> '-'."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in text.splitlines() if re.match(r"#{1,6} ", line)}
+
+
+def test_heading_anchors_follow_github():
+    assert heading_anchors("# Results\n## The default: `retina train`\nx\n") == {
+        "results", "the-default-retina-train"}
+
+
 @pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_local_links_resolve(path):
     text = path.read_text(encoding="utf-8")
-    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
-    missing = [t for t in targets if "://" not in t and not (path.parent / t).exists()]
+    missing = []
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
+        if "://" in target:
+            continue
+        page = path.parent / target if target else path
+        if not page.exists():
+            missing.append(target)
+        elif anchor and page.suffix == ".md" and anchor not in heading_anchors(page.read_text(encoding="utf-8")):
+            missing.append(f"{target}#{anchor}")
     assert missing == []
 
 
