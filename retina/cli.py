@@ -10,14 +10,14 @@ saving a checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from retina.config import find_config
+from retina.config import find_config, show_notices
 from retina.errors import RetinaError, UsageError
 
 DEFAULT_CONFIG = "shapes.yaml"
@@ -194,16 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from retina.config import load_config, replace
+    from retina.config import load_config
     from retina.engine.train import Trainer
 
     config_path = find_config(args.config or DEFAULT_CONFIG)
     out = Path(args.out) if args.out else Path("runs") / config_path.stem
     if args.resume and args.config is None and (out / "config.yaml").is_file():
         config_path = out / "config.yaml"  # the run's own (what "continue with: ..." means), --set on top
-    cfg = load_config(config_path, args.set)
-    if args.init:  # as model.init, but a path is not parsed as YAML
-        cfg = replace(cfg, model=dataclasses.replace(cfg.model, init=args.init))
+    # --init is model.init, set as --set is (so the config rules see it: model.backbone.freeze_at
+    # applies with it), quoted: a path is not parsed as YAML
+    init = [f"model.init={json.dumps(args.init)}"] if args.init else []
+    cfg = load_config(config_path, [*args.set, *init])
     Trainer(cfg, out, args.device, args.resume).train()
     return 0
 
@@ -353,7 +354,8 @@ def _run(args: argparse.Namespace) -> int:
     from retina.engine.train import Interrupted  # imports torch: seconds in which Ctrl-C may come
 
     try:
-        return COMMANDS[args.command](args)
+        with show_notices():  # a config key dropped for the choice an override made: one line each
+            return COMMANDS[args.command](args)
     except Interrupted as e:
         print(f"retina: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -46,11 +46,23 @@ def test_bad_value_names_the_set_item(capsys, tmp_path):
 
 
 def test_setting_that_does_not_apply_is_refused(capsys, tmp_path):
-    code, err = run_cli(capsys, "train", "--set", "loss.type=ce", "--out", str(tmp_path / "run"))
+    # gamma written beside the choice that does not read it
+    code, err = run_cli(capsys, "train", "--set", "loss.type=ce", "loss.gamma=2", "--out", str(tmp_path / "run"))
     assert code == 2
-    assert_one_line_error(err, "--set loss.type=ce: loss.gamma=2.0 does not apply to loss.type=ce",
+    assert_one_line_error(err, "--set loss.gamma=2: loss.gamma=2.0 does not apply to loss.type=ce",
                           "set loss.gamma=0 or use loss.type=focal")
     assert not (tmp_path / "run").exists()
+
+
+def test_setting_the_override_stops_reading_is_dropped_with_one_notice(capsys, tmp_path):
+    # shapes.yaml's data.shapes.image_size=128 is not read on COCO json: one notice, then the
+    # run goes on, here as far as the missing folder
+    code, err = run_cli(capsys, "train", "--set", "data.dataset=coco", f"data.root={tmp_path / 'none'}",
+                        "--out", str(tmp_path / "run"))
+    assert code == 2
+    notice, error = err.strip().splitlines()
+    assert notice == "retina: data.shapes.* not read with data.dataset=coco: ignored"
+    assert error.startswith(f"retina: error: data.root={tmp_path / 'none'} not found")
 
 
 @pytest.mark.parametrize("command", [["train"], ["eval", "-w", "RUN"], ["predict", "-w", "RUN", "-i", "x.jpg"],
@@ -64,8 +76,8 @@ def test_repeated_set_flags_add_up(command):
 
 
 def test_repeated_set_flags_reach_the_config(capsys, tmp_path):
-    # gamma 1 reaches the check only if the first --set survives (alone, the last would be refused
-    # for the default gamma 2.0)
+    # gamma 1 reaches the check only if the first --set survives (alone, the last would train:
+    # shapes.yaml's gamma 2.0 is dropped for CE)
     code, err = run_cli(capsys, "train", "--set", "loss.gamma=1", "--set", "loss.type=ce",
                         "--out", str(tmp_path / "run"))
     assert code == 2

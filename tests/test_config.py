@@ -1,16 +1,20 @@
 """Tests for retina.config: base files, dotted overrides, type/choice/range errors (one line each),
-YAML errors, missing files, round trip."""
+YAML errors, missing files, round trip, and keys the chosen variant does not read (refused when
+written beside the choice, dropped with a notice when a more specific source made it)."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from retina.config import (CONFIG_DIR, Config, ConfigError, config_from_dict, config_to_dict,
-                           dump_config, key_applies, load_config, replace)
+                           dump_config, flat_keys, get_key, key_applies, load_config, replace,
+                           show_notices)
 from retina.errors import RetinaError
 
 
@@ -253,15 +257,13 @@ def test_gamma_does_not_apply_to_ce_or_ohem():
     msg = config_error(None, ["loss.type=ce", "loss.gamma=2"])
     assert msg == ("--set loss.gamma=2: loss.gamma=2.0 does not apply to loss.type=ce "
                    "(alpha-balanced CE has gamma 0); set loss.gamma=0 or use loss.type=focal")
-    # gamma 2.0 unset is the schema default: the type is the culprit, and the message says so
-    msg = config_error(None, ["loss.type=ce"])
-    assert msg.startswith("--set loss.type=ce: loss.gamma=2.0 (the default) does not apply")
-    msg = config_error(None, ["loss.type=ohem"])
-    assert "loss.gamma=2.0 (the default) does not apply to loss.type=ohem" in msg
-    assert "set loss.gamma=0 or use loss.type=focal" in msg
+    assert "loss.gamma=1.0 does not apply to loss.type=ohem" in config_error(None, ["loss.type=ohem", "loss.gamma=1"])
     # gamma 0 is what CE and OHEM train with: accepted
     assert load_config(None, ["loss.type=ce", "loss.gamma=0"]).loss.type == "ce"
     assert load_config(None, ["loss.type=ohem", "loss.gamma=0"]).loss.type == "ohem"
+    # the schema's gamma 2.0 is FL's: CE and OHEM chosen alone train with their gamma 0
+    assert load_config(None, ["loss.type=ce"]).loss.gamma == 0.0
+    assert load_config(None, ["loss.type=ohem"]).loss.gamma == 0.0
 
 
 def test_every_key_of_a_choice_that_does_not_apply_is_named_at_once():
@@ -281,12 +283,13 @@ def test_focal_star_reads_its_own_gamma():
 
 
 def test_quality_focal_has_no_alpha():
-    msg = config_error(None, ["loss.type=quality_focal"])
-    assert msg == ("--set loss.type=quality_focal: loss.alpha=0.25 (the default) does not apply to "
+    msg = config_error(None, ["loss.type=quality_focal", "loss.alpha=0.5"])
+    assert msg == ("--set loss.alpha=0.5: loss.alpha=0.5 does not apply to "
                    "loss.type=quality_focal (GFL's QFL weights positives by their IoU, not by alpha); "
                    "set loss.alpha=null or use loss.type=focal")
     cfg = load_config(None, ["loss.type=quality_focal", "loss.alpha=null", "loss.gamma=1.5"])
     assert (cfg.loss.type, cfg.loss.alpha, cfg.loss.gamma) == ("quality_focal", None, 1.5)
+    assert load_config(None, ["loss.type=quality_focal"]).loss.alpha is None  # the schema's 0.25: FL's
 
 
 def test_variant_settings_need_their_variant(tmp_path: Path):
@@ -303,7 +306,10 @@ def test_variant_settings_need_their_variant(tmp_path: Path):
     assert "use data.dataset=shapes" in config_error(None, ["data.shapes.num_train=5"])
     assert "use data.dataset=dense" in config_error(None, ["data.dense.num_classes=12"])
     assert "use data.dataset=coco" in config_error(None, ["data.dataset=shapes", "data.val_ann=x.json"])
-    assert "set model.backbone.weights" in config_error(None, ["model.backbone.freeze_at=0"])
+    assert config_error(None, ["model.backbone.freeze_at=0"]) == (
+        "--set model.backbone.freeze_at=0: model.backbone.freeze_at=0 does not apply to "
+        "model.backbone.weights=null and model.init=null (only pretrained stages are frozen); set "
+        "model.backbone.freeze_at=2 or set model.backbone.weights or model.init (--init)")
     # a file names itself; the choice it made is in the message
     path = write(tmp_path / "c.yaml", "loss:\n  type: ohem\n  gamma: 0\n  focal_star: {beta: 0}\n")
     assert config_error(path).startswith(f"{path}: loss.focal_star.beta=0.0 does not apply to loss.type=ohem")
@@ -322,6 +328,124 @@ def test_key_applies():
     assert not key_applies("loss.focal_star.gamma", ohem)
     assert key_applies("loss.alpha", ohem) and key_applies("model.fpn.channels", ohem)  # ungated
     assert not key_applies("solver.steps", load_config(None, ["solver.schedule=cosine"]))
+
+
+# ------------------------------------------------------------------ explicit beats inherited
+def notices(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "retina.config"]
+
+
+@pytest.mark.parametrize("overrides, notice, effective", [
+    # shapes.yaml's image_size 128 -> ShapesConfig's 160; its other shapes keys are the defaults
+    (["data.dataset=coco", "data.root=my_photos"], "data.shapes.* not read with data.dataset=coco: ignored",
+     {"data.dataset": "coco", "data.root": "my_photos", "data.shapes.image_size": 160}),
+    # depth 18 -> BackboneConfig's 50
+    (["model.backbone.type=mobilenet_v3_small"],
+     "model.backbone.depth not read with model.backbone.type=mobilenet_v3_small: ignored",
+     {"model.backbone.type": "mobilenet_v3_small", "model.backbone.depth": 50}),
+    # gamma 2.0 -> 0: alpha-balanced CE is FL with gamma 0 (Table 1a); alpha 0.25 is read by CE
+    (["loss.type=ce"], "loss.gamma not read with loss.type=ce: ignored",
+     {"loss.type": "ce", "loss.gamma": 0.0, "loss.alpha": 0.25}),
+])  # fmt: skip
+def test_a_value_the_override_stops_reading_is_dropped(overrides, notice, effective, caplog, tmp_path: Path):
+    with caplog.at_level(logging.WARNING, logger="retina.config"):
+        cfg = load_config("shapes", overrides)
+    assert notices(caplog) == [notice]
+    assert {k: get_key(cfg, k) for k in effective} == effective
+    assert cfg.model.fpn.channels == 96 and cfg.solver.lr == 0.02  # the rest of shapes.yaml
+    dump_config(cfg, tmp_path / "config.yaml")  # what a run writes: the effective values
+    dumped = flat_keys(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert {k: dumped[k] for k in effective} == effective
+
+
+def test_a_value_written_beside_its_choice_is_refused(tmp_path: Path):
+    assert config_error("shapes", ["loss.type=ce", "loss.gamma=2"]) == (
+        "--set loss.gamma=2: loss.gamma=2.0 does not apply to loss.type=ce (alpha-balanced CE has "
+        "gamma 0); set loss.gamma=0 or use loss.type=focal")
+    path = write(tmp_path / "ce.yaml", "base: shapes\nloss: {type: ce, gamma: 2}\n")
+    assert config_error(path) == (
+        f"{path}: loss.gamma=2.0 does not apply to loss.type=ce (alpha-balanced CE has gamma 0); "
+        "set loss.gamma=0 or use loss.type=focal")
+    # --set outranks the file's choice too: a key it does not read is refused
+    assert config_error("shapes", ["data.dense.num_train=10"]).startswith(
+        "--set data.dense.num_train=10: data.dense.num_train=10 does not apply to data.dataset=shapes")
+
+
+def test_a_deeper_base_ranks_lower(tmp_path: Path, caplog):
+    write(tmp_path / "resnet.yaml", "model:\n  backbone: {depth: 18}\n")
+    write(tmp_path / "mobile.yaml", "base: resnet.yaml\nmodel:\n  backbone: {type: mobilenet_v3_small}\n")
+    child = write(tmp_path / "child.yaml", "base: mobile.yaml\nsolver: {lr: 0.1}\n")
+    with caplog.at_level(logging.WARNING, logger="retina.config"):
+        cfg = load_config(child)
+    assert (cfg.model.backbone.depth, cfg.solver.lr) == (50, 0.1)
+    assert notices(caplog) == [
+        "model.backbone.depth not read with model.backbone.type=mobilenet_v3_small: ignored"]
+    # the nearer base wrote the key the deeper one's choice does not read: refused, naming it
+    write(tmp_path / "resnet.yaml", "model:\n  backbone: {type: mobilenet_v3_small}\n")
+    write(tmp_path / "mobile.yaml", "base: resnet.yaml\nmodel:\n  backbone: {depth: 18}\n")
+    assert config_error(child) == (
+        f"{(tmp_path / 'mobile.yaml').resolve()}: model.backbone.depth=18 does not apply to "
+        "model.backbone.type=mobilenet_v3_small (only a ResNet has a depth); set model.backbone.depth=50 "
+        "or use model.backbone.type=resnet")
+
+
+def test_one_notice_per_choice_naming_its_keys(tmp_path: Path, caplog):
+    path = write(tmp_path / "voc.yaml", "data:\n  dataset: coco\n  format: voc\n  classes: [cat, dog]\n"
+                                        "loss: {type: ohem, gamma: 0, ohem: {batch_size: 256}}\n")
+    with caplog.at_level(logging.WARNING, logger="retina.config"):
+        cfg = load_config(path, ["data.dataset=shapes", "loss.type=focal"])
+    assert (cfg.data.format, cfg.data.classes, cfg.loss.ohem.batch_size) == ("auto", (), 128)
+    assert cfg.loss.gamma == 0.0  # the file's gamma is read by FL: kept
+    assert notices(caplog) == ["loss.ohem.* not read with loss.type=focal: ignored",
+                               "data.format, data.classes not read with data.dataset=shapes: ignored"]
+    # a checkpoint's config evaluated on other data (retina eval --set ...): the same rule
+    stored = config_to_dict(load_config("shapes"))
+    cfg = config_from_dict(stored, ["data.dataset=coco", "data.root=photos"], source="model_final.pth")
+    assert cfg.data.shapes == Config().data.shapes
+
+
+def test_schema_defaults_are_reset_without_a_notice(caplog):
+    with caplog.at_level(logging.WARNING, logger="retina.config"):
+        assert load_config(None, ["loss.type=ce"]).loss.gamma == 0.0
+        assert load_config(None, ["loss.type=quality_focal"]).loss.alpha is None
+    assert notices(caplog) == []
+
+
+def test_freeze_at_applies_with_either_source_of_trained_weights(tmp_path: Path, caplog):
+    init = 'model.init="runs/shapes/model_final.pth"'  # quoted as retina train --init passes it
+    assert load_config(None, [init, "model.backbone.freeze_at=1"]).model.backbone.freeze_at == 1
+    pretrained = load_config(None, ["model.backbone.weights=DEFAULT", "model.backbone.freeze_at=1"])
+    assert pretrained.model.backbone.freeze_at == 1
+    assert key_applies("model.backbone.freeze_at", load_config(None, [init]))
+    assert not key_applies("model.backbone.freeze_at", load_config())
+    # a pretrained recipe run from scratch: its freeze_at is dropped; started from a detector: kept
+    path = write(tmp_path / "pre.yaml", "model:\n  backbone: {weights: DEFAULT, freeze_at: 1}\n")
+    with caplog.at_level(logging.WARNING, logger="retina.config"):
+        assert load_config(path, ["model.backbone.weights=null"]).model.backbone.freeze_at == 2
+    assert notices(caplog) == ["model.backbone.freeze_at not read with model.backbone.weights=null and "
+                               "model.init=null: ignored"]
+    assert load_config(path, ["model.backbone.weights=null", init]).model.backbone.freeze_at == 1
+
+
+def test_notices_are_printed_once_and_only_when_shown(capsys):
+    load_config("shapes", ["loss.type=ce"])
+    assert capsys.readouterr().err == ""  # a library call prints nothing
+    with show_notices():
+        load_config("shapes", ["loss.type=ce"])
+        load_config("shapes", ["loss.type=ce", "solver.lr=0.1"])  # a sweep's next run: the same notice
+        load_config("shapes", ["model.backbone.type=mobilenet_v3_small"])
+    assert capsys.readouterr().err == (
+        "retina: loss.gamma not read with loss.type=ce: ignored\n"
+        "retina: model.backbone.depth not read with model.backbone.type=mobilenet_v3_small: ignored\n")
+    load_config("shapes", ["model.backbone.type=mobilenet_v3_small"])
+    assert capsys.readouterr().err == ""  # outside again
+
+
+def test_replace_refuses_a_key_its_choice_does_not_read():
+    # no sources to rank: every value counts as written beside the choice
+    cfg = load_config()
+    with pytest.raises(ConfigError, match=r"^<config>: loss.gamma=2.0 does not apply to loss.type=ce"):
+        replace(cfg, loss=dataclasses.replace(cfg.loss, type="ce"))
 
 
 BUNDLED = sorted(CONFIG_DIR.rglob("*.yaml"))

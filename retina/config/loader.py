@@ -1,9 +1,12 @@
 """Loading a config: YAML files (one ``base:`` each), dotted overrides, typed conversion.
 
 A config file may name one ``base`` file (a path relative to itself, or a bundled config's name);
-its own keys override the base's. Overrides (``loss.gamma=1``) are parsed as YAML scalars. Every
-error is a ``ConfigError`` whose message is one line naming the source of the value and the key: the ``--set`` item, or the
-file that set the key (a base file when the value comes from there; ``_Sources`` keeps track).
+its own keys override the base's. Overrides (``loss.gamma=1``) are parsed as YAML scalars.
+``_Sources`` records which file or ``--set`` item set each key, and how specific that source is
+(a base below the file naming it, ``--set`` above both): ``rules.validate`` drops a key that a
+more specific source's choice does not read, and refuses one written beside that choice. Every
+error is a ``ConfigError`` whose message is one line naming the source of the value and the key:
+the ``--set`` item, or the file that set the key (a base file when the value comes from there).
 The CLI prints it and exits with status 2. Bundled configs (``configs/`` at the top of the
 repository, ``retina/configs`` in the wheel) are found by name with ``find_config``.
 """
@@ -116,28 +119,37 @@ def _build(cls: type, data: Any, prefix: str, source_of: Callable[[str], str]) -
 
 
 class _Sources:
-    """Which file or ``--set`` item set each dotted key, in the order they were applied."""
+    """Which file or ``--set`` item set each dotted key, in the order they were applied, and how
+    specific that source is (``rules.Origins``): its rank, 0 for the schema default, then one
+    per file in the order they apply (a base below the file naming it), then the ``--set`` items
+    together, above every file."""
 
     def __init__(self, fallback: str) -> None:
         self.fallback = fallback  # for keys nobody set (or a whole file's shape)
-        self._set: dict[str, tuple[int, str]] = {}  # key -> (when, source)
+        self._set: dict[str, tuple[int, str, int]] = {}  # key -> (when, source, rank)
         self._clock = 0
+        self._ranks = 0
 
-    def record(self, data: Any, source: str, prefix: str = "") -> None:
+    def next_rank(self) -> int:
+        """A rank above every rank given so far: for the next file, or for the overrides."""
+        self._ranks += 1
+        return self._ranks
+
+    def record(self, data: Any, source: str, rank: int, prefix: str = "") -> None:
         """Every key of ``data`` (nested mappings: their keys) as set by ``source``, now."""
         if isinstance(data, dict):
             for k, v in data.items():
-                self.record(v, source, f"{prefix}.{k}" if prefix else str(k))
+                self.record(v, source, rank, f"{prefix}.{k}" if prefix else str(k))
         elif prefix:
             self._clock += 1
-            self._set[prefix] = (self._clock, source)
+            self._set[prefix] = (self._clock, source, rank)
 
     def forget(self, key: str) -> None:
         """``key`` and the keys under it: an override replaced the value as a whole."""
         for k in [k for k in self._set if k == key or k.startswith(key + ".")]:
             del self._set[k]
 
-    def _entry(self, key: str) -> Optional[tuple[int, str]]:
+    def _entry(self, key: str) -> Optional[tuple[int, str, int]]:
         parts = key.split(".")
         for n in range(len(parts), 0, -1):  # the key, else a section that was set as a whole
             found = self._set.get(".".join(parts[:n]))
@@ -149,6 +161,11 @@ class _Sources:
         """The source that set the last-applied of ``keys``; None when none was set."""
         found = [e for e in map(self._entry, keys) if e is not None]
         return max(found)[1] if found else None
+
+    def rank(self, key: str) -> int:
+        """The rank of the source that set ``key``; 0 when none did (the schema default)."""
+        found = self._entry(key)
+        return found[2] if found is not None else 0
 
     def of(self, key: str) -> str:
         return self.blame([key]) or self.fallback
@@ -180,9 +197,9 @@ def _read_yaml(path: Path, sources: _Sources, _chain: tuple[Path, ...] = ()) -> 
         if base_path in chain:  # a.yaml -> b.yaml -> a.yaml would recurse forever
             raise ConfigError(f"{path}: base file '{base}' makes a cycle of bases")
         base_data = _read_yaml(base_path, sources, chain)  # recorded first: the file overrides it
-        sources.record(data, str(path))
+        sources.record(data, str(path), sources.next_rank())
         return _merge(base_data, data)
-    sources.record(data, str(path))
+    sources.record(data, str(path), sources.next_rank())
     return data
 
 
@@ -211,12 +228,13 @@ def config_from_dict(data: dict, overrides: Sequence[str] = (), source: str = "<
     """``data`` (nested mappings), then ``overrides``, type-checked and validated; errors name
     ``source`` for the keys of ``data``."""
     sources = _Sources(source)
-    sources.record(data, source)
+    sources.record(data, source, sources.next_rank())
     return _from_dict(data, overrides, sources)
 
 
 def _from_dict(data: dict, overrides: Sequence[str], sources: _Sources) -> Config:
     data = copy.deepcopy(data)  # the overrides edit nested sections: the caller's stay as they are
+    rank = sources.next_rank()  # every --set item alike: above the files, whatever their order
     for item in overrides:
         key_path, value = _parse_override(item)
         data = _apply_override(data, key_path, value)
@@ -224,8 +242,8 @@ def _from_dict(data: dict, overrides: Sequence[str], sources: _Sources) -> Confi
         _build(Config, _apply_override({}, key_path, value), "", lambda _: f"--set {item}")
         key = ".".join(key_path)
         sources.forget(key)
-        sources.record(value, f"--set {item}", key)
-    return validate(_build(Config, data, "", sources.of), sources.fallback, sources.blame)
+        sources.record(value, f"--set {item}", rank, key)
+    return validate(_build(Config, data, "", sources.of), sources.fallback, sources)
 
 
 # The bundled configs: configs/ at the top of a checkout, shipped in the wheel as retina/configs
@@ -261,7 +279,7 @@ def _config_hint(path: Path) -> str:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (a path, or a bundled config's name: ``load_config("shapes")``) and its
-    base, apply ``key=value`` overrides, type-check, validate."""
+    base, apply ``key=value`` overrides, type-check, validate: the effective values (``rules``)."""
     if path is not None:
         path = find_config(path)
         if not path.is_file():
@@ -307,5 +325,6 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 
 
 def replace(cfg: Config, **sections: Any) -> Config:
-    """``replace(cfg, model=dataclasses.replace(cfg.model, num_classes=3))``, re-validated."""
+    """``replace(cfg, model=dataclasses.replace(cfg.model, num_classes=3))``, re-validated; every
+    value ranks alike here, so a key its choice does not read is refused, not dropped."""
     return validate(dataclasses.replace(cfg, **sections))

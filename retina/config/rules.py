@@ -1,29 +1,53 @@
 """Value rules of the config, checked after type conversion: ranges, relations between keys, and
 which keys apply.
 
-A key applies when the variant chosen by another key reads it: ``loss.ohem.*`` only with
-``loss.type=ohem``, ``solver.steps`` only with ``solver.schedule=step`` (``_SCOPES`` lists them
-all). A key that does not apply must keep its inert value (its default; 0 for ``loss.gamma`` of
-CE and OHEM, which are FL with gamma 0): a setting nothing reads is refused, not ignored.
-``key_applies`` answers the same question for a sweep table, which prints "-" for such keys.
+A key applies when the variant chosen by other keys reads it: ``loss.ohem.*`` only with
+``loss.type=ohem``, ``solver.steps`` only with ``solver.schedule=step``, ``model.backbone.freeze_at``
+only when the trunk starts from trained weights (``model.backbone.weights`` or ``model.init``);
+``_SCOPES`` lists them all. A key the chosen variant does not read must hold its inert value (its
+default; 0 for ``loss.gamma`` of CE and OHEM, which are FL with gamma 0). When it does not,
+explicit beats inherited: the sources rank from least to most specific as the schema default, a
+``base:`` file (a deeper base lower), the config file, ``--set``, and
 
-``validate`` raises a one-line ``ConfigError`` naming the source of the value (the ``--set``
-item or the file that set the key, given by the loader's ``blame``), the key and what to do.
-``get_key`` reads a dotted key.
+- a value from a source at least as specific as the choice's (``--set loss.type=ce loss.gamma=2``,
+  or one file writing both) is refused: a one-line ``ConfigError`` naming the source of the value
+  (the ``--set`` item or the file, given by the loader's ``Origins.blame``), the key and what to do;
+- a value the choice's more specific source overrode (``--set loss.type=ce`` on a file with
+  ``gamma: 2.0``) is dropped: reset to its inert value, with one notice per choice, logged to the
+  ``retina.config`` logger (``data.shapes.* not read with data.dataset=coco: ignored``). A schema
+  default is reset without a notice: nobody wrote it. ``show_notices`` prints them, once each.
+
+The returned ``Config`` holds the effective values. ``key_applies`` answers the same question for
+a sweep table, which prints "-" for such keys. ``get_key`` reads a dotted key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import IO, Any, Callable, Iterator, Optional, Protocol, Sequence
 
 from retina.config.errors import ConfigError
 from retina.config.schema import Config
 
-# blame(keys): the file or ``--set`` item that set the last-applied of ``keys``; None when none
-# of them was set (every one is the schema default).
-Blame = Callable[[Sequence[str]], Optional[str]]
+logger = logging.getLogger("retina.config")  # the notices of dropped keys
+logger.addHandler(logging.NullHandler())  # a library call prints nothing unless asked to
+
+
+class Origins(Protocol):
+    """Where each key's value came from (the loader's record of the files and ``--set`` items)."""
+
+    def blame(self, keys: Sequence[str]) -> Optional[str]:
+        """The file or ``--set`` item that set the last-applied of ``keys``; None when none of
+        them was set (every one is the schema default)."""
+
+    def rank(self, key: str) -> int:
+        """How specific the source of ``key``'s value is: 0 the schema default, then each file
+        (a base below the file naming it), then ``--set``."""
+
 
 _DEFAULTS = Config()
 
@@ -120,14 +144,30 @@ _UNSET = object()
 @dataclass(frozen=True)
 class _Scope:
     """``key`` (a key, or a section: each of its keys) is read only where ``applies`` holds for
-    the value of ``by``; elsewhere it must keep ``inert`` (default: the schema default)."""
+    the values of ``by`` (a key, or several: ``applies`` takes their values in order); elsewhere
+    it must keep ``inert`` (default: the schema default)."""
 
     key: str
-    by: str
-    applies: Callable[[Any], bool]
+    by: str | tuple[str, ...]
+    applies: Callable[..., bool]
     why: str  # why the key is not read where it does not apply
     fix: str  # the other way out: the choice that reads the key
     inert: Any = _UNSET
+
+    @property
+    def selectors(self) -> tuple[str, ...]:
+        return (self.by,) if isinstance(self.by, str) else self.by
+
+    def holds(self, cfg: Config) -> bool:
+        """Whether ``cfg``'s choices read ``key``."""
+        return self.applies(*(get_key(cfg, k) for k in self.selectors))
+
+    def chosen(self, cfg: Config) -> str:
+        """The choice as ``--set`` writes it: ``loss.type=ce``, ``a=null and b=null``."""
+        return " and ".join(f"{k}={_as_override(get_key(cfg, k))}" for k in self.selectors)
+
+    def inert_of(self, key: str) -> Any:
+        return get_key(_DEFAULTS, key) if self.inert is _UNSET else self.inert
 
 
 _SCOPES: tuple[_Scope, ...] = (
@@ -164,8 +204,9 @@ _SCOPES: tuple[_Scope, ...] = (
       for key in ("fg_iou_thresh", "allow_low_quality")),
     _Scope("model.backbone.depth", "model.backbone.type", lambda t: t == "resnet",
            "only a ResNet has a depth", "use model.backbone.type=resnet"),
-    _Scope("model.backbone.freeze_at", "model.backbone.weights", lambda w: w is not None,
-           "only pretrained stages are frozen", "set model.backbone.weights"),
+    _Scope("model.backbone.freeze_at", ("model.backbone.weights", "model.init"),
+           lambda weights, init: weights is not None or init is not None,
+           "only pretrained stages are frozen", "set model.backbone.weights or model.init (--init)"),
     _Scope("data.augment.zoom_out_max", "data.augment.zoom_out_prob", lambda p: p > 0,
            "zoom-out is off", "set data.augment.zoom_out_prob above 0"),
     *(_Scope(f"data.augment.{key}", "data.augment.crop_prob", lambda p: p > 0, "the crop is off",
@@ -206,7 +247,7 @@ def _covers(scope: _Scope, key: str) -> bool:
 def key_applies(key: str, cfg: Config) -> bool:
     """Whether ``cfg``'s choices read the dotted ``key`` (``loss.gamma`` of a ``loss.type=ohem``
     config does not: OHEM's CE has gamma 0). Keys no choice gates always apply."""
-    return all(s.applies(get_key(cfg, s.by)) for s in _SCOPES if _covers(s, key))
+    return all(s.holds(cfg) for s in _SCOPES if _covers(s, key))
 
 
 def _leaf_keys(cfg: Any, key: str) -> Iterator[str]:
@@ -232,44 +273,107 @@ def _as_override(value: Any) -> str:
     return str(value)
 
 
-def _not_applying(cfg: Config) -> Iterator[tuple[str, _Scope, Any]]:
-    """(key, scope, inert value) of each key set although ``cfg``'s choices do not read it."""
+def _not_read(cfg: Config) -> Iterator[tuple[str, _Scope, Any]]:
+    """(key, scope, inert value) of each key off its inert value although ``cfg``'s choices do
+    not read it."""
     for scope in _SCOPES:
-        if scope.applies(get_key(cfg, scope.by)):
+        if scope.holds(cfg):
             continue
         for key in _leaf_keys(cfg, scope.key):
-            inert = get_key(_DEFAULTS, key) if scope.inert is _UNSET else scope.inert
+            inert = scope.inert_of(key)
             if get_key(cfg, key) != inert:
                 yield key, scope, inert
 
 
-def validate(cfg: Config, source: str = "<config>", blame: Optional[Blame] = None) -> Config:
-    """``cfg`` if every value is in range and every key set applies, else a one-line
-    ``ConfigError`` naming ``blame(keys)`` (or ``source``), the key and the remedy."""
+def _with_key(cfg: Any, key: str, value: Any) -> Any:
+    """``cfg`` with the dotted ``key`` set to ``value``."""
+    head, _, rest = key.partition(".")
+    return dataclasses.replace(cfg, **{head: _with_key(getattr(cfg, head), rest, value) if rest else value})
+
+
+def _drop_overridden(cfg: Config, origins: Origins) -> tuple[Config, list[tuple[str, _Scope, str]]]:
+    """``cfg`` with each key that a more specific source's choice does not read reset to its
+    inert value; (key, scope, the choice) of each reset."""
+    dropped: list[tuple[str, _Scope, str]] = []
+    while True:  # a reset selector (data.format under data.dataset=shapes) may leave more unread;
+        # each pass resets a key to the inert value of a choice the config holds: it ends
+        found = [(key, scope, inert, scope.chosen(cfg)) for key, scope, inert in _not_read(cfg)
+                 if origins.rank(key) < max(map(origins.rank, scope.selectors))]
+        if not found:
+            return cfg, dropped
+        for key, scope, inert, chosen in found:
+            cfg = _with_key(cfg, key, inert)
+            dropped.append((key, scope, chosen))
+
+
+def _notices(dropped: list[tuple[str, _Scope, str]], origins: Origins) -> list[str]:
+    """One line per choice naming the keys it dropped that a file or ``--set`` item wrote (a
+    section as ``section.*``): ``data.shapes.* not read with data.dataset=coco: ignored``."""
+    names: dict[str, list[str]] = {}
+    for key, scope, chosen in dropped:
+        name = key if key == scope.key else f"{scope.key}.*"
+        if origins.rank(key) > 0 and name not in names.setdefault(chosen, []):
+            names[chosen].append(name)
+    return [f"{', '.join(keys)} not read with {chosen}: ignored" for chosen, keys in names.items() if keys]
+
+
+def validate(cfg: Config, source: str = "<config>", origins: Optional[Origins] = None) -> Config:
+    """The effective ``cfg``: keys that a more specific source's choice does not read reset to
+    their inert values (a notice each on the ``retina.config`` logger), when every value is in
+    range and no other key is set where its choice does not read it; else a one-line
+    ``ConfigError`` naming ``origins.blame(keys)`` (or ``source``), the key and the remedy.
+    Without ``origins`` every value ranks alike: a key that does not apply is refused."""
+    cfg, dropped = _drop_overridden(cfg, origins) if origins is not None else (cfg, [])
 
     def origin(*keys: str) -> str:
-        found = blame(keys) if blame is not None else None
+        found = origins.blame(keys) if origins is not None else None
         return found if found is not None else source
 
     def shown(key: str) -> str:  # key=value, marked when nobody set it
-        unset = blame is not None and blame([key]) is None
+        unset = origins is not None and origins.blame([key]) is None
         return f"{key}={get_key(cfg, key)!r}" + (" (the default)" if unset else "")
 
     for key, ok, requirement in _range_checks(cfg):
         if not ok:
             raise ConfigError(f"{origin(key, *_RELATED.get(key, ()))}: {shown(key)} {requirement}")
-    not_applying = list(_not_applying(cfg))
-    if not_applying:  # every key of the first choice at once: one error to fix, not one per key
-        scope = not_applying[0][1]
-        group = [(key, inert) for key, s, inert in not_applying if s is scope]
+    not_read = list(_not_read(cfg))
+    if not_read:  # every key of the first choice at once: one error to fix, not one per key
+        scope = not_read[0][1]
+        group = [(key, inert) for key, s, inert in not_read if s is scope]
         keys = [key for key, _ in group]
-        chosen = f"{scope.by}={_as_override(get_key(cfg, scope.by))}"
         listed = shown(keys[0]) if len(keys) == 1 else \
             f"{', '.join(shown(k) for k in keys[:-1])} and {shown(keys[-1])}"
         resets = " ".join(f"{key}={_as_override(inert)}" for key, inert in group)
-        raise ConfigError(f"{origin(*keys, scope.by)}: {listed} {'does' if len(keys) == 1 else 'do'} not apply "
-                          f"to {chosen} ({scope.why}); set {resets} or {scope.fix}")
+        raise ConfigError(f"{origin(*keys, *scope.selectors)}: {listed} {'does' if len(keys) == 1 else 'do'} "
+                          f"not apply to {scope.chosen(cfg)} ({scope.why}); set {resets} or {scope.fix}")
+    for line in _notices(dropped, origins) if origins is not None else ():
+        logger.warning(line)
     return cfg
+
+
+class _PrintOnce(logging.Handler):
+    def __init__(self, stream: Optional[IO[str]]) -> None:
+        super().__init__()
+        self.stream, self.seen = stream, set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        if line not in self.seen:
+            self.seen.add(line)
+            print(f"retina: {line}", file=self.stream or sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def show_notices(stream: Optional[IO[str]] = None) -> Iterator[None]:
+    """While inside, each notice of the config printed once to ``stream`` (default: stderr) as
+    ``retina: <notice>``, as the CLI shows them: a sweep that loads each run's config twice, or
+    several runs dropping the same keys, prints it once."""
+    handler = _PrintOnce(stream)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def get_key(cfg: Any, key: str) -> Any:
