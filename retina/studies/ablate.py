@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from retina.config import ConfigError, load_config
+from retina.io import write_json
 from retina.studies.grid import check_seeds, expand_grid, grids_from_config, run_name, seeds_from_config
 from retina.studies.report import build_report
 from retina.studies.runs import SEED_KEY
@@ -109,7 +110,7 @@ def _write_run_file(run: SweepRun, sets: Sequence[str], wall_s: float, status: s
     run.run_dir.mkdir(parents=True, exist_ok=True)
     record = {"name": run.name, "overrides": list(run.overrides), "sets": list(sets),
               "wall_s": round(previous + wall_s, 1), "status": status, "error": error}
-    (run.run_dir / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    write_json(run.run_dir / RUN_FILE, record, indent=1)
 
 
 def _is_finished(run_dir: Path) -> bool:
@@ -122,11 +123,6 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return run_dir.is_dir() and last_checkpoint(run_dir) is not None
 
 
-def _fmt_time(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
 class _Progress:
     """One line per finished run: ``[k/n] name: AP 41.2 in 1:52 (sweep ETA 7:30)``."""
 
@@ -135,20 +131,57 @@ class _Progress:
         self.start, self.trained = time.perf_counter(), 0
 
     def line(self, name: str, status: str, trained: bool) -> None:
+        from retina.engine.logger import format_seconds
+
         self.done += 1
         self.trained += trained
         left = self.total - self.done
         eta = ""
         if left and self.trained:  # with --jobs J, runs finish J times as often: no / J here
             per_run = (time.perf_counter() - self.start) / self.trained
-            eta = f" (sweep ETA {_fmt_time(per_run * left)})"
+            eta = f" (sweep ETA {format_seconds(round(per_run * left))})"
         print(f"[{self.done}/{self.total}] {name}: {status}{eta}", flush=True)
 
 
 def _status_text(run_dir: Path, wall_s: float) -> str:
+    from retina.engine.logger import format_seconds
+
     metrics = json.loads((run_dir / "metrics.json").read_text())
     ap = metrics.get("AP")
-    return f"AP {ap:.1f} in {_fmt_time(wall_s)}" if isinstance(ap, (int, float)) else "done"
+    return f"AP {ap:.1f} in {format_seconds(round(wall_s))}" if isinstance(ap, (int, float)) else "done"
+
+
+class _Ledger:
+    """What the sweep records of each run: its status and error (returned by ``run_sweep``), its
+    ``ablate_run.json`` and its progress line."""
+
+    def __init__(self, runs: Sequence[SweepRun], sets: Sequence[str]) -> None:
+        self.sets = sets
+        self.results: dict[str, dict] = {}
+        self.progress = _Progress(len(runs))
+
+    def skip(self, run: SweepRun) -> None:
+        self.results[run.name] = {"status": "skipped", "error": None}
+        self.progress.line(run.name, "finished before, skipped", trained=False)
+
+    def start(self, run: SweepRun, where: str = "") -> bool:
+        """Mark ``run`` running and say so; whether it resumes from a checkpoint."""
+        resume = _has_checkpoint(run.run_dir)
+        _write_run_file(run, self.sets, 0.0, "running")
+        print(f"training {run.name}{' (resuming)' if resume else ''} -> {run.run_dir}{where}", flush=True)
+        return resume
+
+    def finish(self, run: SweepRun, wall: float, error: Optional[str]) -> None:
+        status = "failed" if error else "done"
+        _write_run_file(run, self.sets, wall, status, error)
+        self.results[run.name] = {"status": status, "error": error}
+        total_wall = _read_run_file(run.run_dir).get("wall_s", wall)
+        text = f"failed: {error}" if error else _status_text(run.run_dir, total_wall)
+        self.progress.line(run.name, text, trained=True)
+
+    def stopped(self, run: SweepRun, wall: float, status: str, error: Optional[str] = None) -> None:
+        """``run`` ended by an exception that stops the sweep: its time is kept."""
+        _write_run_file(run, self.sets, wall, status, error)
 
 
 def _train_in_process(run: SweepRun, config_path: Path, sets: Sequence[str], device: str,
@@ -168,6 +201,24 @@ def _train_in_process(run: SweepRun, config_path: Path, sets: Sequence[str], dev
         traceback.print_exc()
         return f"{type(e).__name__}: {' '.join(str(e).split())}"
     return None
+
+
+def _train_here(todo: deque[SweepRun], config_path: Path, ledger: _Ledger, device: str) -> None:
+    """Train the runs one after the other in this process."""
+    from retina.engine.train import Interrupted
+
+    while todo:
+        run = todo.popleft()
+        resume = ledger.start(run)
+        t0 = time.perf_counter()
+        try:
+            error = _train_in_process(run, config_path, ledger.sets, device, resume)
+        except BaseException as e:  # keep the time spent; on Ctrl-C the trainer saved a checkpoint
+            stopped = isinstance(e, (KeyboardInterrupt, Interrupted))
+            ledger.stopped(run, time.perf_counter() - t0, "interrupted" if stopped else "failed",
+                           None if stopped else f"{type(e).__name__}: {' '.join(str(e).split())}")
+            raise
+        ledger.finish(run, time.perf_counter() - t0, error)
 
 
 def _child_env(slot: int, jobs: int, device: str) -> tuple[dict, str]:
@@ -207,6 +258,31 @@ def _child_error(run_dir: Path, returncode: int) -> str:
     return lines[-1] if lines else f"exit status {returncode}"
 
 
+def _train_in_children(todo: deque[SweepRun], config_path: Path, ledger: _Ledger, device: str,
+                       jobs: int) -> None:
+    """Train the runs in ``python -m retina train`` subprocesses, ``jobs`` at once."""
+    running: dict[int, tuple[subprocess.Popen, SweepRun, float]] = {}
+    try:
+        while todo or running:
+            for slot in range(jobs):
+                if slot not in running and todo:
+                    run = todo.popleft()
+                    resume = ledger.start(run, " (log: train.log)")
+                    proc = _start_child(run, config_path, ledger.sets, device, slot, jobs, resume)
+                    running[slot] = (proc, run, time.perf_counter())
+            time.sleep(0.5)
+            for slot, (proc, run, t0) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[slot]
+                    error = None if proc.returncode == 0 else _child_error(run.run_dir, proc.returncode)
+                    ledger.finish(run, time.perf_counter() - t0, error)
+    except BaseException:  # Ctrl-C reached the children too: let them save, keep the times
+        for proc, run, t0 in running.values():
+            proc.wait()
+            ledger.stopped(run, time.perf_counter() - t0, "interrupted")
+        raise
+
+
 def run_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str],
               out_dir: str | Path, jobs: int = 1, device: str = "auto",
               seeds: Optional[int] = None) -> list[dict]:
@@ -222,64 +298,18 @@ def run_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str]
         raise ConfigError(f"--jobs {jobs}: must be >= 1")
     runs = plan_sweep(config_path, grids, sets, out_dir, seeds)
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress = _Progress(len(runs))
-    results: dict[str, dict] = {}
+    ledger = _Ledger(runs, sets)
     todo: deque[SweepRun] = deque()
     for run in runs:
         if _is_finished(run.run_dir):
-            results[run.name] = {"status": "skipped", "error": None}
-            progress.line(run.name, "finished before, skipped", trained=False)
+            ledger.skip(run)
         else:
             todo.append(run)
-
-    def finish(run: SweepRun, wall: float, error: Optional[str]) -> None:
-        status = "failed" if error else "done"
-        _write_run_file(run, sets, wall, status, error)
-        results[run.name] = {"status": status, "error": error}
-        total_wall = _read_run_file(run.run_dir).get("wall_s", wall)
-        text = f"failed: {error}" if error else _status_text(run.run_dir, total_wall)
-        progress.line(run.name, text, trained=True)
-
     if jobs == 1:
-        while todo:
-            run = todo.popleft()
-            resume = _has_checkpoint(run.run_dir)
-            print(f"training {run.name}{' (resuming)' if resume else ''} -> {run.run_dir}", flush=True)
-            _write_run_file(run, sets, 0.0, "running")
-            t0 = time.perf_counter()
-            try:
-                error = _train_in_process(run, config_path, sets, device, resume)
-            except BaseException as e:  # keep the time spent; on Ctrl-C the trainer saved a checkpoint
-                stopped = isinstance(e, KeyboardInterrupt) or type(e).__name__ == "Interrupted"
-                _write_run_file(run, sets, time.perf_counter() - t0, "interrupted" if stopped else "failed",
-                                None if stopped else f"{type(e).__name__}: {' '.join(str(e).split())}")
-                raise
-            finish(run, time.perf_counter() - t0, error)
+        _train_here(todo, config_path, ledger, device)
     else:
-        running: dict[int, tuple[subprocess.Popen, SweepRun, float]] = {}
-        try:
-            while todo or running:
-                for slot in range(jobs):
-                    if slot not in running and todo:
-                        run = todo.popleft()
-                        resume = _has_checkpoint(run.run_dir)
-                        _write_run_file(run, sets, 0.0, "running")
-                        print(f"training {run.name}{' (resuming)' if resume else ''} -> "
-                              f"{run.run_dir} (log: train.log)", flush=True)
-                        proc = _start_child(run, config_path, sets, device, slot, jobs, resume)
-                        running[slot] = (proc, run, time.perf_counter())
-                time.sleep(0.5)
-                for slot, (proc, run, t0) in list(running.items()):
-                    if proc.poll() is not None:
-                        del running[slot]
-                        error = None if proc.returncode == 0 else _child_error(run.run_dir, proc.returncode)
-                        finish(run, time.perf_counter() - t0, error)
-        except BaseException:  # Ctrl-C reached the children too: let them save, keep the times
-            for proc, run, t0 in running.values():
-                proc.wait()
-                _write_run_file(run, sets, time.perf_counter() - t0, "interrupted")
-            raise
-    return [{"name": r.name, "run_dir": str(r.run_dir), "overrides": list(r.overrides), **results[r.name]}
+        _train_in_children(todo, config_path, ledger, device, jobs)
+    return [{"name": r.name, "run_dir": str(r.run_dir), "overrides": list(r.overrides), **ledger.results[r.name]}
             for r in runs]
 
 
@@ -305,8 +335,10 @@ def ablate_cli(config: Optional[str], grids: Sequence[str] = (), sets: Sequence[
     t0 = time.perf_counter()
     results = run_sweep(config_path, grids, sets, out_dir, jobs, device, seeds)
     paths = build_report(out_dir)
+    from retina.engine.logger import format_seconds
+
     failed = [r["name"] for r in results if r["status"] == "failed"]
-    print(f"sweep of {len(results)} runs done in {_fmt_time(time.perf_counter() - t0)}"
+    print(f"sweep of {len(results)} runs done in {format_seconds(round(time.perf_counter() - t0))}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     return 0

@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -31,8 +32,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from retina.errors import InputError, MissingFileError, UsageError
-from retina.io import unused_dir, weights_dir
-from retina.engine.evaluate import write_json
+from retina.io import unused_dir, weights_dir, write_json
 from retina.studies import coco_breakdown as cb
 from retina.studies.confusion import confusion_matrix
 from retina.studies.error_plots import plot_ap_breakdown, plot_confusion, plot_pr_curves, plot_tide
@@ -98,6 +98,90 @@ def _per_class(coco_eval, class_names: Sequence[str], f1_per_class: list) -> dic
             for k, name in enumerate(class_names)}
 
 
+@dataclass(frozen=True)
+class _Findings:
+    """Everything the summary and the figures are made of, for K analysed classes."""
+
+    source: str
+    class_names: list[str]  # K
+    num_images: int
+    num_gt: int
+    num_detections: int  # on the analysed images
+    coco_eval: Any  # COCOeval, evaluated and accumulated
+    f1_per_class: list  # K F1-best operating points (None where a class has no true positive)
+    f1_pooled: Optional[dict]  # the F1-best operating point of all classes at IoU .5
+    thresh: float  # the confusion matrix's score threshold
+    iou_thresh: float
+    matrix: np.ndarray  # (K + 1, K + 1): GT class x predicted class, background last
+    recall: np.ndarray  # COCOeval's recall thresholds
+    curves: dict  # {iou: (K, R) precision}
+    tide: Optional[dict]
+    by_size: dict
+    by_count: dict
+
+    @property
+    def labels(self) -> list[str]:
+        return self.class_names + ["background"]
+
+
+def _measure(coco_gt: COCO, results: list[dict], cat_ids: list[int], image_ids: list[int],
+             score_thresh: Optional[float], iou_thresh: float, source: str) -> _Findings:
+    """COCOeval, F1 thresholds, confusion, PR curves, TIDE and the AP breakdowns of ``results``
+    on the analysed classes and images."""
+    counts = cb.objects_per_image(coco_gt, image_ids, cat_ids)
+    if sum(counts.values()) == 0:
+        raise InputError(f"{source}: the ground truth has no (non-crowd) box in the analysed images")
+    coco_eval = cb.run_cocoeval(coco_gt, results, cat_ids, image_ids)
+    f1_per_class, f1_pooled = cb.f1_thresholds(coco_eval, 0.5)
+    thresh = score_thresh if score_thresh is not None else (
+        f1_pooled["score_thresh"] if f1_pooled else DEFAULT_SCORE_THRESH)
+    analysed = set(image_ids)
+    return _Findings(
+        source=source, class_names=[c["name"] for c in coco_gt.loadCats(cat_ids)],
+        num_images=len(image_ids), num_gt=int(sum(counts.values())),
+        num_detections=sum(1 for r in results if int(r["image_id"]) in analysed),
+        coco_eval=coco_eval, f1_per_class=f1_per_class, f1_pooled=f1_pooled, thresh=thresh,
+        iou_thresh=iou_thresh, matrix=confusion_matrix(coco_gt, results, cat_ids, image_ids, thresh, iou_thresh),
+        recall=np.asarray(coco_eval.params.recThrs),
+        curves={iou: cb.precision_curves(coco_eval, iou) for iou in CURVE_IOUS},  # {iou: (K, R)}
+        # TIDE's AP is undefined without detections (tidecv divides by zero): then skipped
+        tide=tide_breakdown(coco_gt, results, cat_ids, image_ids) if results else None,
+        by_size=cb.ap_by_size(coco_eval), by_count=cb.ap_by_num_objects(coco_gt, results, image_ids, cat_ids))
+
+
+def _summary(f: _Findings, any_results: bool) -> dict:
+    """``summary.json``: every number of the analysis."""
+    names = f.class_names
+    return {
+        "source": f.source,
+        "num_images": f.num_images, "num_gt": f.num_gt, "num_detections": f.num_detections,
+        "metrics": {name: (float(v) * 100 if v >= 0 else None)
+                    for name, v in zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), f.coco_eval.stats)},
+        "per_class": _per_class(f.coco_eval, names, f.f1_per_class),
+        "f1_best_all_classes": f.f1_pooled,
+        "suggested_score_thresh": f.f1_pooled["score_thresh"] if f.f1_pooled else None,
+        "pr_curves": {"recall": f.recall.tolist(), **{
+            f"iou_{iou:.2f}": {n: c[k].tolist() for k, n in enumerate(names)} for iou, c in f.curves.items()}},
+        "confusion": {"score_thresh": f.thresh, "iou_thresh": f.iou_thresh, "rows": "ground truth",
+                      "cols": "predicted", "labels": f.labels, "matrix": f.matrix.tolist()},
+        "tide": f.tide,
+        "tide_skipped": None if f.tide is not None else "no detections" if not any_results
+        else "tidecv is not installed",
+        "ap_by_size": f.by_size,
+        "ap_by_num_objects": f.by_count,
+    }
+
+
+def _draw(f: _Findings, out_dir: Path) -> None:
+    """The four figures (``tide.png`` only with TIDE's numbers)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_pr_curves(out_dir / "pr_curves.png", f.recall, f.curves, f.class_names, f.f1_per_class)
+    plot_confusion(out_dir / "confusion_matrix.png", f.matrix, f.labels, f.thresh, f.iou_thresh)
+    if f.tide is not None:
+        plot_tide(out_dir / "tide.png", f.tide)
+    plot_ap_breakdown(out_dir / "ap_breakdown.png", f.by_size, f.by_count)
+
+
 def analyze_errors(coco_gt: COCO, results: list[dict], out_dir: str | Path,
                    cat_ids: Optional[Sequence[int]] = None, image_ids: Optional[Sequence[int]] = None,
                    score_thresh: Optional[float] = None, iou_thresh: float = 0.5,
@@ -113,51 +197,10 @@ def analyze_errors(coco_gt: COCO, results: list[dict], out_dir: str | Path,
     """
     cat_ids = [int(c) for c in (cat_ids if cat_ids is not None else sorted(coco_gt.getCatIds()))]
     image_ids = [int(i) for i in (image_ids if image_ids is not None else sorted(coco_gt.getImgIds()))]
-    class_names = [c["name"] for c in coco_gt.loadCats(cat_ids)]
-    counts = cb.objects_per_image(coco_gt, image_ids, cat_ids)
-    if sum(counts.values()) == 0:
-        raise InputError(f"{source}: the ground truth has no (non-crowd) box in the analysed images")
-
-    coco_eval = cb.run_cocoeval(coco_gt, results, cat_ids, image_ids)
-    f1_per_class, f1_pooled = cb.f1_thresholds(coco_eval, 0.5)
-    thresh = score_thresh if score_thresh is not None else (
-        f1_pooled["score_thresh"] if f1_pooled else DEFAULT_SCORE_THRESH)
-    matrix = confusion_matrix(coco_gt, results, cat_ids, image_ids, thresh, iou_thresh)
-    curves = {iou: cb.precision_curves(coco_eval, iou) for iou in CURVE_IOUS}  # {iou: (K, R)}
-    recall = np.asarray(coco_eval.params.recThrs)
-    # TIDE's AP is undefined without detections (tidecv divides by zero): then skipped
-    tide = tide_breakdown(coco_gt, results, cat_ids, image_ids) if results else None
-    by_size = cb.ap_by_size(coco_eval)
-    by_count = cb.ap_by_num_objects(coco_gt, results, image_ids, cat_ids)
-    labels = class_names + ["background"]
-    analysed = set(image_ids)
-    summary = {
-        "source": source,
-        "num_images": len(image_ids), "num_gt": int(sum(counts.values())),
-        "num_detections": sum(1 for r in results if int(r["image_id"]) in analysed),
-        "metrics": {name: (float(v) * 100 if v >= 0 else None)
-                    for name, v in zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), coco_eval.stats)},
-        "per_class": _per_class(coco_eval, class_names, f1_per_class),
-        "f1_best_all_classes": f1_pooled,
-        "suggested_score_thresh": f1_pooled["score_thresh"] if f1_pooled else None,
-        "pr_curves": {"recall": recall.tolist(), **{
-            f"iou_{iou:.2f}": {n: c[k].tolist() for k, n in enumerate(class_names)}
-            for iou, c in curves.items()}},
-        "confusion": {"score_thresh": thresh, "iou_thresh": iou_thresh, "rows": "ground truth",
-                      "cols": "predicted", "labels": labels, "matrix": matrix.tolist()},
-        "tide": tide,
-        "tide_skipped": None if tide is not None else "no detections" if not results else "tidecv is not installed",
-        "ap_by_size": by_size,
-        "ap_by_num_objects": by_count,
-    }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot_pr_curves(out_dir / "pr_curves.png", recall, curves, class_names, f1_per_class)
-    plot_confusion(out_dir / "confusion_matrix.png", matrix, labels, thresh, iou_thresh)
-    if tide is not None:
-        plot_tide(out_dir / "tide.png", tide)
-    plot_ap_breakdown(out_dir / "ap_breakdown.png", by_size, by_count)
-    write_json(out_dir / "summary.json", summary)
+    findings = _measure(coco_gt, results, cat_ids, image_ids, score_thresh, iou_thresh, source)
+    summary = _summary(findings, bool(results))
+    _draw(findings, Path(out_dir))
+    write_json(Path(out_dir) / "summary.json", summary)
     return summary
 
 
