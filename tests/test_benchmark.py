@@ -18,7 +18,7 @@ PART_KEYS = {"shape", "ours_s", "theirs_s", "ratio", "ours_cpu_s", "theirs_cpu_s
 
 def test_model_benchmark_tiny_run_writes_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "tools/benchmark.py"), "--depth", "18", "--image-size", "64x64",
+    cmd = [sys.executable, "-m", "benchmarks.detector", "--depth", "18", "--image-size", "64x64",
            "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--part-batch-size", "1",
            "--part-image-size", "64x96", "--num-gt", "3", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -38,7 +38,7 @@ def test_model_benchmark_tiny_run_writes_table_and_json(tmp_path):
 
 
 def test_only_selects_parts():
-    from retina.bench.detector import BenchSpec, run
+    from benchmarks.detector import BenchSpec, run
 
     spec = BenchSpec(depth=18, parts=("post",), repeats=1, warmup=0, part_batch_size=1,
                      part_image_size=(64, 64))
@@ -50,7 +50,7 @@ def test_only_selects_parts():
 def test_eval_benchmark_tiny_run(tmp_path):
     pytest.importorskip("faster_coco_eval")
     out = tmp_path / "eval.json"
-    cmd = [sys.executable, str(ROOT / "tools/benchmark_eval.py"), "--images", "20", "--json", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.eval_backends", "--images", "20", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
@@ -64,7 +64,7 @@ def test_benchmarked_model_keeps_the_requested_size_whatever_the_config_tests_at
     # photos_cpu evaluates at 320 (test_min_size): the benchmark's 200 x 300 must stay 200 x 300
     import torch
 
-    from retina.bench.inference import InferenceSpec, _models
+    from benchmarks.inference import InferenceSpec, _models
 
     model, _, _ = _models(InferenceSpec(model="config", config="photos_cpu", image_size=(200, 300)))
     assert model.input_spec.eval_size == (200, 300)

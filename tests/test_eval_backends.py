@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from retina.bench.eval_backends import synthetic_coco
+from benchmarks.eval_backends import synthetic_coco
 from retina.config import ConfigError, load_config
 from retina.engine.evaluate import METRIC_NAMES, EvalBackendError, evaluate_detections
 

@@ -374,7 +374,7 @@ def test_fold_frozen_batchnorm_is_the_same_affine_map():
 
 
 def test_inference_benchmark_rows_per_lever():
-    from retina.bench.inference import InferenceSpec, format_table, run
+    from benchmarks.inference import InferenceSpec, format_table, run
 
     spec = InferenceSpec(model="config", config="shapes", image_size=(64, 64), batch_sizes=(1, 2),
                          repeats=1, levers=("eager", "fold_bn", "fold_bn+channels_last"))

@@ -1,5 +1,6 @@
-"""The training race (retina/bench/race.py, tools/race.py): its clock and curves from hand-made
-log rows, the matched configs, and one tiny race end to end on a generated VOC folder."""
+"""The training race (benchmarks/race.py, benchmarks/contestants.py): its clock and curves from
+hand-made log rows, the matched configs, and one tiny race end to end on a generated VOC folder,
+run as the docs run it (``python -m benchmarks.race`` from the top of the repository)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from retina.bench import race
+from benchmarks import contestants
 from retina.config import find_config, load_config
 from retina.engine.optim import lr_factor
 
@@ -32,14 +33,14 @@ ROWS = [
 
 def test_seconds_per_iteration_skips_the_first_periods():
     # after iteration 5: 5 x 1.2 + 10 x 0.5 = 11 s over 15 iterations
-    assert race.sec_per_iter_from_log(ROWS, skip=5) == pytest.approx(11 / 15)
-    assert race.sec_per_iter_from_log(ROWS, skip=0) == pytest.approx(16 / 20)
+    assert contestants.sec_per_iter_from_log(ROWS, skip=5) == pytest.approx(11 / 15)
+    assert contestants.sec_per_iter_from_log(ROWS, skip=0) == pytest.approx(16 / 20)
     with pytest.raises(ValueError, match="after iteration 20"):
-        race.sec_per_iter_from_log(ROWS, skip=20)
+        contestants.sec_per_iter_from_log(ROWS, skip=20)
 
 
 def test_curve_counts_training_seconds_only():
-    curve = race.curve_from_log("r", ROWS, {"AP": 5.0, "AP50": 12.0})
+    curve = contestants.curve_from_log("r", ROWS, {"AP": 5.0, "AP50": 12.0})
     # 5 x 1.0 + 5 x 1.2 = 11 s at iteration 10; + 10 x 0.5 = 16 s at 20, the end: 0.8 s a step
     assert curve.iters == [10, 20] and curve.max_iter == 20
     assert curve.sec_per_iter == pytest.approx(0.8)
@@ -57,15 +58,15 @@ def test_torchvision_schedule_is_warmup_then_cosine():
 
 
 def test_cap_and_evaluation_period_from_the_calibrated_pace():
-    spec = race.RaceSpec(root="r", recipe="photos_cpu", out=Path("o"), budget_s=900.0, eval_points=6)
+    spec = contestants.RaceSpec(root="r", recipe="photos_cpu", out=Path("o"), budget_s=900.0, eval_points=6)
     # 900 s at 1.2 s: 750 iterations expected; cap 1500; evaluations every ceil(750 / 6) = 125
-    assert race._cap_and_period(1.2, spec) == (1500, 125)
-    assert race._cap_and_period(1000.0, spec) == (12, 1)  # never fewer than eval_points expected
+    assert contestants.cap_and_period(1.2, spec) == (1500, 125)
+    assert contestants.cap_and_period(1000.0, spec) == (12, 1)  # never fewer than eval_points expected
 
 
 def test_same_config_is_torchvision_architecture_and_solver_at_the_recipe_size():
     recipe = load_config(find_config("photos_cpu"), ["data.root=somewhere"])
-    same = load_config(find_config(race._TV_SAME), race.same_overrides(recipe, num_train=160))
+    same = load_config(find_config(contestants.TV_SAME), contestants.same_overrides(recipe, num_train=160))
     m = same.model
     assert (m.backbone.depth, m.backbone.norm, m.backbone.weights) == (18, "bn", None)
     assert (m.fpn.channels, m.fpn.min_level, m.fpn.max_level, m.fpn.p6_from) == (256, 3, 7, "p5")
@@ -86,11 +87,11 @@ def test_tiny_race_end_to_end(tmp_path):
     out = tmp_path / "race"
     tiny = ["solver.batch_size=2", "model.input.min_size=[64]", "model.input.max_size=64",
             "solver.warmup_iters=1", "data.num_workers=0", "eval.batch_size=2", "train.amp=off"]
-    cmd = [sys.executable, str(ROOT / "tools" / "race.py"), "--root", str(root), "--budget-min", "0.05",
+    cmd = [sys.executable, "-m", "benchmarks.race", "--root", str(root), "--budget-min", "0.05",
            "--calib-iters", "3", "--eval-points", "2", "--out", str(out), "--set", *tiny]
-    subprocess.run(cmd, check=True, cwd=tmp_path)
+    subprocess.run(cmd, check=True, cwd=ROOT)
     table = (out / "race.md").read_text()
-    for name in race.CONTESTANTS:
+    for name in contestants.CONTESTANTS:
         assert f"| {name} |" in table
         curve = json.loads((out / f"{name}.json").read_text())
         # 3 s of training: evaluations every calibrated half of the expected run, and at the end.

@@ -13,7 +13,8 @@
 
 A ``Config`` is read at the top only: by the factories (``build_model``, ``build_dataset``,
 ``build_optimizer``), the trainer, checkpoint loading and the entry points of the CLI verbs
-(retina/studies, retina/deploy, retina/bench); the modules below them take plain, typed arguments.
+(retina/studies, retina/deploy, and the harnesses in benchmarks/); the modules below them take plain,
+typed arguments.
 """
 
 from retina.config.errors import ConfigError

@@ -2,7 +2,8 @@
 
 A ``Config`` is read at the top only: by the factories (``build_model``, ``build_dataset``,
 ``build_optimizer``), the trainer, checkpoint loading and the entry points of the CLI verbs
-(retina/studies, retina/deploy, retina/bench); modules below them take plain, typed arguments.
+(retina/studies, retina/deploy, and the harnesses in benchmarks/); modules below them take plain,
+typed arguments.
 """
 
 from __future__ import annotations

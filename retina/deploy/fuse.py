@@ -25,7 +25,7 @@ from retina.model.retinanet import RetinaNet
 
 NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
-# NHWC per device for eager inference. CPU, measured by ``tools/benchmark.py --levers`` (2 cores,
+# NHWC per device for eager inference. CPU, measured by ``python -m benchmarks.inference`` (2 cores,
 # quiet, R50 parity model, 800x1056): folded NCHW 0.87x / 0.98x of torchvision's time at batch
 # 1 / 2, folded channels_last 0.74x / 0.81x.
 CHANNELS_LAST = {"cpu": True, "cuda": True}

@@ -17,25 +17,34 @@ Variants (``LEVERS``):
 - ``onnxruntime``: ``retina export --dynamic``'s ONNX file run by onnxruntime (CPU);
 - ``torchvision``: ``torchvision.models.detection.retinanet_resnet50_fpn`` (parity model only).
 
+Run from the top of the repository (the R50 parity model, or ``--config``'s model):
+
+    python -m benchmarks.inference --image-size 800x1056 --batch-sizes 1 2 --repeats 3
+    python -m benchmarks.inference --config shapes --image-size 128x128 --batch-sizes 1 2
+
 Shape legend: N images.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from retina.bench.detector import BenchSpec, build_models, input_size_overrides
+from benchmarks.detector import BenchSpec, build_models, input_size_overrides, parse_hxw
+from benchmarks.timing import timed
 from retina.config import find_config, load_config
 from retina.deploy.fuse import fold_batchnorm, inference_model
+from retina.io import write_json
 from retina.model import RetinaNet, build_model
 
 Lever = Literal["eager", "fold_bn", "fold_bn+channels_last", "compile", "onnxruntime", "torchvision"]
@@ -109,12 +118,6 @@ def build_variants(spec: InferenceSpec, folder: Path, example: Tensor
     return variants, setup, desc
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float, float]:
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - t0, time.process_time() - c0
-
-
 def run(spec: InferenceSpec, log: Callable[[str], None] = print) -> dict:
     """Time every variant at every batch size; returns the JSON-ready result."""
     g = torch.Generator().manual_seed(spec.seed)
@@ -130,12 +133,12 @@ def run(spec: InferenceSpec, log: Callable[[str], None] = print) -> dict:
             first = {}
             for name, call in calls.items():
                 log(f"N={n} {name}: first call ...")
-                first[name] = _timed(call)[0]
+                first[name] = timed(call)[0]
             wall: dict[str, list[float]] = {k: [] for k in calls}
             cpu: dict[str, list[float]] = {k: [] for k in calls}
             for _ in range(spec.repeats):
                 for name, call in calls.items():
-                    t, c = _timed(call)
+                    t, c = timed(call)
                     wall[name].append(t)
                     cpu[name].append(c)
             base = "torchvision" if "torchvision" in calls else "eager"
@@ -166,3 +169,30 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['batch']:>2} {r['lever']:<22} {r['wall_s']:>8.3f} {r['cpu_s']:>8.3f} "
                      f"{r['ratio']:>7.3f} {r['cpu_ratio']:>7.3f} {r['first_call_s']:>10.1f} {r['setup_s']:>8.1f}")
     return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None, help="a retina config's model, random init "
+                   "(default: the R50 parity model, beside torchvision's)")
+    p.add_argument("--image-size", type=parse_hxw, default=(800, 1056), help="HxW of the images")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds of every lever")
+    p.add_argument("--skip", nargs="*", default=[], choices=LEVERS, help="levers to leave out, e.g. compile")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    spec = InferenceSpec(model="config" if a.config else "parity", config=a.config or "shapes",
+                         image_size=a.image_size, batch_sizes=tuple(a.batch_sizes), repeats=a.repeats,
+                         seed=0, levers=tuple(v for v in LEVERS if v not in a.skip))
+    result = run(spec, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_table(result))
+    if a.json is not None:
+        write_json(a.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

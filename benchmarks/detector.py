@@ -12,27 +12,33 @@ each and the ratio ours / theirs. Parts:
 - ``post``: post-processing alone from the same head outputs: torchvision's
   ``model.postprocess_detections`` against retina's ``PostProcessor``.
 
+Run from the top of the repository:
+
+    python -m benchmarks.detector --device cpu --batch-size 2 --image-size 800x1056 --repeats 5 \
+        --json runs/bench.json
+
 Shape legend: N images, R anchors per image, M ground-truth boxes, K classes.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import platform
-import re
-import resource
 import statistics
-import time
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
-from retina.deploy import convert
+from benchmarks.timing import PeakMemory, timed
 from retina.config import load_config
+from retina.deploy import convert
+from retina.io import write_json
 from retina.model import RetinaNet, build_model
 
 Part = Literal["train", "infer", "loss", "post"]
@@ -69,57 +75,6 @@ class BenchSpec:
     # retina's model.channels_last (NHWC activations and weights; off in the configs by default).
     # torchvision's model runs as its builder makes it (NCHW).
     channels_last: bool = True
-
-
-# ---------------------------------------------------------------------------------- memory
-def _proc_status_kib(key: str) -> Optional[int]:
-    try:
-        m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-class PeakMemory:
-    """Peak memory of one call, in MiB.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, after a reset). CPU on Linux: the
-    process's peak resident set size during the call above its RSS at the start (VmHWM after
-    resetting it through /proc/self/clear_refs); memory freed earlier and kept by the allocator is
-    reused without counting, so this is a lower bound on what the call needs. Elsewhere: growth of
-    ``ru_maxrss``, which only sees a new process-wide peak.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.method = "cuda.max_memory_allocated"
-        if device.type != "cuda":
-            self.method = "VmHWM-VmRSS" if self._reset_hwm() else "ru_maxrss delta"
-
-    @staticmethod
-    def _reset_hwm() -> bool:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            return _proc_status_kib("VmHWM") is not None
-        except OSError:
-            return False
-
-    def measure(self, fn: Callable[[], object]) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            fn()
-            torch.cuda.synchronize(self.device)
-            return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
-        if self.method == "VmHWM-VmRSS":
-            self._reset_hwm()
-            base = _proc_status_kib("VmRSS") or 0
-            fn()
-            return ((_proc_status_kib("VmHWM") or 0) - base) / 1024
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 
 
 # ---------------------------------------------------------------------------------- models
@@ -295,17 +250,6 @@ def post_steps(ours: RetinaNet, theirs: nn.Module, spec: BenchSpec, device: torc
 
 
 # ---------------------------------------------------------------------------------- timing
-def _timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process, all threads) of one call."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0, time.process_time() - c0
-
-
 def compare(ours: Callable[[], None], theirs: Callable[[], None], spec: BenchSpec,
             device: torch.device, memory: PeakMemory) -> dict:
     """Warmup, then ours, theirs, ours, theirs...; medians, ratio, and one peak-memory call each.
@@ -320,7 +264,7 @@ def compare(ours: Callable[[], None], theirs: Callable[[], None], spec: BenchSpe
     cpu: dict[str, list[float]] = {"ours": [], "theirs": []}
     for _ in range(spec.repeats):
         for name, fn in (("ours", ours), ("theirs", theirs)):
-            w, c = _timed(fn, device)
+            w, c = timed(fn, device)
             wall[name].append(w)
             cpu[name].append(c)
     med = {k: statistics.median(v) for k, v in wall.items()}
@@ -390,3 +334,55 @@ def format_table(result: dict) -> str:
                      f" {r['ratio']:>7.3f} {1 / r['ratio']:>7.2f} {r['cpu_ratio']:>8.3f}"
                      f" {r['ours_peak_mib']:>8.0f} {r['theirs_peak_mib']:>8.0f}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ command line
+def parse_hxw(text: str) -> tuple[int, int]:
+    """argparse type of an image size written HxW, e.g. 800x1056."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 800x1056, got {text!r}") from None
+    return h, w
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.detector", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=2, help="images per train / infer step")
+    p.add_argument("--image-size", type=parse_hxw, default=(800, 1056), help="HxW of train / infer")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls of each model per part")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="parts to run")
+    p.add_argument("--depth", type=int, choices=[18, 34, 50, 101], default=50)
+    p.add_argument("--part-batch-size", type=int, default=8, help="images of the loss / post parts")
+    p.add_argument("--part-image-size", type=parse_hxw, default=(800, 1333),
+                   help="HxW whose anchors the loss / post parts use")
+    p.add_argument("--num-gt", type=int, default=50, help="ground-truth boxes per image")
+    p.add_argument("--config", default=None, help="retina config, both models from one seed "
+                   "(default: torchvision's architecture and weights, through retina.deploy.convert)")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="retina config overrides (repeated --set flags add up)")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="run retina with model.channels_last=false (default: true)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    spec = BenchSpec(device=a.device, batch_size=a.batch_size, image_size=a.image_size, dtype=a.dtype,
+                     repeats=a.repeats, warmup=a.warmup, parts=tuple(a.only), depth=a.depth,
+                     part_batch_size=a.part_batch_size, part_image_size=a.part_image_size,
+                     num_gt=a.num_gt, config=a.config, overrides=tuple(a.set),
+                     channels_last=not a.no_channels_last)
+    result = run(spec, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"config: {result.get('config')}\nweights: {result.get('weights')}")
+    print(format_table(result))
+    if a.json is not None:
+        write_json(a.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,9 +1,10 @@
-"""A training race at equal wall-clock time: ``retina train`` against torchvision's own RetinaNet.
+"""The contestants of the training race (``race.py``): ``retina train`` against torchvision's own
+RetinaNet, each trained for a budget of wall-clock time and evaluated along the way.
 
 Contestants (``CONTESTANTS``):
 
 - ``torchvision``: ``torchvision.models.detection.RetinaNet`` (ResNet trunk with trainable
-  BatchNorm, FPN 256 on P3-P7 with P6 from P5, 4-conv heads; ``bench.detector.torchvision_retinanet``),
+  BatchNorm, FPN 256 on P3-P7 with P6 from P5, 4-conv heads; ``benchmarks.detector.torchvision_retinanet``),
   its own loss and ``GeneralizedRCNNTransform`` (resize, normalise, pad), trained by a loop in the
   style of torchvision's detection references (``train_one_epoch``: SGD with momentum and weight
   decay, linear warm-up, then a cosine schedule, as ``--lr-scheduler cosineannealinglr`` does).
@@ -16,12 +17,12 @@ Contestants (``CONTESTANTS``):
   the system differs.
 - ``retina-recipe``: ``retina train`` with retina's recommended config for photos.
 
-Equal wall-clock: each contestant trains for the budget of training time (data + step;
-evaluations, checkpoints and start-up excluded, for all contestants alike), its schedule's length
-re-estimated from its pace as it runs so that the cosine ends on time (``retina.engine.budget``:
-``solver.max_minutes`` for retina, the same ``TimeBudget`` in the torchvision loop). A short
-calibration first (``calib_iters`` iterations, the last two thirds timed) spaces the
-``eval_points`` evaluations of the learning curve (COCO AP on the val split) along the run.
+Each trains for the budget of training time (data + step; evaluations, checkpoints and start-up
+excluded, for all contestants alike), its schedule's length re-estimated from its pace as it runs
+so that the cosine ends on time (``retina.engine.budget``: ``solver.max_minutes`` for retina, the
+same ``TimeBudget`` in the torchvision loop). A short calibration first (``calib_iters``
+iterations, the last two thirds timed) spaces the ``eval_points`` evaluations of the learning curve
+(COCO AP on the val split) along the run (``cap_and_period``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
+from benchmarks.detector import torchvision_retinanet
 from retina.config import Config, SolverConfig, find_config, load_config
 from retina.data import build_dataset, dataset_source
 from retina.data.coco import CocoDetection, collate
@@ -47,10 +49,9 @@ from retina.engine.budget import TimeBudget
 from retina.engine.evaluate import evaluate_detections, inference, to_coco_results
 from retina.engine.optim import lr_factor
 from retina.engine.precision import autocast_dtype
-from retina.io import write_json
 
 CONTESTANTS = ("torchvision", "retina-same", "retina-recipe")
-_TV_SAME = "torchvision_retinanet_r50_fpn"  # bundled: convert.torchvision_config('v1')'s model
+TV_SAME = "torchvision_retinanet_r50_fpn"  # bundled: convert.torchvision_config('v1')'s model
 
 
 @dataclass
@@ -170,7 +171,7 @@ def run_retina(name: str, config: str, overrides: Sequence[str], spec: RaceSpec)
              "train.eval_at_end=false", "train.checkpoint_period=1000000"]
     _retina_train(config, calib, out / "calib")
     s_it = sec_per_iter_from_log(_read_rows(out / "calib" / "metrics.jsonl"), spec.calib_iters // 3)
-    cap, period = _cap_and_period(s_it, spec)
+    cap, period = cap_and_period(s_it, spec)
     log_period = math.gcd(period, 10)
     _retina_train(config, [*overrides, f"solver.max_minutes={spec.budget_s / 60:g}", f"solver.max_iter={cap}",
                            f"train.eval_period={period}", f"train.log_period={log_period}",
@@ -179,7 +180,7 @@ def run_retina(name: str, config: str, overrides: Sequence[str], spec: RaceSpec)
     return curve_from_log(name, _read_rows(out / "run" / "metrics.jsonl"), metrics)
 
 
-def _cap_and_period(sec_per_iter: float, spec: RaceSpec) -> tuple[int, int]:
+def cap_and_period(sec_per_iter: float, spec: RaceSpec) -> tuple[int, int]:
     """From the calibrated pace: a cap of twice the iterations the budget should hold (the budget
     ends the run), and the evaluation period that spreads ``eval_points`` over it."""
     expected = max(int(spec.budget_s / sec_per_iter), spec.eval_points)
@@ -200,8 +201,6 @@ class TorchvisionRun:
     """torchvision's RetinaNet with the recipe's depth, size, batch and solver."""
 
     def __init__(self, cfg: Config, seed: int) -> None:
-        from retina.bench.detector import torchvision_retinanet
-
         self.cfg = cfg
         ann, image_dir, _ = dataset_source(cfg, "train")
         self.train_set = CocoDetection(ann, image_dir, _tv_train_transform(cfg.data.hflip_prob))
@@ -282,7 +281,7 @@ class _Float01(torch.nn.Module):
 def run_torchvision(cfg: Config, spec: RaceSpec) -> Curve:
     calib = TimeBudget(math.inf, spec.calib_iters, settle=spec.calib_iters // 3)
     TorchvisionRun(cfg, spec.seed).train(calib)
-    cap, period = _cap_and_period(calib.pace, spec)
+    cap, period = cap_and_period(calib.pace, spec)
     curve = Curve("torchvision")
     run = TorchvisionRun(cfg, spec.seed)
 
@@ -302,63 +301,3 @@ def run_torchvision(cfg: Config, spec: RaceSpec) -> Curve:
     on_eval(curve.max_iter, budget.spent)
     torch.save(run.model.state_dict(), spec.out / "torchvision" / "model_final.pth")
     return curve
-
-
-# ------------------------------------------------------------------------------ the race
-def run(spec: RaceSpec) -> list[Curve]:
-    unknown = set(spec.contestants) - set(CONTESTANTS)
-    if unknown:
-        raise ValueError(f"unknown contestants {sorted(unknown)}; choose from {', '.join(CONTESTANTS)}")
-    recipe = recipe_config(spec)
-    num_train = len(CocoDetection(*dataset_source(recipe, "train")[:2]))
-    curves = []
-    for name in spec.contestants:
-        (spec.out / name).mkdir(parents=True, exist_ok=True)
-        if name == "torchvision":
-            same = load_config(find_config(_TV_SAME), same_overrides(recipe, num_train))
-            curve = run_torchvision(same, spec)
-        elif name == "retina-same":
-            curve = run_retina(name, _TV_SAME, same_overrides(recipe, num_train), spec)
-        else:
-            curve = run_retina(name, spec.recipe, [f"data.root={spec.root}", f"train.seed={spec.seed}",
-                                                   *spec.overrides], spec)
-        curves.append(curve)
-        write_json(spec.out / f"{name}.json", curve.__dict__)
-    return curves
-
-
-
-def load_curves(out: Path) -> list[Curve]:
-    """Every contestant's curve written to ``out`` so far (races can be run one contestant at a
-    time), in ``CONTESTANTS`` order."""
-    return [Curve(**json.loads((out / f"{name}.json").read_text()))
-            for name in CONTESTANTS if (out / f"{name}.json").is_file()]
-
-
-def format_table(curves: Sequence[Curve], budget_s: float) -> str:
-    lines = ["| contestant | s/it | iterations | training time | AP | AP50 |", "|---|---|---|---|---|---|"]
-    for c in curves:
-        lines.append(f"| {c.name} | {c.sec_per_iter:.2f} | {c.max_iter} | {c.seconds[-1] / 60:.1f} min "
-                     f"| {c.ap[-1]:.1f} | {c.ap50[-1]:.1f} |")
-    return "\n".join(lines) + f"\n\nbudget: {budget_s / 60:.1f} min of training per contestant"
-
-
-def plot(curves: Sequence[Curve], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for c in curves:
-        minutes = [0.0] + [s / 60 for s in c.seconds]
-        axes[0].plot(minutes, [0.0] + c.ap, marker="o", label=c.name)
-        axes[1].plot(minutes, [0.0] + c.ap50, marker="o", label=c.name)
-    for ax, what in zip(axes, ("AP (0.5:0.95)", "AP50")):
-        ax.set_xlabel("training time (min)")
-        ax.set_ylabel(what)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
