@@ -5,7 +5,9 @@ records it could not read are counted under the first three kinds below, and the
 splits are then checked as a json would be, every example naming the xml object or the label
 ``file:line`` the box comes from.
 
-This module owns the list of dataset problems and which of them are errors. The rule: an
+This module owns the list of dataset problems and which of them are errors, the checks of the
+image files and the report; ``check_records.py`` checks the records of a COCO dict (images,
+annotations and their boxes, categories). The rule: an
 **error** stops training or silently corrupts it (the loader refuses the json, an image fails to
 load, annotations are lost or attached to the wrong thing); a **warning** is something the loader
 handles in a defined way (drops or clips the box, keeps the image as a negative) that is still
@@ -45,25 +47,21 @@ one core (1.2 s reading headers only, ``decode=False``).
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Sequence
+from typing import Iterable, Literal, Optional, Sequence
 
 from PIL import Image
 
-from retina.data.coco import is_number, load_coco_json, upright_size
+from retina.data.check_records import check_annotations, check_categories, check_image_records, has_size
+from retina.data.coco import load_coco_json, upright_size
 from retina.data.convert import read_folder
 from retina.errors import InputError, MissingFileError, RetinaError
 
 ERROR, WARNING = "error", "warning"
-# A box may pass the border by this much (px) before it is "partly outside": normalised YOLO
-# labels written with 6 decimals put a box touching the edge of a 4000 px image up to 4e-3 px past it.
-EDGE_TOL = 0.01
 
 # kind -> (severity, title), in report order
 KINDS: dict[str, tuple[str, str]] = {
@@ -142,103 +140,6 @@ class _Collector:
             finding.examples.append(example)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_id(v: Any) -> bool:
-    return _is_int(v) or isinstance(v, str)
-
-
-def _has_size(img: dict) -> bool:
-    return all(_is_int(img.get(k)) and img[k] > 0 for k in ("height", "width"))
-
-
-def _records(data: dict, key: str, ann_file: Path) -> list:
-    value = data.get(key, [])
-    if not isinstance(value, list):
-        raise InputError(f"{ann_file}: '{key}' should be a list")
-    return value
-
-
-def _duplicates(ids: Iterable[Any], kind: str, what: str, out: _Collector) -> None:
-    for value, n in Counter(ids).items():
-        if n > 1:
-            out.add(kind, f"{what} id {value!r}: {n} records")
-
-
-def _check_image_records(images: list, out: _Collector) -> dict[Any, dict]:
-    """Image records by id (the first of duplicates); reports malformed ones."""
-    by_id: dict[Any, dict] = {}
-    for i, img in enumerate(images):
-        if not isinstance(img, dict):
-            out.add("bad_record", f"images[{i}]: not an object")
-            continue
-        problems = [] if _is_id(img.get("id")) else ["id"]
-        problems += [] if isinstance(img.get("file_name"), str) else ["file_name"]
-        problems += [k for k in ("height", "width") if not (_is_int(img.get(k)) and img[k] > 0)]
-        if problems:
-            out.add("bad_record", f"images[{i}] (id {img.get('id')!r}): missing or invalid "
-                                  f"{', '.join(problems)}")  # fmt: skip
-        if _is_id(img.get("id")):
-            by_id.setdefault(img["id"], img)
-    _duplicates((img["id"] for img in images if isinstance(img, dict) and _is_id(img.get("id"))),
-                "duplicate_image_id", "image", out)  # fmt: skip
-    return by_id
-
-
-def _check_box(ann: dict, img: Optional[dict], out: _Collector, origin: Optional[str] = None) -> None:
-    x, y, w, h = ann["bbox"]
-    name = origin or f"annotation {ann['id']!r} (image {ann['image_id']!r})"
-    where = f"{name}: bbox {ann['bbox']}"
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        out.add("nonfinite_box", where)
-        return
-    if w <= 0 or h <= 0:
-        out.add("degenerate_box", where)
-        return
-    if w < 1 or h < 1:
-        out.add("tiny_box", where)
-    if img is None or not _has_size(img):
-        return
-    width, height = img["width"], img["height"]
-    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
-        out.add("box_outside", f"{where}, image {width}x{height} (WxH)")
-    elif min(x, y) < -EDGE_TOL or x + w > width + EDGE_TOL or y + h > height + EDGE_TOL:
-        out.add("box_partly_outside", f"{where}, image {width}x{height} (WxH)")
-
-
-def _check_annotations(anns: list, images: dict, cat_ids: set, out: _Collector,
-                       origins: Optional[dict] = None) -> set:  # fmt: skip
-    """Reports annotation problems; returns the image ids that have at least one annotation.
-    ``origins`` (annotation id -> where it is written) names the boxes of a VOC / YOLO folder."""
-    annotated = set()
-    for i, ann in enumerate(anns):
-        if not isinstance(ann, dict):
-            out.add("bad_record", f"annotations[{i}]: not an object")
-            continue
-        bbox = ann.get("bbox")
-        problems = [k for k in ("id", "image_id", "category_id") if not _is_id(ann.get(k))]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(is_number, bbox))):
-            problems.append("bbox (4 numbers)")
-        if problems:
-            out.add("bad_record", f"annotations[{i}] (id {ann.get('id')!r}): missing or invalid "
-                                  f"{', '.join(problems)}")  # fmt: skip
-            continue
-        img = images.get(ann["image_id"])
-        if img is None:
-            out.add("unknown_image_id", f"annotation {ann['id']!r}: image_id {ann['image_id']!r}")
-        else:
-            annotated.add(ann["image_id"])
-        if ann["category_id"] not in cat_ids:
-            out.add("unknown_category", f"annotation {ann['id']!r} (image {ann['image_id']!r}): "
-                                        f"category_id {ann['category_id']!r}")  # fmt: skip
-        _check_box(ann, img, out, (origins or {}).get(ann["id"]))
-    _duplicates((a["id"] for a in anns if isinstance(a, dict) and _is_id(a.get("id"))),
-                "duplicate_annotation_id", "annotation", out)  # fmt: skip
-    return annotated
-
-
 def inspect_image(path: Path, decode: bool = True) -> tuple[str, str, Optional[tuple[int, int]]]:
     """(status, reason, (width, height)) of one file: status "ok", "missing" or "unreadable"."""
     try:
@@ -273,7 +174,7 @@ def _check_files(images: list, image_dir: Path, out: _Collector, decode: bool, w
                 out.add("missing_file", where)
             elif status == "unreadable":
                 out.add("unreadable_image", f"{where}: {reason}")
-            elif _has_size(img) and size != (img["width"], img["height"]):
+            elif has_size(img) and size != (img["width"], img["height"]):
                 out.add("size_mismatch", f"{where} is {size[0]}x{size[1]} (WxH), {said_by} says "
                                          f"{img['width']}x{img['height']}")  # fmt: skip
 
@@ -302,37 +203,25 @@ def check_dataset(ann_file: str | Path, image_dir: str | Path, max_examples: int
     return CheckReport(ann_file, image_dir, *sizes, out.findings)
 
 
-def _check_categories(cats: list, out: _Collector) -> list:
-    """The valid category ids of ``cats``; ids missing, invalid or repeated and names missing
-    or repeated into ``out``."""
-    for i, cat in enumerate(cats):
-        if not (isinstance(cat, dict) and _is_id(cat.get("id"))):
-            out.add("bad_record", f"categories[{i}]: missing or invalid id")
-    cat_ids = [c["id"] for c in cats if isinstance(c, dict) and _is_id(c.get("id"))]
-    _duplicates(cat_ids, "duplicate_category_id", "category", out)
-    names = Counter(c.get("name") for c in cats if isinstance(c, dict) and isinstance(c.get("name"), str))
-    for i, cat in enumerate(cats):
-        if isinstance(cat, dict) and not (isinstance(cat.get("name"), str) and cat["name"].strip()):
-            out.add("category_name", f"categories[{i}] (id {cat.get('id')!r}): no name; "
-                                     f"the class is shown as its id")
-    for name, n in names.items():
-        if n > 1:
-            out.add("category_name", f"{n} categories are named {name!r}: their classes cannot be "
-                                     f"told apart in results")
-    return cat_ids
+def _records(data: dict, key: str, ann_file: Path) -> list:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise InputError(f"{ann_file}: '{key}' should be a list")
+    return value
 
 
 def _check_coco(data: dict, ann_file: Path, image_dir: Path, out: _Collector, decode: bool,
                 workers: Optional[int], progress: bool, origins: Optional[dict] = None,
-                said_by: str = "the json", check_categories: bool = True) -> tuple[int, int, int]:  # fmt: skip
+                said_by: str = "the json", report_categories: bool = True
+                ) -> tuple[int, int, int]:  # fmt: skip
     """Every problem of one COCO dict (``ann_file`` names it in messages) into ``out``;
     (images, annotations, categories) counted."""
     images = data["images"]
     anns, cats = _records(data, "annotations", ann_file), _records(data, "categories", ann_file)
-    by_id = _check_image_records(images, out)
+    by_id = check_image_records(images, out.add)
     # the splits of a folder share one category list: its problems are reported once
-    cat_ids = _check_categories(cats, out if check_categories else _Collector(0))
-    annotated = _check_annotations(anns, by_id, set(cat_ids), out, origins)
+    cat_ids = check_categories(cats, out.add if report_categories else lambda kind, example: None)
+    annotated = check_annotations(anns, by_id, set(cat_ids), out.add, origins)
     for image_id, img in by_id.items():
         if image_id not in annotated:
             out.add("image_without_annotations", f"image {image_id!r}: {img.get('file_name')}")
@@ -359,7 +248,7 @@ def check_folder(root: str | Path, fmt: Literal["auto", "voc", "yolo"] = "auto",
     for i, (split, data) in enumerate(folder.splits.items()):
         n_images, n_anns, _ = _check_coco(data, folder.root, folder.image_dirs[split], out, decode,
                                           workers, progress, folder.origins[split], "its annotation",
-                                          check_categories=i == 0)  # fmt: skip
+                                          report_categories=i == 0)  # fmt: skip
         totals[0] += n_images
         totals[1] += n_anns
     image_dir = next(iter(folder.image_dirs.values()), folder.root)
