@@ -92,9 +92,11 @@ def recipe_config(spec: RaceSpec) -> Config:
                                      *spec.overrides])
 
 
-def same_overrides(recipe: Config, num_train: int, depth: Optional[int] = None) -> list[str]:
+def same_overrides(recipe: Config, num_train: int, depth: Optional[int] = None,
+                   num_classes: Optional[int] = None) -> list[str]:
     """``--set`` keys for (a): torchvision's v1 architecture, loss and preprocessing with the solver
-    of torchvision's detection references, at the recipe's image size, batch, precision and data.
+    of torchvision's detection references, at the recipe's image size, batch, precision and data
+    (with ``num_classes``: the photos' class count).
 
     References' solver (``references/detection/train.py``): SGD, momentum 0.9, weight decay 1e-4,
     lr 0.01 at 16 images scaled linearly to the batch, warm-up from 1/1000 over
@@ -115,6 +117,8 @@ def same_overrides(recipe: Config, num_train: int, depth: Optional[int] = None) 
         f"solver.warmup_iters={max(min(1000, num_train // batch - 1), 1)}", "solver.warmup_factor=0.001",
         f"train.seed={recipe.train.seed}", f"eval.batch_size={recipe.eval.batch_size}",
         f"train.amp={recipe.train.amp}",
+        # the photos' class count (torchvision's config says COCO's 80)
+        *([f"model.num_classes={num_classes}"] if num_classes is not None else []),
     ]
 
 

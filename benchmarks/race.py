@@ -28,15 +28,15 @@ def run(spec: RaceSpec) -> list[Curve]:
     if unknown:
         raise ValueError(f"unknown contestants {sorted(unknown)}; choose from {', '.join(CONTESTANTS)}")
     recipe = recipe_config(spec)
-    num_train = len(CocoDetection(*dataset_source(recipe, "train")[:2]))
+    train_set = CocoDetection(*dataset_source(recipe, "train")[:2])
+    same = same_overrides(recipe, len(train_set), num_classes=train_set.num_classes)
     curves = []
     for name in spec.contestants:
         (spec.out / name).mkdir(parents=True, exist_ok=True)
         if name == "torchvision":
-            same = load_config(find_config(TV_SAME), same_overrides(recipe, num_train))
-            curve = run_torchvision(same, spec)
+            curve = run_torchvision(load_config(find_config(TV_SAME), same), spec)
         elif name == "retina-same":
-            curve = run_retina(name, TV_SAME, same_overrides(recipe, num_train), spec)
+            curve = run_retina(name, TV_SAME, same, spec)
         else:
             curve = run_retina(name, spec.recipe, [f"data.root={spec.root}", f"train.seed={spec.seed}",
                                                    *spec.overrides], spec)

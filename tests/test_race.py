@@ -80,6 +80,10 @@ def test_same_config_is_torchvision_architecture_and_solver_at_the_recipe_size()
     assert same.solver.schedule == "cosine" and same.data.root == "somewhere"
     assert same.train.amp == recipe.train.amp
     assert same.data.augment == type(same.data.augment)()  # flip only, as torchvision's references
+    # the photos' class count replaces the COCO 80 of torchvision's config when the race knows it
+    assert not any(o.startswith("model.num_classes=") for o in contestants.same_overrides(recipe, 160))
+    with_classes = contestants.same_overrides(recipe, 160, num_classes=3)
+    assert load_config(find_config(contestants.TV_SAME), with_classes).model.num_classes == 3
 
 
 def test_tiny_race_end_to_end(tmp_path):
