@@ -78,5 +78,5 @@ def test_trainer_logs_what_amp_auto_picked(shapes_root, tmp_path, monkeypatch, c
     cfg = tiny_config(shapes_root, solver={"max_iter": 1, "warmup_iters": 0},
                       train={"amp": "auto", "eval_at_end": False})
     trainer = Trainer(cfg, tmp_path / "run", device="cpu")
-    assert trainer.amp_dtype is None and not trainer.scaler.is_enabled()
+    assert trainer.amp_dtype is None and not trainer.state.scaler.is_enabled()
     assert "train.amp=auto: fp32 (this CPU" in capsys.readouterr().out

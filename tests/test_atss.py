@@ -162,7 +162,8 @@ def test_batched_with_padding_equals_the_box_by_box_reference():
 
 
 def test_config_builds_atss_and_a_training_step_learns_from_it():
-    cfg = load_config(find_config("shapes"), ["model.matcher.type=atss", "model.matcher.topk=4"])
+    cfg = load_config(find_config("shapes"), ["model.matcher.type=atss", "model.matcher.topk=4",
+                                                  "model.num_classes=3"])
     model = build_model(cfg, pretrained=False).train()
     assert isinstance(model.assigner.matcher, ATSSMatcher) and model.assigner.matcher.topk == 4
     images = [torch.rand(3, 96, 96) * 255]

@@ -1,6 +1,7 @@
 """Tests for retina.model.backbone: pretrained weights (a local .pth made here, torchvision weight
-names, one-line errors that name the file to place; no network is used) and the light trunks
-(MobileNetV3, ShuffleNetV2, RegNet)."""
+names, one-line errors that name the file to place; no network is used), the light trunks
+(MobileNetV3, ShuffleNetV2, RegNet) and the stages frozen when the trunk starts from trained
+weights (model.backbone.weights or model.init)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import torch
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
-from retina.config import load_config
+from retina.config import config_from_dict, load_config
+from retina.data import generate_shapes
+from retina.engine.checkpoint import save_checkpoint
+from retina.engine.train import Trainer
 from retina.model import build_model
 from retina.model.backbone import LightBackbone, ResNetBackbone, WeightsError
+from tinyrun import TINY_DATA, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,7 @@ def resnet18_file(tmp_path_factory):
 
 def test_local_pth_loads_every_tensor(resnet18_file):
     path, state = resnet18_file
-    backbone = ResNetBackbone(18, str(path))
+    backbone = ResNetBackbone(18, str(path), freeze_at=2)
     assert torch.equal(backbone.stem[0].weight, state["conv1.weight"])
     assert torch.equal(backbone.stem[1].running_var, state["bn1.running_var"])
     assert torch.equal(backbone.res5[1].conv2.weight, state["layer4.1.conv2.weight"])
@@ -47,7 +52,7 @@ def test_local_pth_loads_every_tensor(resnet18_file):
 def test_local_pth_through_the_config(resnet18_file):
     path, state = resnet18_file
     cfg = load_config(None, ["model.backbone.depth=18", f"model.backbone.weights={path}",
-                             "model.fpn.channels=16", "model.head.num_convs=1"])
+                             "model.fpn.channels=16", "model.head.num_convs=1", "model.num_classes=3"])
     model = build_model(cfg)
     assert torch.equal(model.backbone.res3[0].conv1.weight, state["layer2.0.conv1.weight"])
 
@@ -134,7 +139,7 @@ def mobilenet_small_file(tmp_path_factory):
 
 def test_mobilenet_local_pth_loads_and_freezes(mobilenet_small_file):
     path, state = mobilenet_small_file
-    backbone = LightBackbone("mobilenet_v3_small", str(path))
+    backbone = LightBackbone("mobilenet_v3_small", str(path), freeze_at=2)
     assert torch.equal(backbone.features[0][0].weight, state["features.0.0.weight"])
     assert torch.equal(backbone.features[12][1].running_var, state["features.12.1.running_var"])
     assert isinstance(backbone.features[0][1], FrozenBatchNorm2d)
@@ -170,7 +175,7 @@ def test_mobilenet_weights_keep_its_batchnorm_eps(tmp_path):
         assert all(m.eps == 1e-5 for m in set_eps.modules() if isinstance(m, FrozenBatchNorm2d))
         assert not torch.allclose(set_eps(x)[2], ref)
     # the config's null reaches the trunk; ResNet's own eps is 1e-5
-    model = build_model(load_config(None, ["model.backbone.type=mobilenet_v3_small"]))
+    model = build_model(load_config(None, ["model.backbone.type=mobilenet_v3_small", "model.num_classes=3"]))
     assert {m.eps for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
     resnet = ResNetBackbone(18)
     assert {m.eps for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-5}
@@ -184,7 +189,7 @@ def test_shufflenet_local_pth_loads_into_frozen_batchnorm(tmp_path):
             m.running_var.uniform_(0.5, 2.0)
     path = tmp_path / "shufflenet.pth"
     torch.save(net.state_dict(), path)
-    backbone = LightBackbone("shufflenet_v2_x1_0", str(path), norm_eps=0.0)
+    backbone = LightBackbone("shufflenet_v2_x1_0", str(path), freeze_at=2, norm_eps=0.0)
     norms = [m for m in backbone.modules() if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))]
     assert norms and all(isinstance(m, FrozenBatchNorm2d) and m.eps == 0.0 for m in norms)
     assert torch.equal(backbone.features[0][1].running_var, net.conv1[1].running_var)
@@ -243,3 +248,51 @@ def test_mobilenet_depth_is_a_config_error():
     with pytest.raises(ConfigError, match="model.backbone.depth=18 does not apply to "
                                           "model.backbone.type=mobilenet_v3_small"):
         load_config(None, ["model.backbone.type=mobilenet_v3_small", "model.backbone.depth=18"])
+
+
+# ------------------------------------------------------------- frozen stages of a trained trunk
+STEM_AND_RES2 = ("stem", "res2")
+
+
+def test_freeze_at_applies_with_backbone_weights_or_init_and_only_then(resnet18_file, tmp_path):
+    # the trunk starts from trained weights through model.backbone.weights (read at the build) or
+    # model.init (a retina checkpoint loaded after it): freeze_at 2 freezes the stem and res2 in
+    # either case, and nothing without trained weights
+    path, _ = resnet18_file
+    base = ["model.backbone.depth=18", "model.fpn.channels=16", "model.head.num_convs=1", "model.num_classes=3"]
+    with_weights = build_model(load_config(None, base + [f"model.backbone.weights={path}"]))
+    with_init = build_model(config_from_dict({}, base + [f"model.init={tmp_path / 'never_read.pth'}",
+                                                         "model.backbone.freeze_at=2"]), pretrained=False)
+    plain = build_model(load_config(None, base))
+    for model in (with_weights, with_init):
+        trunk = model.backbone
+        assert not any(p.requires_grad for name in STEM_AND_RES2 for p in getattr(trunk, name).parameters())
+        assert all(p.requires_grad for p in trunk.res3.parameters())
+    assert all(p.requires_grad for p in plain.backbone.parameters())
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root, **TINY_DATA)
+    return root
+
+
+@pytest.mark.parametrize("freeze_at", [2, 0])
+def test_training_from_init_keeps_the_frozen_stem(shapes_root, tmp_path, freeze_at):
+    # torchvision's recipe from a converted COCO detector: --init, model.backbone.weights null,
+    # FrozenBN, freeze_at 2. Two AdamW steps (lr 0.002, no warmup) move every trained weight.
+    source = build_model(tiny_config(shapes_root, model={"num_classes": 3}), pretrained=False).state_dict()
+    init = save_checkpoint({"model": source, "class_names": ["circle", "square", "triangle"]},
+                           tmp_path / "detector.pth")
+    cfg = tiny_config(shapes_root, model={"num_classes": 3, "init": str(init),
+                                          "backbone": {"norm": "frozen_bn", "freeze_at": freeze_at}},
+                      solver={"max_iter": 2, "batch_size": 2, "warmup_iters": 0},
+                      train={"eval_at_end": False})
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+    trunk = trainer.model.backbone
+    assert torch.equal(trunk.stem[0].weight, source["backbone.stem.0.weight"])  # loaded from init
+    stem, res3 = trunk.stem[0].weight.detach().clone(), trunk.res3[0].conv1.weight.detach().clone()
+    trainer.train()
+    assert torch.equal(trunk.stem[0].weight, stem) is (freeze_at == 2)  # frozen: not one bit moves
+    assert not torch.equal(trunk.res3[0].conv1.weight, res3)  # res3 trains either way

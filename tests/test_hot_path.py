@@ -1,4 +1,4 @@
-"""The fast paths of issue 7: the fused focal loss (losses.py), the cache-blocked matcher
+"""The fast paths: the fused focal loss (losses/focal.py), the cache-blocked matcher
 (matcher.py) and the two-stage top-k (postprocess.py) give the results of the plain expressions."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import torch
 from torch.testing import assert_close
 from torchvision.ops import box_iou
 
-import retina.model.losses as losses
-import retina.model.matcher as matcher
+import retina.model.blocking as blocking
+from retina.config.schema import LossConfig
 from retina.model.box_coder import BoxCoder
-from retina.model.losses import focal_loss_per_image, sigmoid_focal_loss
+from retina.model.losses import retinanet_losses
+from retina.model.losses.focal import focal_loss_per_image, quality_focal_loss, sigmoid_focal_loss
 from retina.model.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
 from retina.model.postprocess import PostProcessor
 
@@ -46,7 +47,7 @@ def test_fused_focal_equals_sigmoid_focal_loss_values_and_gradients(monkeypatch,
     # The fused kernel that trains (_FocalLossPerImage) and the readable sigmoid_focal_loss are
     # one equation: equal on random logits with ignored (-1), background (K) and foreground
     # anchors, values and gradients, in fp32 and fp64 (the fused path computes in fp64 then).
-    monkeypatch.setattr(losses, "CPU_BLOCK", block)
+    monkeypatch.setattr(blocking, "CPU_BLOCK", block)
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(3, 40, 7, generator=g, dtype=dtype) * 5).requires_grad_()
     with torch.no_grad():
@@ -95,9 +96,9 @@ def test_retinanet_loss_focal_path_equals_plain_expression(normalizer):
     n, r, k = 2, 30, 4
     logits = torch.randn(n, r, k, generator=g, requires_grad=True)
     gt_classes = torch.randint(-1, k + 1, (n, r), generator=g)  # -1 ignored, 0..K-1 fg, K bg
-    settings = losses.LossSettings(type="focal", normalizer=normalizer)
-    out = losses.retinanet_losses(logits, torch.zeros(n, r, 4), gt_classes, torch.zeros(n, r, 4),
-                                  settings).losses["loss_cls"]
+    settings = LossConfig(type="focal", normalizer=normalizer)
+    out = retinanet_losses(logits, torch.zeros(n, r, 4), gt_classes, torch.zeros(n, r, 4),
+                           settings).losses["loss_cls"]
     per_image = reference_per_image(logits, gt_classes, (gt_classes >= 0).float(), 0.25, 2.0)
     pos = ((gt_classes >= 0) & (gt_classes < k)).sum(-1).float()  # (N,)
     ref = per_image.sum() / pos.sum().clamp(min=1) if normalizer == "batch" else \
@@ -127,7 +128,7 @@ def plain_match(gt, valid, anchors, crowd, fg=0.5, bg=0.4, low_quality=True):
 
 @pytest.mark.parametrize("block", [1, 37, 1 << 30])
 def test_blocked_matcher_equals_dense_expression(monkeypatch, block):
-    monkeypatch.setattr(matcher, "CPU_BLOCK", block)
+    monkeypatch.setattr(blocking, "CPU_BLOCK", block)
     g = torch.Generator().manual_seed(3)
     for _ in range(40):
         n, m, r = 2, 5, 30
@@ -201,11 +202,11 @@ def test_fused_quality_focal_equals_quality_focal_loss(dtype, gamma):
     weights = (gt_classes >= 0).to(dtype)
     out = focal_loss_per_image(x, gt_classes, weights, None, gamma, fg_targets=y)
     onehot = gt_classes[..., None] == torch.arange(5)  # (N, R, K)
-    ref = (losses.quality_focal_loss(x, onehot * y[..., None], gamma).sum(-1) * weights).sum(-1)
+    ref = (quality_focal_loss(x, onehot * y[..., None], gamma).sum(-1) * weights).sum(-1)
     assert_close(out, ref)
     (g_out,) = torch.autograd.grad(out, x, torch.tensor([1.0, 2.0], dtype=dtype))
     (g_ref,) = torch.autograd.grad(ref, x, torch.tensor([1.0, 2.0], dtype=dtype))
     assert_close(g_out, g_ref)
     # y in {0, 1}: QFL is FL without alpha
     t = onehot.to(dtype)
-    assert_close(losses.quality_focal_loss(x, t, gamma), sigmoid_focal_loss(x, t, None, gamma))
+    assert_close(quality_focal_loss(x, t, gamma), sigmoid_focal_loss(x, t, None, gamma))

@@ -11,7 +11,10 @@ import torch
 
 from retina.config import ConfigError, config_from_dict
 from retina.model import build_model
-from retina.model.losses import LossSettings, OhemSettings, focal_star_loss, ohem_select, retinanet_losses
+from retina.config.schema import LossConfig, OhemConfig
+from retina.model.losses import retinanet_losses
+from retina.model.losses.focal import focal_star_loss
+from retina.model.losses.ohem import ohem_select
 
 
 # ------------------------------------------------------------------------------------ OHEM
@@ -80,7 +83,7 @@ def test_focal_star_by_hand():
 
 def test_focal_star_in_retinanet_loss_is_normalised_by_positives():
     # 2 anchors, K = 1, logits 0: a0 positive, a1 negative; each FL* = log(1 + e^-1) / 2; 1 positive
-    out = _losses(torch.zeros(1, 2, 1), [[0, 1]], LossSettings(type="focal_star", alpha=None))
+    out = _losses(torch.zeros(1, 2, 1), [[0, 1]], LossConfig(type="focal_star", alpha=None))
     torch.testing.assert_close(out["loss_cls"], torch.tensor(2 * math.log(1 + math.exp(-1)) / 2))
 
 
@@ -90,8 +93,8 @@ def test_ohem_loss_normalizers_by_hand(normalizer, divisor):
     # negative (log 2), a2 negative (softplus(-10) = 4.5e-5). B = 2 keeps a0 and a1: summed CE
     # 2 log 2, divided by the 1 positive, or by the 2 kept (the minibatch mean).
     anchors = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]])
-    settings = LossSettings(type="ohem", alpha=None, gamma=0.0,
-                            ohem=OhemSettings(nms=0.5, batch_size=2, normalizer=normalizer))
+    settings = LossConfig(type="ohem", alpha=None, gamma=0.0,
+                          ohem=OhemConfig(nms=0.5, batch_size=2, normalizer=normalizer))
     out = _losses(torch.tensor([[[0.0], [0.0], [-10.0]]]), [[0, 1, 1]], settings, anchors)
     torch.testing.assert_close(out["loss_cls"], torch.tensor(2 * math.log(2) / divisor))
     torch.testing.assert_close(out["loss_box"], torch.tensor(0.0))

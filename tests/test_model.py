@@ -3,16 +3,25 @@ detections in original-image coordinates, head layout and init, FPN variants, pr
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from retina.config import load_config
-from retina.model import build_model
+from retina.config import config_to_dict, load_config
+from retina.config.schema import ModelConfig
+from retina.engine.checkpoint import save_checkpoint
+from retina.model import NOT_HANDED_ON, build_model, fields_of, with_test_time_augmentation
+from retina.model.anchors import AnchorGenerator
+from retina.model.backbone import FPN, LightBackbone, ResNetBackbone
+from retina.model.box_coder import BoxCoder
 from retina.model.head import RetinaHead, prior_bias, to_n_hwa_c
-from retina.model.postprocess import merge_mirrored
+from retina.model.matcher import Matcher
+from retina.model.postprocess import PostProcessor
+from retina.model.tta import HorizontalFlipTTA, merge_mirrored
 
 TINY = ["model.backbone.depth=18", "model.fpn.channels=32", "model.head.num_convs=1",
         "model.input.min_size=[64]", "model.num_classes=3"]
@@ -26,8 +35,9 @@ def tiny_model(*overrides: str, seed: int = 0):
 
 def images_and_targets():
     g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 40, 50, generator=g),  # upscaled: shorter side 40 -> 64
-              torch.rand(3, 100, 70, generator=g)]  # downscaled: shorter side 70 -> 64
+    # eval mode resizes them (training takes them as they are): 40 -> 64 on the shorter side
+    images = [torch.rand(3, 40, 50, generator=g),  # upscaled: 64 x 80
+              torch.rand(3, 100, 70, generator=g)]  # downscaled: 91 x 64
     targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 35.0]]), "labels": torch.tensor([2])},
                {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0], [0.0, 0.0, 20.0, 20.0]]),
                 "labels": torch.tensor([0, 1])}]
@@ -91,21 +101,75 @@ def test_eval_boxes_in_original_image_coordinates():
         assert_close(b[:, 3].max(), torch.tensor(float(h)))
 
 
-def test_hflip_tta_merges_the_detections_of_each_image_and_its_mirror():
+def test_hflip_tta_wraps_the_model_and_merges_each_image_with_its_mirror():
     images, _ = images_and_targets()
-    plain = tiny_model("model.inference.score_thresh=0.0").eval()
-    tta = tiny_model("model.inference.score_thresh=0.0", "model.inference.hflip_tta=true").eval()
+    cfg = load_config(None, TINY + ["model.inference.score_thresh=0.0", "model.inference.hflip_tta=true"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    tta = with_test_time_augmentation(model, cfg)
+    assert isinstance(tta, HorizontalFlipTTA) and tta.detector is model
+    assert (tta.nms_thresh, tta.detections_per_image) == (0.5, 100)  # the model's own NMS and cap
+    assert with_test_time_augmentation(model, load_config(None, TINY)) is model  # hflip_tta false
     with torch.no_grad():
         got = tta(images)
-        expected = merge_mirrored(plain(images), plain([im.flip(-1) for im in images]), [(40, 50), (100, 70)],
-                                  plain.postprocessor.nms_thresh, 100)  # fmt: skip
-        alone = plain(images)
+        alone = model(images)  # the model itself detects each image once, whatever the config
+        expected = merge_mirrored(alone, model([im.flip(-1) for im in images]), [(40, 50), (100, 70)],
+                                  0.5, 100)  # fmt: skip
     for g, e, a, image in zip(got, expected, alone, images):
         assert len(g["scores"]) == 100  # score_thresh 0: the cap decides
         for key in ("boxes", "scores", "labels"):
             assert_close(g[key], e[key], rtol=0, atol=1e-4)
         assert g["boxes"][:, 2].max() <= image.shape[-1]  # mapped back into the image
         assert not torch.equal(g["scores"], a["scores"])  # the mirror's detections are in
+    with pytest.raises(ValueError, match="eval mode"):
+        tta.train()(images)
+
+
+def test_eval_and_predict_load_the_tta_wrapper_when_the_config_asks(tmp_path):
+    from retina.deploy.runtime import load_detector
+
+    cfg = load_config(None, TINY)
+    path = save_checkpoint({"model": build_model(cfg, pretrained=False).state_dict(),
+                            "config": config_to_dict(cfg), "class_names": ["a", "b", "c"]}, tmp_path / "m.pth")
+    plain = load_detector(path)[0]
+    tta = load_detector(path, overrides=["model.inference.hflip_tta=true"])[0]
+    assert not isinstance(plain, HorizontalFlipTTA) and isinstance(tta, HorizontalFlipTTA)
+    assert not tta.training and not tta.detector.training
+
+
+# Each module's parameters that the factory fills from elsewhere (other sections, the build).
+OWN_ARGUMENTS = {FPN: {"in_channels"}, AnchorGenerator: {"strides", "sizes"},
+                 RetinaHead: {"channels", "num_anchors", "num_classes"}, BoxCoder: set(), Matcher: set(),
+                 PostProcessor: {"box_coder"}, ResNetBackbone: {"depth", "load_weights"},
+                 LightBackbone: {"arch", "load_weights"}}
+
+
+@pytest.mark.parametrize("section, module", [("fpn", FPN), ("anchors", AnchorGenerator), ("head", RetinaHead),
+                                             ("box_coder", BoxCoder), ("matcher", Matcher),
+                                             ("inference", PostProcessor), ("backbone", ResNetBackbone),
+                                             ("backbone", LightBackbone)])
+def test_each_config_section_reaches_its_module_by_field_name(section, module):
+    # one declaration per setting: every field of the section is one of the module's parameters
+    # (by name) and every parameter the build does not fill itself is a field of the section, so a
+    # new field cannot be left unread nor a parameter stay at its default
+    leaf = getattr(ModelConfig(), section)
+    params = set(inspect.signature(module).parameters) - OWN_ARGUMENTS[module]
+    assert set(fields_of(leaf, section)) == params
+    names = {f.name for f in dataclasses.fields(leaf)}
+    assert set(NOT_HANDED_ON.get(section, ())) <= names  # each field it keeps back exists
+
+
+def test_loss_and_input_sections_are_the_models_settings():
+    cfg = load_config(None, TINY + ["loss.gamma=1.5", "model.input.test_min_size=80"])
+    model = build_model(cfg)
+    assert model.loss_settings is cfg.loss and model.input_spec is cfg.model.input
+    assert model.loss_settings.gamma == 1.5 and model.eval_size == (80, 1333)  # test side 80, cap 1333
+    # the other sections by field name: a non-default value reaches the module
+    cfg = load_config(None, TINY + ["model.inference.topk_candidates=7", "model.matcher.bg_iou_thresh=0.3",
+                                    "model.anchors.offset=0.5", "model.box_coder.scale_clamp=3.0"])
+    model = build_model(cfg)
+    assert model.postprocessor.topk_candidates == 7 and model.assigner.matcher.bg_iou_thresh == 0.3
+    assert model.anchor_generator.offset == 0.5 and model.assigner.box_coder.scale_clamp == 3.0
 
 
 def test_class_bias_prior_and_head_channels():

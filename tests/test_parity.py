@@ -98,6 +98,21 @@ def converted(tv: nn.Module, variant: str):
     return model, cat_ids
 
 
+def at_training_size(model: nn.Module, images: list[torch.Tensor], targets: list[dict]
+                     ) -> tuple[list[torch.Tensor], list[dict]]:
+    """Images and targets resized as torchvision resizes in training (its one training size, by
+    ``model.input.resize``, bilinear, boxes scaled per axis): retina's model resizes nothing in
+    training, the data pipeline does."""
+    out_images, out_targets = [], []
+    for image, target in zip(images, targets, strict=True):
+        h, w = image.shape[-2:]
+        size = model.inference_size(h, w)  # one training size: the inference size
+        out_images.append(F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0])
+        ratio = torch.tensor([size[1] / w, size[0] / h] * 2)
+        out_targets.append({**target, "boxes": target["boxes"] * ratio})
+    return out_images, out_targets
+
+
 def assert_same_detections(ref: list[dict], out: list[dict], cat_ids: list[int]) -> None:
     for r, o in zip(ref, out, strict=True):
         assert len(r["boxes"]) == 300  # capped at detections_per_img: the cap is compared too
@@ -171,7 +186,7 @@ def test_losses_equal_torchvision_v1(v1):
     tv_targets = [{"boxes": t["boxes"], "labels": slot[t["labels"]]} for t in TARGETS]
     with torch.no_grad():
         ref = tv(_images(), tv_targets)
-        out = model(_images(), copy.deepcopy(TARGETS))
+        out = model(*at_training_size(model, _images(), copy.deepcopy(TARGETS)))
     assert_close(out["loss_cls"], ref["classification"], atol=1e-4, rtol=0)
     assert_close(out["loss_box"], ref["bbox_regression"], atol=1e-4, rtol=0)
 
@@ -182,7 +197,7 @@ def test_classification_loss_equals_torchvision_v2(v2):
     tv.train(), model.train()  # BatchNorm2d: batch statistics in both
     with torch.no_grad():
         ref = tv(_images(), copy.deepcopy(TARGETS))
-        out = model(_images(), copy.deepcopy(TARGETS))
+        out = model(*at_training_size(model, _images(), copy.deepcopy(TARGETS)))
     assert_close(out["loss_cls"], ref["classification"], atol=1e-4, rtol=0)
 
 
@@ -283,7 +298,7 @@ def test_stride_from_image_hand_values():
 
 
 def test_torchvision_resize_floors_and_round_rounds():
-    tiny = ["model.backbone.depth=18", "model.fpn.channels=32", "model.head.num_convs=1",
+    tiny = ["model.num_classes=3", "model.backbone.depth=18", "model.fpn.channels=32", "model.head.num_convs=1",
             "model.input.min_size=[160]", "model.input.max_size=256"]
     img = torch.rand(3, 150, 190)  # 190 * 160 / 150 = 202.67
     rounded = build_model(load_config(None, tiny)).eval()
@@ -307,7 +322,7 @@ def test_p6_from_c5_numerically():
 
 
 def test_norm_eps_and_conv_bias_options():
-    base = ["model.backbone.depth=18", "model.fpn.channels=32", "model.head.num_convs=2",
+    base = ["model.num_classes=3", "model.backbone.depth=18", "model.fpn.channels=32", "model.head.num_convs=2",
             "model.head.norm=gn", "model.backbone.norm=frozen_bn"]
     model = build_model(load_config(None, base + ["model.backbone.norm_eps=0.0",
                                                   "model.head.conv_bias=false"]))

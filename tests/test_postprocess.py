@@ -11,7 +11,8 @@ from torch.testing import assert_close
 from torchvision.ops import batched_nms
 
 from retina.model.box_coder import BoxCoder
-from retina.model.postprocess import PostProcessor, grouped_nms, merge_mirrored, scored_candidates
+from retina.model.postprocess import PostProcessor, grouped_nms, scored_candidates
+from retina.model.tta import merge_mirrored
 
 NEG = -20.0  # sigmoid(-20) ~ 2e-9: far below any threshold
 

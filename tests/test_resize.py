@@ -1,5 +1,6 @@
 """Tests for retina.model.resize (the one resize rule) and for who applies it: the data
-pipeline for training, the model at inference, with no draw outside the seeded sample stream."""
+pipeline for training (the model takes training images as they arrive), the model at inference
+(``inference_size``), with no draw outside the seeded sample stream."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_axis_scale_follows_the_rounded_size():
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 2000), st.integers(1, 2000), st.integers(8, 1000), st.integers(8, 2000))
 def test_a_resized_image_is_kept_as_it_is(height, width, min_size, max_size):
-    # the law the model relies on: what the pipeline's resize gives, the same rule leaves alone
+    # the rule is idempotent: what it gives, it leaves alone (a resized image is at its size)
     once = resized_size(height, width, min_size, max_size)
     assert resized_size(*once, min_size, max_size) == once
 
@@ -75,21 +76,27 @@ def test_training_with_several_sizes_keeps_the_pipelines_size_and_draws_nothing(
             assert torch.equal(new["boxes"], t["boxes"])
 
 
-def test_training_refuses_an_image_at_no_training_size():
-    model = model_at("model.input.min_size=[64,96]").train()
-    image = torch.zeros(3, 90, 118, dtype=torch.uint8)  # shorter side 90: neither 64 nor 96
-    target = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
-    with pytest.raises(ValueError, match=r"90x118 .* none of the training sizes .*\[64, 96\]"):
-        model([image], target)
-
-
-def test_training_with_one_size_resizes_a_raw_image():
-    # nothing to choose: 90 x 118 to 64: s = 64 / 90; 118 * 64 / 90 = 83.9 -> 84
-    model = model_at("model.input.min_size=[64]").train()
+@pytest.mark.parametrize("sizes", ["[64]", "[64,96]"])
+def test_training_takes_each_image_at_the_size_it_arrives(sizes):
+    # the training size is the data pipeline's: the model resizes nothing in training, with one
+    # training size or several, and guesses nothing about what the pipeline did
+    model = model_at(f"model.input.min_size={sizes}").train()
     target = [{"boxes": torch.tensor([[0.0, 0.0, 118.0, 90.0]]), "labels": torch.tensor([0])}]
-    _, sizes, _, new = model.preprocess([torch.zeros(3, 90, 118, dtype=torch.uint8)], target)
-    assert sizes == [(64, 84)]
-    assert_close(new[0]["boxes"], torch.tensor([[0.0, 0.0, 84.0, 64.0]]))  # the edges stay on the edges
+    _, image_sizes, scales, new = model.preprocess([torch.zeros(3, 90, 118, dtype=torch.uint8)], target)
+    assert image_sizes == [(90, 118)] and scales == [1.0]  # 90 is none of the training sizes
+    assert torch.equal(new[0]["boxes"], target[0]["boxes"])
+    losses = model([torch.zeros(3, 90, 118, dtype=torch.uint8)], target)
+    assert torch.isfinite(losses["loss_cls"])
+
+
+def test_the_pipeline_resizes_a_raw_training_image():
+    # 90 x 118 to 64: s = 64 / 90; 118 * 64 / 90 = 83.9 -> 84; the boxes by the same per-axis factors
+    from retina.data.transforms import resize
+
+    target = {"boxes": torch.tensor([[0.0, 0.0, 118.0, 90.0]]), "labels": torch.tensor([0])}
+    image, new = resize(torch.zeros(3, 90, 118, dtype=torch.uint8), target, 64, 200)
+    assert image.shape == (3, 64, 84)
+    assert_close(new["boxes"], torch.tensor([[0.0, 0.0, 84.0, 64.0]]))  # the edges stay on the edges
 
 
 def test_eval_resizes_to_the_test_size_and_maps_back():
@@ -107,8 +114,8 @@ def test_test_size_keys_set_the_inference_size_only():
                      "model.input.test_max_size=100").eval()
     image = torch.randint(0, 256, (3, 150, 190), dtype=torch.uint8)
     # s = min(80 / 150, 100 / 190) = 0.5263 (the cap binds): 150 * 0.5263 = 78.95 -> 79, 100
-    assert model.input_spec.eval_size == (80, 100)
-    assert model.preprocess([image])[1] == [(79, 100)]
+    assert model.eval_size == (80, 100)
+    assert model.inference_size(150, 190) == (79, 100) and model.preprocess([image])[1] == [(79, 100)]
     # training keeps the training sizes: an image at min_size 64 (cap 200) is left as it is
     assert model.train().preprocess([torch.rand(3, 64, 81)])[1] == [(64, 81)]
     assert eval_size((64, 96), 200, None, None) == (96, 200)  # unset: the last training size

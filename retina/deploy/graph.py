@@ -72,9 +72,10 @@ class DetectorGraph(nn.Module):
         self.model = model.eval()
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        m, spec = self.model, self.model.input_spec
+        m = self.model
         h, w = images.shape[2], images.shape[3]
-        size = resized_size_tensor(torch.tensor(h), torch.tensor(w), *spec.eval_size, spec.resize)  # (2,)
+        size = resized_size_tensor(torch.tensor(h), torch.tensor(w), *m.eval_size,
+                                   m.input_spec.resize)  # (2,): m.inference_size, in tensors
         # data-dependent ints for F.interpolate: the rule's float64 rounding is not shape arithmetic
         rh, rw = size[0].item(), size[1].item()
         torch._check(rh >= 1)

@@ -207,11 +207,14 @@ def load_detector(weights: str | Path, device: torch.device | str = "cpu", overr
                   cfg=None):
     """``(detector, config, class_names, cat_ids)`` of what ``--weights`` names, for inference
     (``retina eval``, ``predict``, ``analyze errors``): an exported file run by its runtime, or a
-    checkpoint as ``inference_model`` makes it (BatchNorm folded, memory format chosen)."""
+    checkpoint as ``inference_model`` makes it (BatchNorm folded, memory format chosen), wrapped
+    for test-time augmentation when the config asks for it (``with_test_time_augmentation``; an
+    exported file has none, and its config cannot ask: ``BUILT_IN``)."""
     from retina.deploy.fuse import inference_model
     from retina.engine.checkpoint import load_model
+    from retina.model import with_test_time_augmentation
 
     if is_exported(weights):  # retina export's .onnx / .pt2: config and classes inside
         return load_exported(weights, device, overrides, cfg)
     model, cfg, class_names, cat_ids = load_model(weights, device, tuple(overrides), cfg)
-    return inference_model(model), cfg, class_names, cat_ids
+    return with_test_time_augmentation(inference_model(model), cfg), cfg, class_names, cat_ids

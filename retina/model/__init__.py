@@ -1,61 +1,102 @@
-"""``build_model(cfg)``: the one place that reads the model, loss and input config."""
+"""``build_model(cfg)``: the one place that reads the model, loss and input config; and
+``with_test_time_augmentation(model, cfg)``, what eval and predict run.
+
+Each config section is declared once (``retina.config.schema``). The loss and input sections are
+handed to the model as they are; the other sections reach their module's constructor by field
+name (``fields_of``), so a field the module does not take fails the build instead of being left
+unread, and ``tests/test_model.py`` holds each constructor's parameters equal to its section's
+fields.
+"""
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+from typing import Any
 
+import torch
+from torch import nn
+
+from retina.config import Config, ConfigError
+from retina.config.schema import ModelConfig
+from retina.model.anchors import AnchorGenerator, default_sizes
 from retina.model.assigner import TargetAssigner
 from retina.model.atss import ATSSMatcher
+from retina.model.backbone import FPN, LightBackbone, ResNetBackbone, Trunk
 from retina.model.box_coder import BoxCoder
-from retina.config import Config
-from retina.model.losses import FocalStarSettings, LossSettings, OhemSettings
-from retina.model.matcher import Matcher
-from retina.model.anchors import AnchorGenerator, default_sizes
-from retina.model.backbone import FPN, LightBackbone, ResNetBackbone
 from retina.model.head import RetinaHead
-from retina.model.retinanet import InputSpec, RetinaNet
+from retina.model.matcher import Matcher
 from retina.model.postprocess import PostProcessor
+from retina.model.retinanet import RetinaNet
+from retina.model.tta import HorizontalFlipTTA
 
-__all__ = ["build_model", "RetinaNet"]
+__all__ = ["build_model", "with_test_time_augmentation", "RetinaNet"]
+
+# The fields of each section that the factory reads itself instead of handing them on: the
+# choices (which class), what one variant alone reads, and what another part decides.
+NOT_HANDED_ON = {
+    "backbone": ("type", "depth"),  # the trunk's class and a ResNet's depth
+    "anchors": ("sizes",),  # empty means 4 x stride: ``default_sizes``
+    "matcher": ("type", "topk"),  # ATSS takes topk; the IoU matcher the rest
+    "inference": ("hflip_tta",),  # ``with_test_time_augmentation``
+}
+
+
+def fields_of(section: Any, name: str = "") -> dict[str, Any]:
+    """The fields of a config section by name, less ``NOT_HANDED_ON[name]``: the keyword
+    arguments of the module whose parameters carry the same names."""
+    skip = NOT_HANDED_ON.get(name, ())
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name not in skip}
+
+
+def trunk_is_pretrained(m: ModelConfig) -> bool:
+    """Whether the trunk starts from trained weights: ``model.backbone.weights`` (read at the
+    build) or ``model.init`` (a retina checkpoint loaded after it). ``freeze_at`` applies then."""
+    return m.backbone.weights is not None or m.init is not None
+
+
+def build_trunk(m: ModelConfig, pretrained: bool = True) -> Trunk:
+    """The bottom-up pathway ``m.backbone`` names, its first ``freeze_at`` stages frozen when it
+    starts from trained weights (``trunk_is_pretrained``); ``pretrained`` as ``build_model``'s."""
+    b = m.backbone
+    kwargs = {**fields_of(b, "backbone"), "freeze_at": b.freeze_at if trunk_is_pretrained(m) else 0,
+              "load_weights": pretrained}
+    if b.type == "resnet":
+        return ResNetBackbone(b.depth, **kwargs)
+    return LightBackbone(b.type, **kwargs)
 
 
 def build_model(cfg: Config, pretrained: bool = True) -> RetinaNet:
     """The model ``cfg`` describes. ``pretrained=False`` builds the same architecture (norm
-    layers and frozen stages as ``model.backbone.weights`` implies) without fetching or reading
-    those weights: for a model whose every tensor then comes from a checkpoint."""
+    layers and frozen stages as ``model.backbone.weights`` and ``model.init`` imply) without
+    fetching or reading those weights: for a model whose every tensor then comes from a checkpoint.
+    ``model.num_classes`` must be resolved (not null)."""
     m = cfg.model
-    b = m.backbone
-    if b.type == "resnet":
-        backbone = ResNetBackbone(b.depth, b.weights, b.norm, b.freeze_at, b.norm_eps, load_weights=pretrained)
-    else:
-        backbone = LightBackbone(b.type, b.weights, b.norm, b.freeze_at, b.norm_eps, load_weights=pretrained)
-    fpn = FPN(backbone.out_channels, m.fpn.channels, m.fpn.min_level, m.fpn.max_level, m.fpn.p6_from)
-    levels = range(m.fpn.min_level, m.fpn.max_level + 1)
+    if m.num_classes is None:  # null means the train set's: whoever reads the data resolves it
+        raise ConfigError("model.num_classes is null (the train set's): build the model from a config "
+                          "whose class count is resolved, or set model.num_classes")
+    backbone = build_trunk(m, pretrained)
+    fpn = FPN(backbone.out_channels, **fields_of(m.fpn))
+    strides = [2**lvl for lvl in range(m.fpn.min_level, m.fpn.max_level + 1)]
     sizes = m.anchors.sizes or default_sizes(m.fpn.min_level, m.fpn.max_level)
-    anchors = AnchorGenerator([2**lvl for lvl in levels], sizes, m.anchors.scales, m.anchors.ratios,
-                              m.anchors.offset, m.anchors.stride_from, order=m.anchors.order,
-                              truncate_sizes=m.anchors.truncate_sizes,
-                              round_corners=m.anchors.round_corners)
-    head = RetinaHead(m.fpn.channels, anchors.num_anchors, m.num_classes, m.head.num_convs,
-                      m.head.norm, m.head.prior_prob, m.head.conv_bias)
-    box_coder = BoxCoder(m.box_coder.weights, m.box_coder.scale_clamp)
+    anchors = AnchorGenerator(strides, sizes, **fields_of(m.anchors, "anchors"))
+    head = RetinaHead(m.fpn.channels, anchors.num_anchors, m.num_classes, **fields_of(m.head))
+    box_coder = BoxCoder(**fields_of(m.box_coder))
     if m.matcher.type == "atss":
         matcher = ATSSMatcher(m.matcher.topk, anchors.num_anchors, m.matcher.bg_iou_thresh)
     else:
-        matcher = Matcher(m.matcher.fg_iou_thresh, m.matcher.bg_iou_thresh, m.matcher.allow_low_quality)
-    lc = cfg.loss
-    loss = LossSettings(
-        type=lc.type, alpha=lc.alpha, gamma=lc.gamma, box_loss=lc.box_loss, smooth_l1_beta=lc.smooth_l1_beta,
-        box_weight=lc.box_weight, normalizer=lc.normalizer, ema_momentum=lc.ema_momentum,
-        ohem=OhemSettings(nms=lc.ohem.nms, batch_size=lc.ohem.batch_size, ratio=lc.ohem.ratio,
-                          normalizer=lc.ohem.normalizer),
-        focal_star=FocalStarSettings(gamma=lc.focal_star.gamma, beta=lc.focal_star.beta))
-    post = PostProcessor(box_coder, m.inference.score_thresh, m.inference.topk_candidates,
-                         m.inference.nms_thresh, m.inference.detections_per_image, m.inference.hflip_tta)
-    spec = InputSpec(m.input.min_size, m.input.max_size, m.input.pixel_mean, m.input.pixel_std,
-                     m.input.size_divisibility, m.input.resize, m.input.test_min_size, m.input.test_max_size)
+        matcher = Matcher(**fields_of(m.matcher, "matcher"))
+    post = PostProcessor(box_coder, **fields_of(m.inference, "inference"))
     model = RetinaNet(backbone, fpn, head, anchors, TargetAssigner(matcher, box_coder, m.num_classes),
-                      loss, post, spec, m.channels_last)
+                      cfg.loss, post, m.input, m.channels_last)
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def with_test_time_augmentation(model: nn.Module, cfg: Config) -> nn.Module:
+    """What eval and predict run: ``model`` itself, or wrapped in ``HorizontalFlipTTA`` when
+    ``model.inference.hflip_tta`` is set (merged at the model's NMS threshold and cap)."""
+    inference = cfg.model.inference
+    if not inference.hflip_tta:
+        return model
+    return HorizontalFlipTTA(model, inference.nms_thresh, inference.detections_per_image)

@@ -8,7 +8,7 @@ shares them (images are padded to one size).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -51,12 +51,13 @@ class AnchorGenerator(nn.Module):
 
     ``stride_from="image"`` spaces each level's anchors by (padded image size // feature size)
     per axis instead of its nominal stride, as torchvision does; ``forward`` then needs the
-    padded image size. ``cell_options`` go to ``cell_anchors`` (order, truncation, rounding).
+    padded image size. ``order``, ``truncate_sizes`` and ``round_corners`` go to ``cell_anchors``.
     """
 
     def __init__(self, strides: Sequence[int], sizes: Sequence[float], scales: Sequence[float],
                  ratios: Sequence[float], offset: float = 0.0, stride_from: str = "level",
-                 **cell_options: Any) -> None:
+                 order: str = "scale_major", truncate_sizes: bool = False,
+                 round_corners: bool = False) -> None:
         super().__init__()
         if len(strides) != len(sizes):
             raise ValueError(f"need one anchor size per level: {len(sizes)} sizes, {len(strides)} levels")
@@ -66,7 +67,8 @@ class AnchorGenerator(nn.Module):
         self.offset = offset
         self.stride_from = stride_from
         self.num_anchors = len(scales) * len(ratios)  # A
-        self.cell = [cell_anchors(s, scales, ratios, **cell_options) for s in sizes]  # each (A, 4)
+        self.cell = [cell_anchors(s, scales, ratios, order, truncate_sizes, round_corners)
+                     for s in sizes]  # each (A, 4)
         self._cache: dict[tuple, Tensor] = {}
 
     def _level_strides(self, level: int, height: int, width: int,

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from retina.model.losses import pairwise_matched_iou
+from retina.model.boxes import pairwise_matched_iou
 from retina.model.matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
 
 # The authors' margin: a centre on the box's edge is not inside it.

@@ -89,13 +89,15 @@ class Trunk(nn.Module):
 class ResNetBackbone(Trunk):
     """Returns C3, C4, C5 of a torchvision ResNet.
 
-    ``weights`` (pretrained, see ``_load_state_dict``) also decide the architecture: ``norm="auto"``
-    means FrozenBatchNorm with them, and ``freeze_at`` stages stop training. ``load_weights=False``
-    keeps those decisions but neither fetches nor reads the weights (a checkpoint fills them).
+    ``weights`` (pretrained, see ``_load_state_dict``) also decide the norm: ``norm="auto"``
+    means FrozenBatchNorm with them. ``load_weights=False`` keeps that decision but neither
+    fetches nor reads the weights (a checkpoint fills them). The first ``freeze_at`` stages
+    (``stages``) stop training; whether a trunk's stages are pretrained, so frozen, is
+    ``build_model``'s decision (``model.backbone.weights`` or ``model.init``).
     """
 
     def __init__(self, depth: int, weights: str | None = None, norm: str = "auto",
-                 freeze_at: int = 2, norm_eps: float | None = None, load_weights: bool = True) -> None:
+                 freeze_at: int = 0, norm_eps: float | None = None, load_weights: bool = True) -> None:
         super().__init__()
         eps = 1e-5 if norm_eps is None else norm_eps  # None: torchvision's ResNet eps
         norm_layer = partial(_norm_class(norm, weights), eps=eps)
@@ -105,9 +107,7 @@ class ResNetBackbone(Trunk):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.res2, self.res3, self.res4, self.res5 = net.layer1, net.layer2, net.layer3, net.layer4
         self.out_channels = RESNET_CHANNELS[depth]
-        if weights is not None:
-            # Stem and res2 stay at their ImageNet values (detectron2's FREEZE_AT=2).
-            self.freeze(freeze_at)
+        self.freeze(freeze_at)
 
     @property
     def stages(self) -> list[nn.Module]:
@@ -157,7 +157,7 @@ class LightBackbone(Trunk):
     ``weights``, ``norm``, ``freeze_at`` and ``load_weights`` as ``ResNetBackbone``'s; its
     stages are the layers of output stride <= 2, 4, 8, 16, 32."""
 
-    def __init__(self, arch: str, weights: str | None = None, norm: str = "auto", freeze_at: int = 2,
+    def __init__(self, arch: str, weights: str | None = None, norm: str = "auto", freeze_at: int = 0,
                  norm_eps: float | None = None, load_weights: bool = True) -> None:
         super().__init__()
         net, self.features, classifier = _light_layers(arch)
@@ -170,8 +170,7 @@ class LightBackbone(Trunk):
         strides, channels = _probe(self.features)  # one per layer
         self._stage_ends = [max(i for i, s in enumerate(strides) if s <= 2**k) for k in range(1, 6)]
         self.out_channels = tuple(channels[i] for i in self._stage_ends[2:])
-        if weights is not None:
-            self.freeze(freeze_at)
+        self.freeze(freeze_at)
 
     @property
     def stages(self) -> list[nn.Module]:

@@ -12,6 +12,8 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
+from retina.model.blocking import block_rows
+
 IGNORE, BACKGROUND, FOREGROUND = -1, 0, 1
 
 
@@ -22,11 +24,6 @@ class AnchorMatcher(Protocol):
 
     def __call__(self, gt_boxes: Tensor, gt_valid: Tensor, anchors: Tensor, gt_crowd: Tensor | None = None,
                  num_per_level: Sequence[int] | None = None) -> tuple[Tensor, Tensor]: ...
-
-
-# Elements of one (N, M, R_block) IoU block on the CPU: the temporaries stay in cache (reused
-# scratch) instead of being fresh (N, M, R) allocations. Other devices take one block.
-CPU_BLOCK = 1 << 20
 
 
 def _signed_iou(gt_boxes: Tensor, anchor_coords: Tensor, sign: Tensor, scratch: Tensor) -> Tensor:
@@ -89,7 +86,7 @@ class Matcher:
         lowest = anchors.new_empty((n, r))  # (N, R) signed min over M: -(best crowd IoU)
         best_per_gt = anchors.new_full((n, m), -1.0)  # (N, M) signed best over R
         coords = anchors.t().contiguous()  # (4, R)
-        step = min(max(1, CPU_BLOCK // (n * m)), r) if anchors.device.type == "cpu" else r
+        step = block_rows(r, n * m, anchors.device)  # anchors per (N, M, R_block) IoU block
         scratch = anchors.new_empty((3, n * m * step))  # reused by every block
         blocks = [(i, min(i + step, r)) for i in range(0, r, step)]  # cache blocking over R
         for i, j in blocks:

@@ -1,16 +1,12 @@
 """Inference post-processing: per-level top-k above a score threshold, decoding, class-wise NMS
-(Sec. 5.1: top 1000 per level with score > 0.05, NMS 0.5, keep 100). Runs in fp32. Optionally
-(``hflip_tta``) each image's detections are merged with those of its mirror image."""
+(Sec. 5.1: top 1000 per level with score > 0.05, NMS 0.5, keep 100). Runs in fp32. Test-time
+augmentation wraps the model instead (``retina.model.tta``)."""
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor
-from torchvision import tv_tensors
 from torchvision.ops import batched_nms, nms
-from torchvision.transforms.v2 import functional as TF
 
 from retina.model.box_coder import BoxCoder
 
@@ -88,35 +84,14 @@ def scored_candidates(boxes: Tensor, scores: Tensor, labels: Tensor, sizes: Tens
     return boxes[keep_mask], scores[keep_mask], labels[keep_mask], image_idx[keep_mask]
 
 
-def merge_mirrored(detections: Sequence[dict], mirrored: Sequence[dict], sizes: Sequence[tuple[int, int]],
-                   nms_thresh: float, detections_per_image: int) -> list[dict]:
-    """Horizontal-flip test-time augmentation: each image's detections and those of its mirror
-    image (boxes in the mirror's pixels, mapped back by the flip the training pipeline uses,
-    ``v2``'s x -> W - x), merged by class-wise NMS and capped at ``detections_per_image``, best
-    first (mmdet's ``DetTTAModel`` merges a flip the same way; ultralytics' ``augment``).
-
-    ``detections``, ``mirrored``: N dicts of ``boxes`` (D, 4) XYXY, ``scores`` (D,), ``labels``
-    (D,); ``sizes``: the N input sizes (H, W). Returns N dicts of the same keys."""
-    merged = []
-    for det, mir, size in zip(detections, mirrored, sizes):  # N images, <= 2 x detections_per_image boxes each
-        back = TF.horizontal_flip_bounding_boxes(mir["boxes"], tv_tensors.BoundingBoxFormat.XYXY, tuple(size))
-        boxes = torch.cat([det["boxes"], back])
-        scores = torch.cat([det["scores"], mir["scores"]])
-        labels = torch.cat([det["labels"], mir["labels"]])
-        keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_image]
-        merged.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-    return merged
-
-
 class PostProcessor:
     def __init__(self, box_coder: BoxCoder, score_thresh: float = 0.05, topk_candidates: int = 1000,
-                 nms_thresh: float = 0.5, detections_per_image: int = 100, hflip_tta: bool = False) -> None:
+                 nms_thresh: float = 0.5, detections_per_image: int = 100) -> None:
         self.box_coder = box_coder
         self.score_thresh = score_thresh
         self.topk_candidates = topk_candidates
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
-        self.hflip_tta = hflip_tta  # read by RetinaNet.forward: detect the mirror too, merge_mirrored
 
     def __call__(self, pred_logits: Tensor, pred_deltas: Tensor, anchors: Tensor,
                  num_anchors_per_level: list[int], image_sizes: list[tuple[int, int]]) -> list[dict]:

@@ -1,9 +1,9 @@
 """The resize rule, in one place: the size an image is resized to and how its boxes follow.
 
-Two resizers apply it: the data pipeline resizes training images (``retina.data.transforms``,
-shorter side drawn from ``model.input.min_size`` by the seeded sample stream), and the model
-resizes at inference (``RetinaNet.preprocess``, to the test size). Both ask this module for the
-new size, so an image the pipeline resized is one the model's rule leaves as it is.
+Each image is resized once, by one owner: the data pipeline resizes training images
+(``retina.data.transforms``, shorter side drawn from ``model.input.min_size`` by the seeded
+sample stream; the model takes them as they arrive), and the model resizes eval and predict
+inputs (``RetinaNet.inference_size``, the test size). Both ask this module for the new size.
 
 The rule (Sec. 4.1: "shorter side 800 px"; detectron2's ResizeShortestEdge): scale by
 ``s = min(min_size / min(H, W), max_size / max(H, W))``, then round the sides, or floor them as

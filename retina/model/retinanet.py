@@ -12,17 +12,18 @@ What the model expects (``images``: N tensors (3, H, W), RGB, each its own size)
   them to float / 255 itself, once, on their device), or floating point in [0, 1]
   (torchvision's convention: ``model(images)`` works on what torchvision's detectors take).
   Any other dtype is refused.
-- eval mode: images of any size; each is resized by the rule of ``retina.model.resize`` to the
-  test size (``InputSpec.eval_size``: shorter side ``test_min_size``, by default ``min_size[-1]``,
-  longer at most ``test_max_size``, by default ``max_size``), and the detections are
-  mapped back to and clipped to the input image's pixels. The resize is part of the model, so an
-  exported graph takes raw images too.
-- training mode: the size is the data pipeline's decision (``retina.data.transforms``: a shorter
-  side drawn from ``min_size`` by the seeded, resumable sample stream), so images arrive resized
-  with targets in their pixels, and the model only converts, normalises and pads. With one
-  training size there is nothing to decide, and an image not at it yet is resized here by the
-  same rule (so ``model(images, targets)`` on raw images works as torchvision's); with several,
-  an image at none of them is refused (one line naming its size).
+- eval mode: images of any size. Each is resized to ``inference_size``, the rule of
+  ``retina.model.resize`` at the test size (``eval_size``: shorter side ``test_min_size``, by
+  default ``min_size[-1]``, longer at most ``test_max_size``, by default ``max_size``), and the
+  detections are mapped back to and clipped to the input image's pixels. The resize is part of
+  the model, so an exported graph takes raw images too.
+- training mode: images at their training size, with targets in their pixels. The training
+  size is the data pipeline's decision and its resize (``retina.data.transforms``: a shorter
+  side drawn from ``min_size`` by the seeded, resumable sample stream); the model resizes nothing
+  in training, it only converts, normalises and pads. A caller that trains on images of its own
+  resizes them first (``retina.data.transforms.resize`` is the pipeline's).
+
+Test-time augmentation is a wrapper around the model (``retina.model.tta``), not part of it.
 
 Shape legend: N images, R anchors per image, M ground-truth boxes, D detections of one image,
 K classes.
@@ -31,7 +32,6 @@ K classes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -39,38 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import clip_boxes_to_image
 
+from retina.config.schema import InputConfig, LossConfig
 from retina.model.assigner import TargetAssigner, pad_targets
-from retina.model.losses import EMA_INIT, LossSettings, retinanet_losses
+from retina.model.losses import EMA_INIT, retinanet_losses
 from retina.model.anchors import AnchorGenerator
 from retina.model.backbone import FPN, Trunk
 from retina.model.head import RetinaHead
-from retina.model.postprocess import PostProcessor, merge_mirrored
-from retina.model.resize import ResizeMode, axis_scale, eval_size, resize_scale, resized_size
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How images become a padded, normalised batch (see the module docstring for the contract).
-
-    ``min_size``: the training shorter sides (the data pipeline draws one per image), the longer
-    at most ``max_size``; ``test_min_size`` / ``test_max_size``: the inference size
-    (``eval_size``, by the rule ``retina.model.resize.eval_size``). ``pixel_mean`` /
-    ``pixel_std`` are for images in [0, 1].
-    """
-
-    min_size: tuple[int, ...]
-    max_size: int
-    pixel_mean: tuple[float, float, float]
-    pixel_std: tuple[float, float, float]
-    size_divisibility: int
-    resize: ResizeMode = "round"  # see retina.model.resize and InputConfig.resize
-    test_min_size: Optional[int] = None  # None: min_size[-1]
-    test_max_size: Optional[int] = None  # None: max_size
-
-    @property
-    def eval_size(self) -> tuple[int, int]:
-        """(shorter side, longer-side cap) at inference."""
-        return eval_size(self.min_size, self.max_size, self.test_min_size, self.test_max_size)
+from retina.model.postprocess import PostProcessor
+from retina.model.resize import axis_scale, eval_size, resize_scale, resized_size
 
 
 def to_float(image: Tensor) -> Tensor:
@@ -84,9 +60,12 @@ def to_float(image: Tensor) -> Tensor:
 
 
 class RetinaNet(nn.Module):
+    """The detector (see the module docstring for what it expects). ``loss_settings`` and
+    ``input_spec`` are the config's own ``loss`` and ``model.input`` sections."""
+
     def __init__(self, backbone: Trunk, fpn: FPN, head: RetinaHead,
-                 anchor_generator: AnchorGenerator, assigner: TargetAssigner, loss_settings: LossSettings,
-                 postprocessor: PostProcessor, input_spec: InputSpec, channels_last: bool = False) -> None:
+                 anchor_generator: AnchorGenerator, assigner: TargetAssigner, loss_settings: LossConfig,
+                 postprocessor: PostProcessor, input_spec: InputConfig, channels_last: bool = False) -> None:
         super().__init__()
         self.backbone, self.fpn, self.head = backbone, fpn, head
         self.anchor_generator = anchor_generator
@@ -107,27 +86,23 @@ class RetinaNet(nn.Module):
         return self.head.num_classes
 
     # ------------------------------------------------------------------------------- input
-    def _target_size(self, height: int, width: int) -> Optional[tuple[int, int]]:
-        """(shorter side, longer-side cap) an image is resized to, ``None`` to keep it as it is:
-        eval mode, the test size; training mode, none (the data pipeline chose and resized)
-        unless there is a single training size. Decides nothing at random."""
-        sizes, max_size = self.input_spec.min_size, self.input_spec.max_size
-        if not self.training:
-            return self.input_spec.eval_size
-        if len(sizes) == 1:
-            return sizes[0], max_size
-        # The pipeline resizes by the "round" rule, whose output the rule leaves unchanged.
-        if any(resized_size(height, width, s, max_size) == (height, width) for s in sizes):
-            return None
-        raise ValueError(
-            f"training image of {height}x{width} (HxW) is at none of the training sizes (shorter "
-            f"side one of model.input.min_size={list(sizes)}, longer at most {max_size}); with "
-            "several sizes the data pipeline (retina.data.transforms) resizes training images")
+    @property
+    def eval_size(self) -> tuple[int, int]:
+        """(shorter side, longer-side cap) of inference: ``retina.model.resize.eval_size``."""
+        spec = self.input_spec
+        return eval_size(spec.min_size, spec.max_size, spec.test_min_size, spec.test_max_size)
+
+    def inference_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H', W') an H x W input is resized to in eval mode: ``resized_size`` at ``eval_size``
+        by ``input_spec.resize``. The one size eval and predict inputs get (the exported graph
+        computes the same in tensors, ``retina.deploy.graph.resized_size_tensor``)."""
+        return resized_size(height, width, *self.eval_size, self.input_spec.resize)
 
     def preprocess(self, images: Sequence[Tensor], targets: Optional[list[dict]] = None
                    ) -> tuple[Tensor, list[tuple[int, int]], list[float], Optional[list[dict]]]:
-        """Convert, resize (``_target_size``), normalise and pad N images (3, H, W), uint8 or
-        float in [0, 1], to one (N, 3, H', W') batch.
+        """Convert, resize (eval mode: ``inference_size``; training mode: none, see the module
+        docstring), normalise and pad N images (3, H, W), uint8 or float in [0, 1], to one
+        (N, 3, H', W') batch.
 
         Returns the batch, each image's size after resizing, each image's scale factor (1.0 when
         not resized) and the targets with boxes moved to the resized images.
@@ -139,12 +114,11 @@ class RetinaNet(nn.Module):
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"images should be (3, H, W) tensors; image {i} is {tuple(image.shape)}")
             h, w = image.shape[-2:]
-            limits = self._target_size(h, w)  # (shorter side, cap) or None
-            size = (h, w) if limits is None else resized_size(h, w, *limits, spec.resize)
+            size = (h, w) if self.training else self.inference_size(h, w)
             img = self._resize_and_normalise(to_float(image), size)  # (3, H', W')
             resized.append(img)
             sizes.append(size)
-            scales.append(1.0 if size == (h, w) else resize_scale(h, w, *limits))
+            scales.append(1.0 if size == (h, w) else resize_scale(h, w, *self.eval_size))
             if targets is not None:
                 t = dict(targets[i])
                 # per-axis ratio of the rounded size, so box edges stay on the image edges
@@ -172,20 +146,9 @@ class RetinaNet(nn.Module):
         """Training mode: ``{"loss_cls", "loss_box", "num_pos"}`` (``compute_loss``: sum the
         ``loss_*`` terms; ``num_pos`` is the batch's positive anchors, logged, never added).
         Eval mode: per image a dict of ``boxes`` (D, 4) XYXY in its own pixels, ``scores`` (D,),
-        ``labels`` (D,); with ``model.inference.hflip_tta`` the images and their mirror images
-        go through as one batch and each image's two sets are merged (``merge_mirrored``)."""
+        ``labels`` (D,)."""
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
-        post = self.postprocessor
-        if not self.training and post.hflip_tta:
-            n = len(images)
-            both = self._run([*images, *(image.flip(-1) for image in images)])
-            return merge_mirrored(both[:n], both[n:], [image.shape[-2:] for image in images],
-                                  post.nms_thresh, post.detections_per_image)  # fmt: skip
-        return self._run(images, targets)
-
-    def _run(self, images: Sequence[Tensor], targets: Optional[list[dict]] = None):
-        """``forward`` without the test-time augmentation."""
         batch, sizes, _, targets = self.preprocess(images, targets)
         features = self.features(batch)
         pred_logits, pred_deltas = self.head(features)  # (N, R, K), (N, R, 4)
