@@ -36,7 +36,8 @@ import torchvision
 from torch import Tensor, nn
 
 from benchmarks.timing import PeakMemory, timed
-from retina.config import load_config
+from retina.config import Config, load_config
+from retina.data import dataset_num_classes, resolve_num_classes
 from retina.deploy import convert
 from retina.io import write_json
 from retina.model import RetinaNet, build_model
@@ -78,6 +79,16 @@ class BenchSpec:
 
 
 # ---------------------------------------------------------------------------------- models
+def benchmark_config(config: Optional[str], overrides: Sequence[str] = ()) -> Config:
+    """``config`` with ``model.num_classes`` resolved as training would: from its data when the
+    data can be read (the bundled sets always), else COCO's 80 (a speed benchmark needs no data)."""
+    cfg = load_config(config, list(overrides))
+    k = dataset_num_classes(cfg)
+    if k is None:  # no data to read: the config's own count, else COCO's
+        k = cfg.model.num_classes or 80
+    return resolve_num_classes(cfg, k, f"the data at data.root={cfg.data.root}")
+
+
 def build_models(spec: BenchSpec, image_size: tuple[int, int]) -> tuple[RetinaNet, nn.Module, str, str]:
     """Retina and torchvision models of the same architecture; returns (ours, theirs, config
     description, how the weights were made equal).
@@ -98,7 +109,7 @@ def build_models(spec: BenchSpec, image_size: tuple[int, int]) -> tuple[RetinaNe
         return (ours, theirs, "retina.deploy.convert.torchvision_config('v1') " + " ".join(overrides),
                 "torchvision's random init copied into retina by retina.deploy.convert")
     config, overrides = spec.config, sizes + tuple(spec.overrides)
-    cfg = load_config(config, overrides)
+    cfg = benchmark_config(config, overrides)
     torch.manual_seed(spec.seed)
     ours = build_model(cfg)
     torch.manual_seed(spec.seed)

@@ -40,9 +40,9 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from benchmarks.detector import BenchSpec, build_models, input_size_overrides, parse_hxw
+from benchmarks.detector import BenchSpec, benchmark_config, build_models, input_size_overrides, parse_hxw
 from benchmarks.timing import timed
-from retina.config import find_config, load_config
+from retina.config import find_config
 from retina.deploy.fuse import fold_batchnorm, inference_model
 from retina.io import write_json
 from retina.model import RetinaNet, build_model
@@ -71,7 +71,7 @@ def _models(spec: InferenceSpec) -> tuple[RetinaNet, Optional[nn.Module], str]:
         return ours.eval(), theirs.eval(), "R50 parity model (torchvision's random init converted), " + desc
     overrides = input_size_overrides(h, w)
     torch.manual_seed(spec.seed)
-    cfg = load_config(find_config(spec.config), overrides)
+    cfg = benchmark_config(find_config(spec.config), overrides)
     return build_model(cfg, pretrained=False).eval(), None, f"{spec.config} (random init) " + " ".join(overrides)
 
 

@@ -67,5 +67,5 @@ def test_benchmarked_model_keeps_the_requested_size_whatever_the_config_tests_at
     from benchmarks.inference import InferenceSpec, _models
 
     model, _, _ = _models(InferenceSpec(model="config", config="photos_cpu", image_size=(200, 300)))
-    assert model.input_spec.eval_size == (200, 300)
+    assert model.eval_size == (200, 300)
     assert model.preprocess([torch.rand(3, 200, 300)])[1] == [(200, 300)]

@@ -207,7 +207,7 @@ def test_frozen_and_replace():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.loss.gamma = 1.0  # type: ignore[misc]
     new = replace(cfg, model=dataclasses.replace(cfg.model, num_classes=3))
-    assert new.model.num_classes == 3 and cfg.model.num_classes == 80
+    assert new.model.num_classes == 3 and cfg.model.num_classes is None  # null: from the data
     with pytest.raises(ConfigError, match="model.num_classes"):
         replace(cfg, model=dataclasses.replace(cfg.model, num_classes=0))
 
@@ -336,7 +336,8 @@ def notices(caplog) -> list[str]:
 
 
 @pytest.mark.parametrize("overrides, notice, effective", [
-    # shapes.yaml's image_size 128 -> ShapesConfig's 160; its other shapes keys are the defaults
+    # on shapes_r18.yaml (ResNet-18, focal loss): its image_size 128 -> ShapesConfig's 160; its
+    # other shapes keys are the defaults
     (["data.dataset=coco", "data.root=my_photos"], "data.shapes.* not read with data.dataset=coco: ignored",
      {"data.dataset": "coco", "data.root": "my_photos", "data.shapes.image_size": 160}),
     # depth 18 -> BackboneConfig's 50
@@ -349,10 +350,10 @@ def notices(caplog) -> list[str]:
 ])  # fmt: skip
 def test_a_value_the_override_stops_reading_is_dropped(overrides, notice, effective, caplog, tmp_path: Path):
     with caplog.at_level(logging.WARNING, logger="retina.config"):
-        cfg = load_config("shapes", overrides)
+        cfg = load_config("shapes_r18", overrides)
     assert notices(caplog) == [notice]
     assert {k: get_key(cfg, k) for k in effective} == effective
-    assert cfg.model.fpn.channels == 96 and cfg.solver.lr == 0.02  # the rest of shapes.yaml
+    assert cfg.model.fpn.channels == 96 and cfg.solver.lr == 0.02  # the rest of shapes_r18.yaml
     dump_config(cfg, tmp_path / "config.yaml")  # what a run writes: the effective values
     dumped = flat_keys(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert {k: dumped[k] for k in effective} == effective
@@ -428,16 +429,16 @@ def test_freeze_at_applies_with_either_source_of_trained_weights(tmp_path: Path,
 
 
 def test_notices_are_printed_once_and_only_when_shown(capsys):
-    load_config("shapes", ["loss.type=ce"])
+    load_config("shapes_r18", ["loss.type=ce"])
     assert capsys.readouterr().err == ""  # a library call prints nothing
     with show_notices():
-        load_config("shapes", ["loss.type=ce"])
-        load_config("shapes", ["loss.type=ce", "solver.lr=0.1"])  # a sweep's next run: the same notice
-        load_config("shapes", ["model.backbone.type=mobilenet_v3_small"])
+        load_config("shapes_r18", ["loss.type=ce"])
+        load_config("shapes_r18", ["loss.type=ce", "solver.lr=0.1"])  # a sweep's next run: the same notice
+        load_config("shapes_r18", ["model.backbone.type=mobilenet_v3_small"])
     assert capsys.readouterr().err == (
         "retina: loss.gamma not read with loss.type=ce: ignored\n"
         "retina: model.backbone.depth not read with model.backbone.type=mobilenet_v3_small: ignored\n")
-    load_config("shapes", ["model.backbone.type=mobilenet_v3_small"])
+    load_config("shapes_r18", ["model.backbone.type=mobilenet_v3_small"])
     assert capsys.readouterr().err == ""  # outside again
 
 

@@ -1,5 +1,5 @@
 """Optimizer groups, the lr schedule and the resumable sample stream, with hand values; the
-training log's timestamps."""
+training log's timestamps and its early progress lines."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from retina.config import SolverConfig
 from retina.engine.budget import TimeBudget
-from retina.engine.logger import TrainLogger
+from retina.engine.logger import TrainLogger, early_progress
 from retina.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from retina.data.sampler import SeededDataset, TrainSampler
 
@@ -45,17 +45,45 @@ def test_cosine_ends_where_it_is_told():
     cfg = SolverConfig(max_iter=100, schedule="cosine", warmup_iters=0)
     assert lr_factor(cfg, 5, max_iter=10) == pytest.approx(0.5)  # halfway to 10, not to 100
     assert lr_factor(cfg, 10, max_iter=10) == pytest.approx(0.0)
-    end = [10]
     opt = build_optimizer(cfg, nn.Linear(2, 2))
-    sched = build_scheduler(cfg, opt, lambda: end[0])  # asked at every step
+    sched = build_scheduler(cfg, opt)
+    sched.set_horizon(10)  # read at the next step
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.lr)
     opt.step()
     sched.step()  # iteration 1 of 10: 0.5 (1 + cos(pi / 10))
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.lr * 0.5 * (1 + math.cos(math.pi / 10)))
-    end[0] = 4
+    sched.set_horizon(4)
     opt.step()
     sched.step()  # iteration 2, the end moved to 4: 0.5 (1 + cos(pi / 2)) = 0.5
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.lr * 0.5)
+    # the horizon is not state: a resumed schedule continues from the iteration alone
+    state = sched.state_dict()
+    assert state["last_epoch"] == 2 and "max_iter" not in state and "cfg" not in state
+    again = build_scheduler(cfg, build_optimizer(cfg, nn.Linear(2, 2)))
+    again.load_state_dict(state)
+    assert again.last_epoch == 2 and again.max_iter == 100
+
+
+def test_schedule_reads_a_lambda_lr_state():
+    """Checkpoints written with a LambdaLR schedule resume into LrSchedule at the same lrs."""
+    cfg = SolverConfig(lr=0.013, max_iter=100, schedule="cosine", warmup_iters=10)
+    lambda_opt = build_optimizer(cfg, nn.Linear(2, 2))
+    lambda_sched = torch.optim.lr_scheduler.LambdaLR(lambda_opt, lambda it: lr_factor(cfg, it))
+    for _ in range(30):
+        lambda_opt.step()
+        lambda_sched.step()
+    opt = build_optimizer(cfg, nn.Linear(2, 2))
+    opt.load_state_dict(lambda_opt.state_dict())
+    sched = build_scheduler(cfg, opt)
+    sched.load_state_dict(lambda_sched.state_dict())
+    for _ in range(5):  # iterations 31..35, past the warmup: cosine of it / 100
+        lambda_opt.step()
+        lambda_sched.step()
+        opt.step()
+        sched.step()
+        assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in lambda_opt.param_groups]
+    assert sched.last_epoch == 35
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.013 * 0.5 * (1 + math.cos(math.pi * 35 / 100)))
 
 
 def test_time_budget_horizon_by_hand():
@@ -191,3 +219,26 @@ def test_logger_that_records_nothing_writes_no_files(tmp_path, capsys):
     logger.close()
     assert not (tmp_path / "run").exists()
     assert TIMESTAMP.match(capsys.readouterr().out)
+
+
+def test_early_progress_lines_before_the_first_log_period():
+    # log_period 50 from iteration 0: steps 1, 2, 4, 8, 16, 32 (powers of two below 50)
+    assert [i for i in range(1, 120) if early_progress(i, 0, 50)] == [1, 2, 4, 8, 16, 32]
+    # resumed at 37: its 1st, 2nd, 4th, 8th steps (38, 39, 41, 45) until 50
+    assert [i for i in range(38, 120) if early_progress(i, 37, 50)] == [38, 39, 41, 45]
+    assert not any(early_progress(i, 0, 1) for i in range(1, 10))  # every step is logged anyway
+
+
+def test_progress_line_prints_without_a_row(tmp_path, capsys):
+    logger = TrainLogger(tmp_path / "run", start_iter=0, max_iter=50)
+    logger.log(1, {"loss": 2.0}, record=False)
+    logger.set_horizon(40)  # a time budget moved the end
+    logger.log(2, {"loss": 1.5}, record=False)
+    logger.log(10, {"loss": 1.0})
+    logger.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(TIMESTAMP.match(line) for line in lines), lines
+    assert " iter 1/50 loss 2 " in lines[0] and " iter 2/40 loss 1.5 " in lines[1]
+    assert all(re.search(r" \d+\.\d{3} s/it eta \d+:\d\d$", line) for line in lines), lines
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iter"], r["loss"]) for r in rows] == [(10, 1.0)]

@@ -34,6 +34,8 @@ def shapes_root(tmp_path_factory):
 def trained_like(cfg, seed: int) -> dict:
     """A state dict of ``cfg``'s model whose every float tensor moved off its initial value."""
     torch.manual_seed(seed)
+    if cfg.model.num_classes is None:  # null: the tiny shapes set's 3
+        cfg = with_changes(cfg, model={"num_classes": 3})
     state = build_model(cfg, pretrained=False).state_dict()
     return {k: v + torch.rand_like(v) if v.is_floating_point() else v for k, v in state.items()}
 
@@ -151,15 +153,19 @@ def test_frozen_bn_and_frozen_stages_with_init(shapes_root, tmp_path, capsys):
 
 
 def test_resume_takes_the_runs_own_weights_not_init(shapes_root, tmp_path):
+    # a run started from model.init, then resumed with the same config: the run's own weights
     cfg = with_changes(tiny_config(shapes_root), solver={"max_iter": 2, "batch_size": 2},
                        train={"eval_at_end": False})
+    other = trained_like(cfg, seed=7)
+    path = save_checkpoint({"model": other, "class_names": ["circle", "square", "triangle"]},
+                           tmp_path / "other.pth")
+    cfg = with_changes(cfg, model={"init": str(path)})
     Trainer(cfg, tmp_path / "run", device="cpu", quiet=True).train()
     own = load_checkpoint(tmp_path / "run" / "model_final.pth")["model"]
-    path = save_checkpoint({"model": trained_like(cfg, seed=7), "class_names": ["circle", "square", "triangle"]},
-                           tmp_path / "other.pth")
-    resumed = Trainer(with_changes(cfg, model={"init": str(path)}), tmp_path / "run", device="cpu",
-                      resume=True, quiet=True)  # fmt: skip
+    resumed = Trainer(cfg, tmp_path / "run", device="cpu", resume=True, quiet=True)
     assert all(torch.equal(resumed.model.state_dict()[k], own[k]) for k in own)
+    moved = [k for k in own if own[k].is_floating_point() and not torch.equal(own[k], other[k])]
+    assert moved  # two steps moved the trained weights off init: the resumed ones are not init's
 
 
 def test_converted_torchvision_coco_retinanet_into_one_class(tmp_path):
@@ -181,7 +187,7 @@ def test_converted_torchvision_coco_retinanet_into_one_class(tmp_path):
 
 
 def test_bad_init_files_are_one_line_errors(shapes_root, tmp_path, capsys):
-    model = build_model(tiny_config(shapes_root), pretrained=False)
+    model = build_model(tiny_config(shapes_root, model={"num_classes": 3}), pretrained=False)
     with pytest.raises(CheckpointError, match=f"checkpoint not found: {tmp_path / 'no.pth'}"):
         load_init(model, tmp_path / "no.pth", ["a"], 0.01)
     junk = tmp_path / "junk.pth"
@@ -255,7 +261,7 @@ def test_trainer_evaluates_checkpoints_and_deploys_the_ema(shapes_root, tmp_path
                        train={"eval_period": 2, "ema": {"enabled": True, "decay": 0.9, "warmup": 1.0}})
     trainer = Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
     trainer.train()
-    assert [(m is trainer.model_ema.module, i, w) for m, i, w in seen] == [(True, 2, "EMA weights"),
+    assert [(m is trainer.state.ema.module, i, w) for m, i, w in seen] == [(True, 2, "EMA weights"),
                                                                           (True, 3, "EMA weights")]
     final = load_checkpoint(tmp_path / "run" / "model_final.pth")
     assert final["ema_updates"] == 3 and set(final["model_ema"]) == set(final["model"])

@@ -107,7 +107,7 @@ def test_cli_analyze_model(tiny, tiny_flops, tmp_path, capsys):
                  "--set", "model.input.test_min_size=128", "model.input.test_max_size=64"]) == 0
     stats = json.loads(out.read_text())
     assert stats["input_size"] == [64, 32] and stats["flops"]["total"] < tiny_flops["total"]
-    # the bundled shapes config leaves model.num_classes at 80: training makes it the set's 3
+    # the bundled shapes config leaves model.num_classes null: training makes it the set's 3
     capsys.readouterr()
     assert main(["analyze", "model", "--config", "shapes", "--json", str(out), "--device", "cpu"]) == 0
     assert json.loads(out.read_text())["num_classes"] == 3

@@ -1,5 +1,6 @@
 """End to end: a tiny RetinaNet trains on a tiny shapes set, its loss falls and its AP beats an
-untrained model's; checkpoints resume exactly; a run directory is never overwritten."""
+untrained model's; checkpoints resume exactly; a run directory is never overwritten; the class
+count comes from the data (or a checkpoint's class names); the first steps print progress."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import csv
 import itertools
 import json
 import math
+import re
 import signal
 from types import SimpleNamespace
 
@@ -15,13 +17,17 @@ import torch
 import yaml
 
 from retina.cli import main
-from retina.config import config_to_dict
+from retina.config import ConfigError, config_to_dict
 from retina.data import build_dataset, generate_shapes
-from retina.engine.checkpoint import load_checkpoint, load_model
+from retina.engine.budget import TimeBudget
+from retina.engine.checkpoint import load_checkpoint, load_model, save_checkpoint
 from retina.engine.evaluate import evaluate
 from retina.engine import train as train_module
 from retina.engine.train import Interrupted, Trainer, TrainingError
+from retina.model import build_model
 from tinyrun import TINY_DATA, tiny_config, with_changes
+
+TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} ")  # 2025-01-31 14:05:09
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +208,86 @@ def test_time_budget_ends_the_schedule_on_time(shapes_root, tmp_path, monkeypatc
     assert again.max_iter == 20  # the checkpoint's pace: less than one step left
     again.train()
     assert load_checkpoint(tmp_path / "run" / "model_final.pth")["iteration"] == 20
+
+
+def test_time_budget_is_estimated_every_few_steps_and_at_log_lines(shapes_root, tmp_path, monkeypatch):
+    """The clock of the test above (2 s per iteration, budget 41 s, settle 10), logging only at
+    the end (log_period 1000): the horizon is estimated at construction (iteration 0), at the
+    early progress lines (1, 2, 4, 8, 16), every 10 steps (10, 20) and nowhere else. At 10 no
+    step is timed yet (the cap); at 16 the pace is 2 s (11..16) with 41 - 32 = 9 s left: 16 + 4 =
+    20; at 20, 1 s is left: 20 + 0. The run ends at 20 as when every step re-estimated."""
+    readings = itertools.count()
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: float(next(readings))))
+    cfg = tiny_config(shapes_root, solver={"max_iter": 10000, "warmup_iters": 2, "max_minutes": 41 / 60},
+                      train={"checkpoint_period": 10000, "log_period": 1000, "eval_at_end": False})
+    asked: list[int] = []
+    horizon = TimeBudget.horizon
+
+    def counted(budget, iteration):
+        asked.append(iteration)
+        return horizon(budget, iteration)
+
+    monkeypatch.setattr(TimeBudget, "horizon", counted)
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+    trainer.train()
+    assert asked == [0, 1, 2, 4, 8, 10, 16, 20]
+    assert load_checkpoint(tmp_path / "run" / "model_final.pth")["iteration"] == 20
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [20]  # progress lines print, they record no row
+
+
+def test_first_steps_print_progress_and_generation_is_stamped(tmp_path, capsys):
+    """The default log_period (50) on a 3-step run: progress lines with an ETA after steps 1 and
+    2, then the final line; the line that generates the data on first use has the same
+    timestamp."""
+    data = {"num_train": 8, "num_val": 4, "image_size": 64, "seed": 0}
+    cfg = tiny_config(tmp_path / "shapes", data={"shapes": data}, solver={"max_iter": 3, "warmup_iters": 0},
+                      train={"log_period": 50, "eval_at_end": False})
+    Trainer(cfg, tmp_path / "run", device="cpu").train()
+    captured = capsys.readouterr()
+    generating = [line for line in captured.err.splitlines() if "generating shapes dataset" in line]
+    assert len(generating) == 1 and TIMESTAMP.match(generating[0]), captured.err
+    progress = [line for line in captured.out.splitlines() if " iter " in line]
+    assert [line.split(" iter ")[1].split()[0] for line in progress] == ["1/3", "2/3", "3/3"], progress
+    assert all(TIMESTAMP.match(line) and re.search(r" s/it eta \d+:\d\d$", line) for line in progress)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [3]
+
+
+# ------------------------------------------------------------------------------ class count
+def test_null_class_count_resolves_from_the_data_and_is_recorded(shapes_root, tmp_path):
+    cfg = tiny_config(shapes_root, solver={"max_iter": 1, "warmup_iters": 0}, train={"eval_at_end": False})
+    assert cfg.model.num_classes is None  # the schema default: the train set's count
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+    assert trainer.cfg.model.num_classes == 3 and trainer.model.num_classes == 3  # square, circle, triangle
+    trainer.train()
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["num_classes"] == 3
+    assert load_checkpoint(tmp_path / "run" / "model_final.pth")["config"]["model"]["num_classes"] == 3
+
+
+def test_a_set_class_count_that_disagrees_with_the_data_is_refused(shapes_root, tmp_path):
+    cfg = tiny_config(shapes_root, model={"num_classes": 80})
+    with pytest.raises(ConfigError) as e:
+        Trainer(cfg, tmp_path / "run", device="cpu", quiet=True)
+    message = str(e.value)
+    assert "\n" not in message and "model.num_classes=80" in message and "has 3 classes" in message
+    assert "instances_train.json" in message  # names the train set
+    assert not (tmp_path / "run").exists()  # refused before anything was built or written
+    # a set count that agrees trains as null does
+    assert Trainer(with_changes(cfg, model={"num_classes": 3}), tmp_path / "run", device="cpu",
+                   quiet=True).cfg.model.num_classes == 3
+
+
+def test_a_checkpoints_class_names_decide_at_load(shapes_root, tmp_path):
+    """Two class names in the checkpoint (its config says 2): a config with a null count gets 2;
+    one that sets another count is refused naming both."""
+    two = tiny_config(shapes_root, model={"num_classes": 2})
+    path = save_checkpoint({"model": build_model(two, pretrained=False).state_dict(),
+                            "config": config_to_dict(two), "class_names": ["cat", "dog"],
+                            "cat_ids": [3, 7]}, tmp_path / "model_final.pth")
+    model, cfg, names, cat_ids = load_model(path, cfg=tiny_config(shapes_root))  # null count
+    assert cfg.model.num_classes == 2 and model.num_classes == 2 and names == ["cat", "dog"]
+    with pytest.raises(ConfigError, match=r"model.num_classes=3 but the checkpoint .*model_final.pth has 2 classes"):
+        load_model(path, cfg=tiny_config(shapes_root, model={"num_classes": 3}))
+    with pytest.raises(ConfigError, match=r"model.num_classes=5 but the checkpoint"):
+        load_model(path, overrides=("model.num_classes=5",))

@@ -65,7 +65,7 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("loss.ohem.ratio", loss.ohem.ratio is None or 0 < loss.ohem.ratio < 1,
          "must be in (0, 1) or null"),
         ("loss.focal_star.gamma", loss.focal_star.gamma > 0, "must be > 0"),
-        ("model.num_classes", m.num_classes >= 1, "must be >= 1"),
+        ("model.num_classes", m.num_classes is None or m.num_classes >= 1, "must be >= 1 (or null)"),
         ("model.head.prior_prob", 0 <= m.head.prior_prob < 1, "must be in [0, 1)"),
         ("model.head.num_convs", m.head.num_convs >= 0, "must be >= 0"),
         ("model.fpn.channels", m.fpn.channels >= 1, "must be >= 1"),

@@ -122,7 +122,7 @@ class InferenceConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    num_classes: int = 80  # K; replaced by the dataset's class count when the data says otherwise
+    num_classes: Optional[int] = None  # K; null: the train set's (a set value must agree with it)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)

@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, Optional
 
-from retina.config import Config
+from retina.config import Config, ConfigError, replace
 from retina.data.coco import BadImageError, CocoDetection, collate, load_coco_json
 from retina.data.convert import read_folder
 from retina.data.dense import ensure_dense, generate_dense
@@ -27,6 +27,7 @@ __all__ = [
     "build_transforms",
     "collate",
     "dataset_num_classes",
+    "resolve_num_classes",
     "ensure_dense",
     "ensure_shapes",
     "generate_dense",
@@ -108,9 +109,26 @@ def build_dataset(cfg: Config, split: Literal["train", "val"]) -> CocoDetection 
     return dataset
 
 
+def resolve_num_classes(cfg: Config, num_classes: int, source: str) -> Config:
+    """``cfg`` with ``model.num_classes`` resolved against ``num_classes``, the class count of
+    ``source`` (the train set; at load, a checkpoint's class names): the one place that fills it.
+    ``null`` (the default) takes that count; a set value must equal it.
+
+    Raises:
+        ConfigError: a set ``model.num_classes`` disagrees; one line naming both counts.
+    """
+    own = cfg.model.num_classes
+    if own is None:
+        return replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
+    if own != num_classes:
+        raise ConfigError(f"model.num_classes={own} but {source} has {num_classes} classes; set "
+                          f"model.num_classes={num_classes}, or null to take the count from it")
+    return cfg
+
+
 def dataset_num_classes(cfg: Config) -> Optional[int]:
-    """The class count that training on ``cfg.data`` gives the model (it replaces
-    ``model.num_classes``), without generating or decoding images: the bundled sets' by
+    """The class count of ``cfg.data``'s train set (what ``model.num_classes`` resolves against,
+    ``resolve_num_classes``), without generating or decoding images: the bundled sets' by
     definition, a COCO json's or a VOC / YOLO folder's from its annotations; None when the data
     cannot be read (not there, or broken: training names the problem)."""
     data = cfg.data

@@ -36,6 +36,7 @@ from PIL import Image
 
 from retina.errors import InputError
 from retina.io import atomic_write, write_json
+from retina.log import stamped
 
 SHAPES = ("box", "ellipse", "triangle", "diamond", "cross", "ring", "frame", "bowtie")
 COLOURS: dict[str, tuple[int, int, int]] = {  # saturated, >= 60 apart per class pair (max channel)
@@ -251,6 +252,6 @@ def ensure_dense(root: str | Path, num_train: int, num_val: int, image_size: int
                                  f"{origin} for {key}={value!r}; delete {root} to regenerate it, or "
                                  "set data.root to another directory")
         return root
-    print(f"generating dense dataset in {root}: {num_train} train + {num_val} val images of "
-          f"{image_size}x{image_size}, {num_classes} classes", file=sys.stderr)
+    print(stamped(f"generating dense dataset in {root}: {num_train} train + {num_val} val images of "
+                  f"{image_size}x{image_size}, {num_classes} classes"), file=sys.stderr)
     return generate_dense(root, num_train, num_val, image_size, num_classes, seed)

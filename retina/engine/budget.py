@@ -7,6 +7,8 @@ horizon is the iterations done plus the seconds left divided by the mean seconds
 capped at ``max_iter``; the schedule reads that horizon and the run stops when it is reached
 (ultralytics' ``time`` argument, which re-estimates its epochs the same way). Seconds count data
 loading and the step only (evaluations and checkpoints are not training time), summed over resumes.
+The trainer re-estimates every ``ESTIMATE_PERIOD`` iterations and at each log line, not at every
+step: under DDP an estimate is a collective (the earliest end over ranks) and a host sync.
 
 A run on a budget is not reproducible iteration for iteration: its length depends on the machine.
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+ESTIMATE_PERIOD = 10  # iterations between estimates of the horizon: a pace drifts over minutes, not steps
 
 
 @dataclass

@@ -215,11 +215,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: 
     Returns ``(model in eval mode, config, class_names, cat_ids)``; the model holds the
     checkpoint's ``deployed_weights`` (its EMA when it has one). The config is the one stored
     in the checkpoint with ``overrides`` (``key=value``, e.g. ``data.root=...``) applied, or
-    ``cfg`` when given (its ``model.num_classes`` is taken from the checkpoint's classes). The
+    ``cfg`` when given. The checkpoint's class names decide ``model.num_classes``: a null count
+    takes theirs, a set one that disagrees is refused (``retina.data.resolve_num_classes``). The
     model is built without pretrained backbone weights (every tensor comes from the checkpoint),
     so nothing is downloaded or read besides the checkpoint.
     """
-    from retina.config import config_from_dict, config_to_dict
+    from retina.config import config_from_dict
+    from retina.data import resolve_num_classes
     from retina.model import build_model
 
     path = checkpoint_file(path)
@@ -228,9 +230,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", overrides: 
         raise CheckpointError(f"{path} holds no config; was it written by retina train?")
     if cfg is None:
         cfg = config_from_dict(stored_config(ckpt), overrides, source=str(path))
-    elif ckpt.get("class_names"):
-        cfg = config_from_dict({**config_to_dict(cfg), "model": {
-            **config_to_dict(cfg)["model"], "num_classes": len(ckpt["class_names"])}}, source=str(path))
+    if ckpt.get("class_names"):
+        cfg = resolve_num_classes(cfg, len(ckpt["class_names"]), f"the checkpoint {path}")
     model = build_model(cfg, pretrained=False)
     try:
         model.load_state_dict(deployed_weights(ckpt))

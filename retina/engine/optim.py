@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from retina.config import SolverConfig
 
@@ -52,9 +53,32 @@ def lr_factor(cfg: SolverConfig, iteration: int, max_iter: Optional[int] = None)
     return factor
 
 
-def build_scheduler(cfg: SolverConfig, optimizer: torch.optim.Optimizer,
-                    max_iter: Optional[Callable[[], int]] = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per iteration; its state (last_epoch) is the iteration count. ``max_iter``:
-    where the schedule ends, asked at every step (a time budget moves it); default ``cfg.max_iter``."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(cfg, it, max_iter() if max_iter is not None else None))
+class LrSchedule(LRScheduler):
+    """Each group's initial lr times ``lr_factor`` of the iteration, stepped once per iteration.
+
+    ``set_horizon(max_iter)`` moves where the cosine ends (a time budget re-estimates it); until
+    then it is ``cfg.max_iter``. The state (``state_dict``) is the iteration count
+    (``last_epoch``) and the lrs, the fields a ``LambdaLR`` writes, so either reads the other's;
+    the horizon is not state: the trainer sets it again after a resume.
+    """
+
+    def __init__(self, cfg: SolverConfig, optimizer: torch.optim.Optimizer) -> None:
+        self.cfg, self.max_iter = cfg, cfg.max_iter
+        super().__init__(optimizer)
+
+    def set_horizon(self, max_iter: int) -> None:
+        self.max_iter = max_iter
+
+    def get_lr(self) -> list[float]:
+        factor = lr_factor(self.cfg, self.last_epoch, self.max_iter)
+        return [base_lr * factor for base_lr in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "cfg", "max_iter")}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.__dict__.update({k: v for k, v in state_dict.items() if k != "lr_lambdas"})  # LambdaLR's
+
+
+def build_scheduler(cfg: SolverConfig, optimizer: torch.optim.Optimizer) -> LrSchedule:
+    return LrSchedule(cfg, optimizer)
