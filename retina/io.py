@@ -126,9 +126,9 @@ def weights_dir(weights: str | Path) -> Path:
 
 def unused_dir(base: str | Path) -> Path:
     """``base`` if it does not exist or is an empty directory, else the first of ``base2``,
-    ``base3``, ... that does not exist or is empty: a default output folder (``predictions``,
-    ``<run>/eval``) never overwrites earlier results (ultralytics numbers its ``predict`` and
-    ``val`` folders the same way)."""
+    ``base3``, ... that does not exist or is empty: a default output folder (``runs/predict``,
+    ``<run>/eval``, ``<run>/analysis/errors``) never overwrites earlier results (ultralytics numbers
+    its ``runs/detect/predict`` and ``val`` folders the same way). Creates nothing."""
     base = Path(base)
     candidate, n = base, 1
     while candidate.exists() and not (candidate.is_dir() and not any(candidate.iterdir())):
@@ -183,6 +183,9 @@ def _take(directory: Path) -> Optional[int]:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # the holder before us removed the empty folder it had made
+            directory.mkdir(parents=True, exist_ok=True)
+            continue
         except OSError as e:
             raise InputError(f"cannot write the lock file {path}: {e.strerror or e}") from None
         try:
@@ -209,16 +212,18 @@ def _take(directory: Path) -> Optional[int]:
 class DirLock:
     """An exclusive lock on a folder, shared by none: ``acquire`` (or ``with``) takes it, creating
     the folder, or raises ``DirInUseError``; ``release`` (or leaving the ``with``) removes the lock
-    file and lets go. A process ending lets go too. Held per process: taken twice in one process,
-    it is let go at the second release."""
+    file, and the folder if it made it and it is still empty, and lets go. A process ending lets go
+    too. Held per process: taken twice in one process, it is let go at the second release."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self._key: Optional[Path] = None  # the resolved folder while this object holds it
+        self._made = False  # acquire created the folder
 
     def acquire(self) -> "DirLock":
         if self._key is not None:
             return self
+        self._made = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         key = self.directory.resolve()
         with _held_guard:
@@ -241,6 +246,11 @@ class DirLock:
             if entry[1] == 0:
                 del _held[key]
                 (key / LOCK_NAME).unlink(missing_ok=True)  # while still locked: see _take
+                if self._made and not any(key.iterdir()):
+                    try:
+                        key.rmdir()  # nothing was written (a refused config): nothing is left
+                    except OSError:  # another process is taking the folder now
+                        pass
                 os.close(entry[0])  # lets go of the flock
 
     def __enter__(self) -> "DirLock":

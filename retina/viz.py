@@ -25,6 +25,10 @@ from torchvision.ops import clip_boxes_to_image
 
 from retina.io import atomic_write
 
+# The files write_image writes: suffix -> PIL format.
+IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF", ".webp": "WEBP"}
+
 # Distinct colours for drawn boxes, indexed by class (contiguous label) modulo its length.
 PALETTE = [
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -88,17 +92,16 @@ def draw_detections(image: Tensor, boxes: Tensor, labels: Tensor, scores: Tensor
 
 
 def write_image(image: Tensor, path: str | Path) -> Path:
-    """Save a uint8 (3, H, W) image as JPEG (quality 90) or PNG, as the suffix says, atomically
-    (``retina.io.atomic_write``, no fsync: drawings can be redrawn); the one way retina writes
-    images."""
+    """Save a uint8 (3, H, W) image in the format its suffix names (``IMAGE_FORMATS``; JPEG and
+    WebP at quality 90), atomically (``retina.io.atomic_write``, no fsync: drawings can be
+    redrawn); the one way retina writes images."""
     path = Path(path)
-    formats = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
-    if path.suffix.lower() not in formats:
-        raise ValueError(f"{path}: images are written as .jpg, .jpeg or .png")
+    fmt = IMAGE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: images are written as {', '.join(IMAGE_FORMATS)}")
     buffer = io.BytesIO()
     pixels = Image.fromarray(image.detach().cpu().permute(1, 2, 0).numpy())  # (H, W, 3)
-    fmt = formats[path.suffix.lower()]
-    pixels.save(buffer, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
+    pixels.save(buffer, format=fmt, **({"quality": JPEG_QUALITY} if fmt in ("JPEG", "WEBP") else {}))
     return atomic_write(path, buffer.getvalue(), fsync=False)
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a hand-made 3-image COCO set and a tiny generated shapes set."""
+"""Shared fixtures: a hand-made 3-image COCO set, a tiny generated shapes set, and the real
+raccoon-voc photos when they are beside the repository (else the tests that need them skip)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,21 @@ def tiny_shapes_overrides(tiny_shapes: Path) -> list[str]:
     """Dotted config overrides selecting ``tiny_shapes``, e.g. for ``config_from_dict({}, ...)``."""
     return ["data.dataset=shapes", f"data.root={tiny_shapes}",
             *(f"data.shapes.{k}={v}" for k, v in TINY_SHAPES.items())]  # fmt: skip
+
+
+# Real photos, never copied into the repository: read from ../shared/data/raccoon-voc beside it.
+RACCOON_VOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "raccoon-voc"
+RACCOON_VOC_MISSING = (
+    f"needs the raccoon-voc photos in {RACCOON_VOC}: the 200 photos and VOC xml files of the public "
+    "GitHub repository datitran/raccoon_dataset (MIT license), laid out as a Pascal VOC folder "
+    "(JPEGImages/, Annotations/, ImageSets/Main/train.txt with 160 ids and val.txt with 40)"
+)
+
+
+@pytest.fixture(scope="session")
+def raccoon_voc() -> Path:
+    """The raccoon-voc folder (200 photos of one class, 178x154 to 2000x1333 px); skips the test
+    with ``RACCOON_VOC_MISSING`` when it is not there, as on a fresh clone."""
+    if not RACCOON_VOC.is_dir():
+        pytest.skip(RACCOON_VOC_MISSING)
+    return RACCOON_VOC

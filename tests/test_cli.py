@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from retina.cli import build_parser, find_config, main
+from retina.cli import build_parser, main
+from retina.config import find_config
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -218,3 +224,134 @@ def test_data_check_cli(capsys, tiny_coco):
     code = main(["data", "check", "--ann", str(ann), "--images", str(images)])
     out = capsys.readouterr().out
     assert code == 0 and "warnings" in out
+
+
+# ------------------------------------------------------------------------- answers without torch
+NO_TORCH_SCRIPT = """
+import json, sys
+from retina.cli import main
+codes = []
+for argv in json.loads(sys.argv[1]):
+    try:
+        codes.append(main(argv))
+    except SystemExit as e:  # --help and argument errors: argparse exits
+        codes.append(e.code)
+print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_help_argument_and_config_errors_do_not_import_torch(tmp_path):
+    # importing torch takes seconds; none of these needs it
+    argvs = [["--help"], ["train", "--help"], ["data", "check", "--help"], ["analyze", "errors", "--help"],
+             ["train", "--bogus"], ["data", "check", "--num", "3"], ["train", "--set", "loss.gama=1"],
+             ["data", "shapes", "--size", "0"], ["eval", "-w", "RUN", "--config", "shapes", "--set", "loss.gama=1"]]
+    result = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, json.dumps(argvs)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"codes": [0, 0, 0, 0, 2, 2, 2, 2, 2], "torch": False}, result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written by any of them
+
+
+# ------------------------------------------------------------------------ data and analyze jobs
+def help_text(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_each_data_and_analyze_job_lists_only_its_own_options(capsys):
+    check = help_text(capsys, "data", "check")
+    assert "--ann" in check and "--root" in check and "--keep-difficult" in check
+    assert "--num" not in check and "--size" not in check and "--split " not in check
+    shapes = help_text(capsys, "data", "shapes")
+    assert "--size" in shapes and "--seed" in shapes and "--ann" not in shapes
+    model = help_text(capsys, "analyze", "model")
+    assert "--json" in model and "--gammas" not in model and "--detections" not in model
+    loss_cdf = help_text(capsys, "analyze", "loss-cdf")
+    assert "--gammas" in loss_cdf and "--set" not in loss_cdf and "--json" not in loss_cdf
+
+
+@pytest.mark.parametrize("argv, flag", [(["data", "check", "--root", "r", "--num", "3"], "--num"),
+                                        (["data", "show", "--ann", "a.json"], "--ann"),
+                                        (["analyze", "model", "--config", "shapes", "--gammas", "1"], "--gammas"),
+                                        (["analyze", "errors", "--coco"], "--coco")])
+def test_an_option_of_another_job_is_refused(capsys, argv, flag):
+    # an option that the job would not read is an error, not silently ignored
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_command_lines_of_the_flat_verbs_still_parse():
+    parse = build_parser().parse_args
+    a = parse(["data", "shapes", "--out", "d", "--train", "500", "--val", "50", "--size", "96", "--seed", "3"])
+    assert (a.what, a.out, a.num_train, a.num_val, a.image_size, a.seed) == ("shapes", "d", 500, 50, 96, 3)
+    a = parse(["data", "convert", "--from", "voc", "--to", "coco", "--root", "r", "--out", "o"])
+    assert (a.what, a.format, a.to, a.root, a.out, a.splits) == ("convert", "voc", "coco", "r", "o", "train,val")
+    a = parse(["data", "check", "--root", "r", "--format", "yolo", "--splits", "train", "--classes", "a,b",
+               "--keep-difficult"])
+    assert (a.format, a.splits, a.classes, a.keep_difficult) == ("yolo", "train", "a,b", True)
+    a = parse(["data", "show", "-c", "photos_cpu", "-n", "4", "--split", "val", "-o", "o", "-s", "k=v"])
+    assert (a.config, a.num, a.split, a.out, a.set) == ("photos_cpu", 4, "val", "o", ["k=v"])
+    a = parse(["analyze", "loss-cdf", "-w", "run", "--gammas", "0,1", "--num-images", "5", "-o", "o"])
+    assert (a.kind, a.weights, a.gammas, a.num_images, a.out, a.device) == ("loss-cdf", "run", "0,1", 5, "o", "auto")
+    a = parse(["analyze", "imbalance", "--config", "dense", "--num-images", "200", "--coco",
+               "--coco-positives", "50"])
+    assert (a.config, a.num_images, a.coco, a.coco_positives, a.weights) == ("dense", 200, True, 50.0, None)
+    a = parse(["analyze", "errors", "--detections", "d.json", "--ann", "a.json", "--score-thresh", "0.4"])
+    assert (a.detections, a.ann, a.score_thresh, a.out) == ("d.json", "a.json", 0.4, None)
+    assert parse(["export", "-w", "run", "--format", "torchscript"]).format == "torchscript"  # deprecated name
+
+
+def test_data_shapes_takes_its_settings_from_the_config(monkeypatch, tmp_path, capsys):
+    import retina.data
+
+    made = []
+    monkeypatch.setattr(retina.data, "ensure_shapes", lambda *a: made.append(a) or Path(a[0]))
+    monkeypatch.chdir(tmp_path)
+    # configs/shapes.yaml: data.root data/shapes, data.shapes {num_train 2000, num_val 200,
+    # image_size 128, seed 0}: the set written is the one `retina train` on that config reads
+    assert main(["data", "shapes"]) == 0
+    # the flags override the config's keys one by one
+    assert main(["data", "shapes", "--size", "96", "--train", "10", "--out", "elsewhere"]) == 0
+    # a config that sets no data.shapes: the schema's defaults (2000, 200, 160, 0)
+    (tmp_path / "bare.yaml").write_text("data: {dataset: shapes, root: data/bare}\n")
+    assert main(["data", "shapes", "--config", str(tmp_path / "bare.yaml")]) == 0
+    assert made == [("data/shapes", 2000, 200, 128, 0), ("elsewhere", 10, 200, 96, 0),
+                    ("data/bare", 2000, 200, 160, 0)]
+    assert capsys.readouterr().out.splitlines() == ["shapes dataset ready in data/shapes",
+                                                    "shapes dataset ready in elsewhere",
+                                                    "shapes dataset ready in data/bare"]
+
+
+# ------------------------------------------------------------------------------------ eval
+def test_scored_weights_name_the_checkpoint_and_its_iteration(tmp_path):
+    import torch
+
+    from retina.commands import scored_weights
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": {}, "iteration": 500}, run / "model_0000500.pth")
+    assert scored_weights(str(run)) == {"path": str(run / "model_0000500.pth"), "iteration": 500}  # the newest
+    torch.save({"model": {}, "iteration": 1500}, run / "model_final.pth")
+    assert scored_weights(str(run)) == {"path": str(run / "model_final.pth"), "iteration": 1500}
+    torch.save({"model": {}}, tmp_path / "converted.pth")  # e.g. retina convert: no iteration
+    assert scored_weights(str(tmp_path / "converted.pth")) == {"path": str(tmp_path / "converted.pth"),
+                                                               "iteration": None}
+    assert scored_weights("model.onnx") == {"path": "model.onnx", "iteration": None}  # not opened
+
+
+def test_interrupted_training_exits_128_plus_the_signal(capsys, monkeypatch):
+    import retina.cli
+    from retina.engine.train import Interrupted
+
+    def interrupted(args):
+        raise Interrupted("stopped by SIGTERM; checkpoint saved: runs/x/model_0000010.pth", 15)
+
+    monkeypatch.setitem(retina.cli.COMMANDS, "train", interrupted)
+    assert main(["train"]) == 128 + 15
+    assert capsys.readouterr().err == "retina: stopped by SIGTERM; checkpoint saved: runs/x/model_0000010.pth\n"

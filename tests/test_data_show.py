@@ -19,7 +19,6 @@ from retina.engine.train import Trainer
 from retina.viz import PALETTE
 from tinyrun import TINY_DATA, tiny_config
 
-RACCOON = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raccoon-voc"
 AUGMENT = {"photometric_prob": 0.5, "zoom_out_prob": 0.5, "crop_prob": 0.5, "scale_jitter": [0.5, 1.5]}
 
 
@@ -92,11 +91,10 @@ def test_bad_num_is_one_line(config, capsys):
     assert err == "retina: error: --num 0: draw at least one sample"
 
 
-@pytest.mark.skipif(not RACCOON.is_dir(), reason=f"{RACCOON} not present (see ../shared/data/README.md)")
-def test_show_on_raccoon_voc(tmp_path):
+def test_show_on_raccoon_voc(tmp_path, raccoon_voc):
     out = tmp_path / "raccoon"
     argv = ["data", "show", "--config", "shapes", "--num", "2", "--out", str(out), "--set",
-            f"data.root={RACCOON}", "data.dataset=coco", "data.shapes.image_size=160",
+            f"data.root={raccoon_voc}", "data.dataset=coco", "data.shapes.image_size=160",
             "model.input.min_size=[96]", "model.input.max_size=400", "data.augment.crop_prob=0.5"]
     assert main(argv) == 0
     drawn = sorted(out.glob("sample_*.png"))

@@ -26,6 +26,7 @@ from retina.engine.evaluate import (
     evaluate_detections,
     format_metrics_table,
     inference,
+    summary_metrics,
     to_coco_results,
     write_json,
 )
@@ -132,6 +133,15 @@ def test_per_class_ap_with_noncontiguous_ids_and_custom_names():
     assert m["AP"] == pytest.approx(70.0)
 
 
+def test_summary_metrics_in_percent_with_nan_for_missing_ranges():
+    # 12 COCOeval stats then faster-coco-eval's AR50, AR75 (dropped); -1 = no GT in that range
+    stats = [0.5, -1.0, 0.25, 0.0, 1.0, 0.125, 0.5, 0.5, 0.75, -1.0, 0.5, 0.5, 0.9, 0.8]
+    m = summary_metrics(stats)
+    assert list(m) == list(METRIC_NAMES)
+    assert (m["AP"], m["AP75"], m["APs"], m["APm"], m["APl"], m["AR100"]) == (50.0, 25.0, 0.0, 100.0, 12.5, 75.0)
+    assert math.isnan(m["AP50"]) and math.isnan(m["ARs"])
+
+
 @pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
 def test_zero_detections_give_zero_without_error(backend):
     if backend == "faster_coco_eval":
@@ -227,6 +237,14 @@ def test_evaluate_end_to_end_writes_files_and_restores_mode(tmp_path: Path):
     ]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["APs"] is None  # NaN written as null
+    assert saved["AP"] == pytest.approx(m["AP"])
+    assert "checkpoint" not in saved and "checkpoint" not in m  # nobody said what was scored
+    # the checkpoint scored goes into metrics.json beside the metrics, not into the returned dict
+    scored = {"path": "runs/x/model_final.pth", "iteration": 1500}
+    m2 = evaluate(FakeModel(outputs), ds, batch_size=2, device="cpu", out_dir=tmp_path / "e2", progress=False,
+                  num_workers=0, checkpoint=scored)  # fmt: skip
+    saved = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    assert saved["checkpoint"] == scored and "checkpoint" not in m2
     assert saved["AP"] == pytest.approx(m["AP"])
 
 

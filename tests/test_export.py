@@ -31,7 +31,6 @@ from retina.model.resize import resized_size
 
 from tinyrun import tiny_config
 
-RACCOON = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "raccoon-voc"
 CLASSES = ["square", "circle", "triangle"]
 
 
@@ -192,8 +191,15 @@ def test_predict_and_eval_through_onnx_equal_the_checkpoint(run_dir, onnx_export
         code, _ = _run_cli(["predict", "--weights", str(weights), "-i", val, "-o", str(tmp_path / f"p_{name}"),
                             "--score-thresh", "0.1"])
         assert code == 0
-        code, _ = _run_cli(["eval", "--weights", str(weights), "-o", str(tmp_path / f"e_{name}")])
+        code, out = _run_cli(["eval", "--weights", str(weights), "-o", str(tmp_path / f"e_{name}")])
         assert code == 0
+        # which file was scored: the run's model_final.pth, saved at iteration 0 by the fixture;
+        # an export records no iteration
+        line, scored = {"pth": (f"evaluating {run_dir / 'model_final.pth'} (iteration 0)",
+                                {"path": str(run_dir / "model_final.pth"), "iteration": 0}),
+                        "onnx": (f"evaluating {onnx_path}", {"path": str(onnx_path), "iteration": None})}[name]
+        assert out.splitlines()[0] == line
+        assert json.loads((tmp_path / f"e_{name}" / "metrics.json").read_text())["checkpoint"] == scored
     a = json.loads((tmp_path / "p_pth" / "detections.json").read_text())
     b = json.loads((tmp_path / "p_onnx" / "detections.json").read_text())
     assert len(a) == len(b) > 0
@@ -201,8 +207,8 @@ def test_predict_and_eval_through_onnx_equal_the_checkpoint(run_dir, onnx_export
         assert (x["file_name"], x["category_id"]) == (y["file_name"], y["category_id"])
         assert max(abs(u - v) for u, v in zip(x["bbox"], y["bbox"])) <= 0.01 + 1e-6
         assert abs(x["score"] - y["score"]) <= 1e-4 + 1e-9
-    drawn = sorted(p.name for p in (tmp_path / "p_onnx").glob("*.jpg"))
-    assert drawn == sorted(p.name for p in (tmp_path / "p_pth").glob("*.jpg")) and len(drawn) == 8
+    drawn = sorted(p.name for p in (tmp_path / "p_onnx").glob("*.png"))  # PNG inputs: PNG drawings
+    assert drawn == sorted(p.name for p in (tmp_path / "p_pth").glob("*.png")) and len(drawn) == 8
     ma = json.loads((tmp_path / "e_pth" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "e_onnx" / "metrics.json").read_text())
     for key in ("AP", "AP50", "AP75", "AR100"):
@@ -238,10 +244,8 @@ def test_exported_model_refuses_settings_it_holds_as_constants(run_dir, onnx_exp
     assert code == 0
 
 
-@pytest.mark.skipif(not RACCOON.is_dir(), reason=f"{RACCOON} absent: the shared raccoon-voc photos "
-                                                 "(several sizes) are not on this machine")
-def test_onnx_parity_on_raccoon_photos_of_several_sizes(run_dir, onnx_export):
-    photos = sorted((RACCOON / "JPEGImages").glob("*.jpg"))
+def test_onnx_parity_on_raccoon_photos_of_several_sizes(run_dir, onnx_export, raccoon_voc):
+    photos = sorted((raccoon_voc / "JPEGImages").glob("*.jpg"))
     by_size: dict[tuple[int, int], Path] = {}
     for p in photos:
         with Image.open(p) as im:
@@ -272,11 +276,12 @@ def test_export_without_onnxruntime_says_how_to_install(run_dir, monkeypatch, ca
 
 
 # ---------------------------------------------------------------------------- torch.export
-def test_torchscript_export_round_trip(run_dir, tmp_path):
+def test_pt2_export_round_trip(run_dir, tmp_path):
     path = tmp_path / "model.pt2"
-    code, out = _run_cli(["export", "--weights", str(run_dir), "--format", "torchscript", "--dynamic",
+    code, out = _run_cli(["export", "--weights", str(run_dir), "--format", "pt2", "--dynamic",
                           "--out", str(path), "--num-images", "2"])
     assert code == 0 and "parity OK on 2 images" in out, out
+    assert f"wrote {path} (" in out and ", pt2, input ['batch', 3, 'height', 'width'] uint8)" in out
     extra = {"class_names": ""}
     program = torch.export.load(str(path), extra_files=extra).module()  # no retina code needed
     assert json.loads(extra["class_names"]) == CLASSES
@@ -289,6 +294,24 @@ def test_torchscript_export_round_trip(run_dir, tmp_path):
     assert n == len(ref["scores"]) > 0
     torch.testing.assert_close(boxes[0, :n], ref["boxes"], atol=1e-3, rtol=0)
     assert torch.equal(labels[0, :n], ref["labels"])
+
+
+def test_torchscript_is_a_deprecated_name_of_pt2(run_dir, monkeypatch, capsys):
+    # the former name of pt2 writes the same file, with a notice naming the new one
+    import retina.deploy.export as export
+
+    written = []
+
+    def record(model, path, fmt, *args, **kwargs):
+        written.append((path, fmt))
+        raise InputError("recorded")  # nothing exported: the choice of format is what is tested
+
+    monkeypatch.setattr(export, "export_model", record)
+    assert main(["export", "--weights", str(run_dir), "--format", "torchscript", "--num-images", "1"]) == 2
+    assert written == [(run_dir / "model.pt2", "pt2")]
+    assert capsys.readouterr().err.splitlines() == [
+        "retina: --format torchscript is deprecated: it writes a torch.export program (.pt2); use --format pt2",
+        "retina: error: recorded"]
 
 
 # ------------------------------------------------------------------------------- runtime

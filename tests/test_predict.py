@@ -75,18 +75,18 @@ def test_predict_writes_json_and_drawn_images(tmp_path: Path):
     assert json.loads((out / "detections.json").read_text()) == expected
     # inputs reached the model as decoded, uint8 (the model converts them itself)
     assert model.seen == [(torch.uint8, (3, 40, 50), 128.0), (torch.uint8, (3, 32, 32), 255.0)]
-    drawn = read_image(out / "one.jpg")
+    drawn = read_image(out / "one.png")  # a PNG input is drawn as PNG: lossless
     assert drawn.shape == (3, 40, 50)
     # label 1 is drawn in palette colour (60, 180, 75): green well above red along the box's left
-    # edge x = 4, y = 6..30; the gray background has G == R. JPEG smears a 1-px line, hence the
-    # margin (ideal G - R = 180 - 60 = 120; > 30 is asked).
+    # edge x = 4, y = 6..30; the gray background has G == R (ideal G - R = 180 - 60 = 120; > 30
+    # is asked, the line's antialiasing aside).
     edge = drawn[:, 8:28, 4].float().mean(dim=1)  # (3,) mean RGB along the edge
     assert edge[1] - edge[0] > 30
     # the box's inside and a corner far from box and label (which goes below the box: no room
-    # above it) stay gray 128
+    # above it) stay gray 128, exactly: PNG
     for y, x in [(18, 12), (2, 45)]:
-        assert (drawn[:, y, x].int() - 128).abs().max() < 10
-    assert (out / "two.jpg").is_file()
+        assert drawn[:, y, x].tolist() == [128, 128, 128]
+    assert sorted(p.name for p in out.iterdir()) == ["detections.json", "one.png", "two.png"]
 
 
 def test_predict_unreadable_image_names_file_and_keeps_the_others(tmp_path: Path, capsys):
@@ -105,7 +105,7 @@ def test_predict_unreadable_image_names_file_and_keeps_the_others(tmp_path: Path
     assert capsys.readouterr().err.startswith("warning: skipping bad image ")
     # a and c were detected, drawn and written, in input order; b is neither
     assert [d["file_name"] for d in json.loads((out / "detections.json").read_text())] == ["a.png", "c.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "c.jpg", "detections.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png", "detections.json"]
     assert len(model.seen) == 2
 
 
@@ -131,7 +131,39 @@ def test_predict_skips_images_the_model_refuses_and_keeps_the_others(tmp_path: P
         predict_paths(OneSizeModel(), list_images(src), out, ["a", "b"], [1, 2], "cpu", batch_size=3)
     assert "warning: skipping " in capsys.readouterr().err
     assert [d["file_name"] for d in json.loads((out / "detections.json").read_text())] == ["a.png", "c.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "c.jpg", "detections.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png", "detections.json"]
+
+
+def test_predict_that_reads_no_image_writes_nothing_and_says_so_in_one_line(tmp_path: Path, capsys):
+    (tmp_path / "README.md").write_text("# not an image")
+    (tmp_path / "b.png").write_bytes(b"not an image either")
+    out = tmp_path / "out"
+    for paths, head in (([tmp_path / "README.md"], "the image could not"),
+                        ([tmp_path / "README.md", tmp_path / "b.png"], "none of the 2 images could")):
+        with pytest.raises(InputError, match=rf"^{head} be read or run \(bad image .*README\.md: cannot read "
+                                             rf"it: .*\); nothing was written$"):
+            predict_paths(FixedModel(), paths, out, ["a", "b"], [1, 2], "cpu")
+        assert not out.exists()  # no folder, no detections.json
+        assert capsys.readouterr().err == ""  # no warning beside the error
+
+
+def test_predict_draws_each_image_in_its_own_format(tmp_path: Path):
+    # a.png and a.jpg keep their own names and formats; D.JPG and d.jpg in two folders are one name to a case-insensitive file system: the second gets _2; .mpo (a
+    # JPEG of several frames) is not written by write_image: drawn as JPEG
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d2").mkdir()
+    inputs = {"a.png": "PNG", "a.jpg": "JPEG", "c.bmp": "BMP", "e.webp": "WEBP", "f.tif": "TIFF",
+              "d1/D.JPG": "JPEG", "d2/d.jpg": "JPEG", "m.mpo": "JPEG"}
+    for rel, fmt in inputs.items():
+        Image.fromarray(np.full((16, 20, 3), 128, dtype=np.uint8)).save(tmp_path / rel, format=fmt)
+    out = tmp_path / "out"
+    predict_paths(FixedModel(), [tmp_path / rel for rel in inputs], out, ["a", "b"], [1, 2], "cpu")
+    expected = {"a.png": "PNG", "a.jpg": "JPEG", "c.bmp": "BMP", "e.webp": "WEBP", "f.tif": "TIFF",
+                "D.JPG": "JPEG", "d_2.jpg": "JPEG", "m.jpg": "JPEG"}
+    assert sorted(p.name for p in out.iterdir()) == sorted([*expected, "detections.json"])
+    for name, fmt in expected.items():
+        with Image.open(out / name) as im:
+            assert (im.format, im.size) == (fmt, (20, 16)), name
 
 
 def test_read_image_bmp(tmp_path: Path):
@@ -221,26 +253,26 @@ def test_same_names_in_two_folders_get_distinct_outputs_and_records(tmp_path: Pa
     dets = predict_paths(FixedModel(), paths, out, ["circle", "square"], [3, 9], "cpu")
     # both b.png are drawn (a shared stem gets the suffix, a shared name a count); in the JSON
     # they are told apart by their paths
-    assert sorted(p.name for p in out.glob("*.jpg")) == ["b_png.jpg", "b_png_2.jpg", "c.jpg"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["b.png", "b_2.png", "c.png"]
     assert [d["file_name"] for d in dets] == [str(tmp_path / "d1/b.png"), str(tmp_path / "d2/b.png"),
                                               "c.png"]
 
 
 def test_cli_predict_takes_several_inputs(tmp_path: Path, monkeypatch, capsys):
-    from retina import cli
+    from retina import cli, commands
 
     r = tmp_path / "in"
     (r / "d").mkdir(parents=True)
     for rel in ["one.png", "d/two.png", "d/three.png"]:
         gray_png(r / rel, 20, 24)
     model = FixedModel()
-    monkeypatch.setattr(cli, "_load", lambda args: (model, None, ["circle", "square"], [3, 9], "cpu"))
+    monkeypatch.setattr(commands, "load_weights", lambda args: (model, None, ["circle", "square"], [3, 9], "cpu"))
     out = tmp_path / "out"
     assert cli.main(["predict", "-w", "unused.pth", "--input", str(r / "one.png"), f"{r}/d/t*.png",
                      "--out", str(out), "--score-thresh", "0.05"]) == 0
     # 3 images x 2 detections (scores 0.93 and 0.1, both >= 0.05)
     assert "6 detections in 3 images" in capsys.readouterr().out
-    assert sorted(p.name for p in out.glob("*.jpg")) == ["one.jpg", "three.jpg", "two.jpg"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["one.png", "three.png", "two.png"]
 
 
 def test_cli_predict_names_a_path_that_matches_nothing_before_loading(tmp_path: Path, capsys):
@@ -283,28 +315,42 @@ def test_predict_calls_the_model_once_per_image_size_and_keeps_input_order(tmp_p
 def test_unused_dir_keeps_earlier_outputs(tmp_path: Path):
     from retina.io import unused_dir
 
-    base = tmp_path / "predictions"
-    assert unused_dir(base) == base  # does not exist
-    base.mkdir()
+    base = tmp_path / "runs" / "predict"
+    assert unused_dir(base) == base and not base.parent.exists()  # does not exist; nothing made
+    base.mkdir(parents=True)
     assert unused_dir(base) == base  # exists, empty
     (base / "detections.json").write_text("[]")
-    (tmp_path / "predictions2").write_text("a file, not a folder")
-    (tmp_path / "predictions3").mkdir()
-    assert unused_dir(base) == tmp_path / "predictions3"  # the first free or empty one after it
+    (base.parent / "predict2").write_text("a file, not a folder")
+    (base.parent / "predict3").mkdir()
+    assert unused_dir(base) == base.parent / "predict3"  # the first free or empty one after it
 
 
-def test_cli_predict_default_out_does_not_overwrite_an_earlier_prediction(tmp_path: Path, monkeypatch, capsys):
-    from retina import cli
+def test_cli_predict_writes_under_runs_and_keeps_an_earlier_prediction(tmp_path: Path, monkeypatch, capsys):
+    from retina import cli, commands
 
     gray_png(tmp_path / "one.png", 20, 24)
     model = FixedModel()
-    monkeypatch.setattr(cli, "_load", lambda args: (model, None, ["circle", "square"], [3, 9], "cpu"))
+    monkeypatch.setattr(commands, "load_weights", lambda args: (model, None, ["circle", "square"], [3, 9], "cpu"))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["predict", "-w", "unused.pth", "--input", "one.png"]) == 0
-    first = (tmp_path / "predictions" / "detections.json").read_text()
+    first = (tmp_path / "runs/predict/detections.json").read_text()
     assert cli.main(["predict", "-w", "unused.pth", "--input", "one.png", "--score-thresh", "0.05"]) == 0
     out = capsys.readouterr().out
-    assert "1 detections in 1 images -> predictions/detections.json" in out
-    assert "2 detections in 1 images -> predictions2/detections.json" in out
-    assert (tmp_path / "predictions" / "detections.json").read_text() == first  # the first run's, untouched
-    assert len(json.loads((tmp_path / "predictions2" / "detections.json").read_text())) == 2
+    assert "1 detections in 1 images -> runs/predict/detections.json" in out
+    assert "2 detections in 1 images -> runs/predict2/detections.json" in out
+    assert (tmp_path / "runs/predict/detections.json").read_text() == first  # the first run's, untouched
+    assert len(json.loads((tmp_path / "runs/predict2/detections.json").read_text())) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "runs"]  # nothing else in the cwd
+
+
+def test_cli_predict_that_reads_no_image_makes_no_folder(tmp_path: Path, monkeypatch, capsys):
+    from retina import cli, commands
+
+    (tmp_path / "README.md").write_text("# a project")
+    monkeypatch.setattr(commands, "load_weights", lambda args: (FixedModel(), None, ["a", "b"], [1, 2], "cpu"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["predict", "-w", "unused.pth", "--input", "README.md"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("retina: error: the image could not be read or run (bad image README.md: ")
+    assert err.endswith("); nothing was written\n") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # no runs/predict

@@ -35,7 +35,6 @@ from retina.data.voc import read_voc
 from retina.data.yolo import label_path, read_yolo
 from retina.engine.evaluate import evaluate_detections
 
-RACCOON = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "raccoon-voc"
 
 
 def _image(path: Path, width: int, height: int) -> None:
@@ -477,16 +476,14 @@ def test_train_and_evaluate_on_a_folder(fmt, voc_root, yolo_root, tmp_path, caps
 
 
 # ------------------------------------------------------------------------------ raccoon-voc
-@pytest.mark.skipif(not RACCOON.is_dir(), reason=f"{RACCOON} absent: the shared raccoon-voc set "
-                                                 "is not part of the repository")  # fmt: skip
-def test_raccoon_voc():
-    folder = read_folder(RACCOON, "auto", ("train", "val"))
+def test_raccoon_voc(raccoon_voc):
+    folder = read_folder(raccoon_voc, "auto", ("train", "val"))
     assert folder.format == "voc" and folder.problems == [] and folder.class_names == ["raccoon"]
     counts = {s: (len(d["images"]), len(d["annotations"])) for s, d in folder.splits.items()}
     assert counts == {"train": (160, 174), "val": (40, 43)}  # shared/data/README.md
-    assert folder.summary(detected=True) == (f"voc layout detected in {RACCOON} "
+    assert folder.summary(detected=True) == (f"voc layout detected in {raccoon_voc} "
                                              "(160 train / 40 val images, 1 class)")
-    train = build_dataset(_data_cfg(RACCOON), "train")
+    train = build_dataset(_data_cfg(raccoon_voc), "train")
     assert train.coco.imgs[1]["file_name"] == "raccoon-1.jpg"  # first id of train.txt
     image, target = CocoDetection(folder.splits["train"], folder.image_dirs["train"])[0]
     # raccoon-1.xml: 650 x 417, xmin 81, ymin 88, xmax 522, ymax 408 -> (80, 87, 522, 408)

@@ -5,10 +5,11 @@ Formats (both by PyTorch's own exporters, from ``retina.deploy.graph.DetectorGra
 
 - ``onnx``: ``torch.onnx.export(dynamo=True)``; run by onnxruntime (``pip install
   'retina[export]'``). Metadata in the file's ``metadata_props``.
-- ``torchscript``: the ``torch.export`` program saved with ``torch.export.save`` (``.pt2``),
-  PyTorch's successor of TorchScript (``torch.jit.trace`` would freeze the in-graph resize and
-  top-k counts at the traced size); load with ``torch.export.load(F).module()``, no retina code
-  needed. Metadata in the file's extra files.
+- ``pt2``: the ``torch.export`` program saved with ``torch.export.save`` (``.pt2``), PyTorch's
+  successor of TorchScript (``torch.jit.trace`` would freeze the in-graph resize and top-k counts
+  at the traced size); load with ``torch.export.load(F).module()``, no retina code needed.
+  Metadata in the file's extra files. ``torchscript``, its former name, is a deprecated alias
+  (``DEPRECATED_FORMATS``): it writes the same file, with a notice.
 
 The file's contract (``DetectorGraph``): input ``images`` (N, 3, H, W) RGB, uint8 0..255 (or float
 in [0, 1] with ``input_dtype="float32"``); outputs ``boxes`` (N, D, 4) XYXY in input pixels,
@@ -28,6 +29,7 @@ import contextlib
 import io
 import json
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Literal, Sequence
@@ -41,12 +43,12 @@ from retina.deploy.parity import BOX_TOL, Parity, compare_image
 from retina.deploy.runtime import (ExportError, ExportedDetector, load_exported, require_onnxruntime)
 from retina.errors import InputError
 from retina.io import weights_dir
-from retina.model.resize import resized_size
 from retina.model.retinanet import RetinaNet
 
-Format = Literal["onnx", "torchscript"]
+Format = Literal["onnx", "pt2"]
 InputDtype = Literal["uint8", "float32"]
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt2"}
+SUFFIX = {"onnx": ".onnx", "pt2": ".pt2"}
+DEPRECATED_FORMATS = {"torchscript": "pt2"}  # former name -> the format it writes
 FORMAT_VERSION = "1"
 MIN_SIDE, MAX_SIDE, MAX_BATCH = 8, 8192, 1024  # the dynamic dimensions' declared ranges
 EXPORT_MISSING = "{what} is not installed; retina export --format onnx needs it: pip install 'retina[export]'"
@@ -88,6 +90,8 @@ def export_model(model: RetinaNet, path: str | Path, fmt: Format, example: Tenso
                  dynamic: bool = False, opset: int | None = None) -> Path:
     """Write ``DetectorGraph(model)`` to ``path`` in ``fmt``, traced on ``example`` (N, 3, H, W)
     (its dtype is the file's input dtype); ``dynamic``: any N, H, W. Returns ``path``."""
+    if fmt not in SUFFIX:
+        raise ValueError(f"unknown export format {fmt!r}; choose {' | '.join(SUFFIX)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     graph = DetectorGraph(model.eval())
@@ -95,7 +99,7 @@ def export_model(model: RetinaNet, path: str | Path, fmt: Format, example: Tenso
     if dynamic and example.shape[0] == 1:  # torch.export specialises a size-1 dimension to 1
         example = example.expand(2, -1, -1, -1)
     with _quiet(), torch.no_grad():
-        if fmt == "torchscript":
+        if fmt == "pt2":
             program = torch.export.export(graph, (example,), dynamic_shapes=shapes)
             torch.export.save(program, str(path), extra_files=metadata)
             return path
@@ -146,20 +150,26 @@ def check_parity(model: RetinaNet, detector: ExportedDetector, images: Sequence[
         with torch.inference_mode():
             ref = model([image])[0]
             out = detector([image])[0]
-        spec = model.input_spec
         h, w = image.shape[-2:]
-        rh, rw = resized_size(h, w, *spec.eval_size, spec.resize)
+        rh, rw = model.inference_size(h, w)
         compare_image(parity, ref, out, post.score_thresh, post.detections_per_image, name=name,
                       px_scale=max(h / rh, w / rw))
     return parity
 
 
-def export_cli(weights: str, fmt: Format, out: str | None, dynamic: bool, opset: int | None,
+def export_cli(weights: str, fmt: str, out: str | None, dynamic: bool, opset: int | None,
                images: Sequence[str], config: str | None, overrides: Sequence[str],
                input_dtype: InputDtype = "uint8", num_images: int = 4, box_tol: float = BOX_TOL) -> int:
-    """``retina export``: load, export, check parity; 0 when parity holds, 1 when it does not."""
+    """``retina export``: load, export, check parity; 0 when parity holds, 1 when it does not.
+    ``fmt`` may be a ``DEPRECATED_FORMATS`` name: a one-line notice on stderr gives the new one."""
     from retina.config import find_config, load_config
     from retina.engine.checkpoint import load_model
+
+    if fmt in DEPRECATED_FORMATS:
+        new = DEPRECATED_FORMATS[fmt]
+        print(f"retina: --format {fmt} is deprecated: it writes a torch.export program (.pt2); "
+              f"use --format {new}", file=sys.stderr)
+        fmt = new
 
     if fmt == "onnx":
         require_onnxruntime()  # before the minutes of export, not after

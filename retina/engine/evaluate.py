@@ -2,7 +2,8 @@
 
 This module owns the COCO results format (``{"image_id", "category_id", "bbox": [x, y, w, h],
 "score"}``), the 12 COCO box metrics (reported in percent, NaN where pycocotools has no ground
-truth for a size range), per-class AP, and the JSON files ``detections.json`` / ``metrics.json``.
+truth for a size range), per-class AP, and the JSON files ``detections.json`` / ``metrics.json``
+(the metrics, and which checkpoint they score when the caller says).
 
 Shape legend: N images, D detections of one image, K classes.
 """
@@ -158,6 +159,16 @@ def evaluate_detections(
         a class without GT). An empty ``results`` scores every box missed: 0.0 (NaN where
         there is no GT, as with detections).
     """
+    class_names, cat_ids = _classes(coco_gt, class_names, cat_ids)
+    coco_eval = run_cocoeval(coco_gt, results, cat_ids, image_ids, backend)
+    metrics: dict[str, Any] = summary_metrics(coco_eval.stats)
+    metrics["per_class"] = per_class_ap(coco_eval, class_names, cat_ids)
+    return metrics
+
+
+def _classes(coco_gt: COCO, class_names: list[str] | None,
+             cat_ids: list[int] | None) -> tuple[list[str], list[int]]:
+    """(K names, K category ids) to evaluate: those given, else every category of ``coco_gt``."""
     if cat_ids is None:
         cat_ids = sorted(coco_gt.getCatIds())
     cat_ids = [int(c) for c in cat_ids]
@@ -165,6 +176,13 @@ def evaluate_detections(
         class_names = [cat["name"] for cat in coco_gt.loadCats(cat_ids)]
     if len(class_names) != len(cat_ids):
         raise ValueError(f"{len(class_names)} class names but {len(cat_ids)} category ids")
+    return list(class_names), cat_ids
+
+
+def run_cocoeval(coco_gt: COCO, results: list[dict], cat_ids: list[int], image_ids: list[int] | None,
+                 backend: EvalBackend = "pycocotools") -> Any:
+    """``COCOeval`` (bbox) of ``backend`` evaluated, accumulated and summarised on ``cat_ids`` and
+    ``image_ids`` (None: every GT image), its prints silenced."""
     coco_cls, cocoeval_cls = _coco_classes(backend)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = coco_gt
@@ -179,11 +197,18 @@ def evaluate_detections(
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
+    return coco_eval
 
-    metrics: dict[str, Any] = {  # faster-coco-eval appends AR50, AR75 after the 12: zip drops them
-        name: float(v) * 100 if v >= 0 else float("nan")
-        for name, v in zip(METRIC_NAMES, coco_eval.stats)
-    }
+
+def summary_metrics(stats: Sequence[float]) -> dict[str, float]:
+    """``COCOeval.stats`` as ``{name: percent}`` of the 12 ``METRIC_NAMES``; -1 (no GT in a size
+    range) as NaN. faster-coco-eval appends AR50 and AR75 after the 12: zip drops them."""
+    return {name: float(v) * 100 if v >= 0 else float("nan") for name, v in zip(METRIC_NAMES, stats)}
+
+
+def per_class_ap(coco_eval: Any, class_names: list[str], cat_ids: list[int]) -> dict[str, float]:
+    """``{name: AP percent}`` (area "all", 100 detections, mean over IoU thresholds and recall
+    points) of an accumulated ``COCOeval``; NaN for a class without GT."""
     # precision: (T iou thresholds, R recall points, K classes, A area ranges, M max-dets);
     # pycocotools sorts catIds, so class k of the array is the k-th smallest id.
     precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (T, R, K), area "all", 100 dets
@@ -194,8 +219,7 @@ def evaluate_detections(
     with np.errstate(invalid="ignore", divide="ignore"):
         ap_per_cat = np.where(counts > 0, sums / np.maximum(counts, 1) * 100, np.nan)  # (K,)
     ap_by_id = dict(zip(evaluated_ids, ap_per_cat.tolist()))
-    metrics["per_class"] = {name: float(ap_by_id[c]) for name, c in zip(class_names, cat_ids)}
-    return metrics
+    return {name: float(ap_by_id[c]) for name, c in zip(class_names, cat_ids)}
 
 
 def format_metrics_table(metrics: dict) -> str:
@@ -325,12 +349,14 @@ def evaluate(
     progress: bool = True,
     num_workers: int = 2,
     backend: EvalBackend = "pycocotools",
+    checkpoint: dict | None = None,
 ) -> dict:
     """``inference`` + ``to_coco_results`` + ``evaluate_detections`` on a ``CocoDetection``-like
     dataset (attributes ``coco``, ``cat_ids``, ``class_names``); ``backend`` as there.
 
     When ``out_dir`` is given, writes ``out_dir/detections.json`` (COCO results) and
-    ``out_dir/metrics.json`` (the returned dict, NaN as null).
+    ``out_dir/metrics.json`` (the returned dict, NaN as null, and ``checkpoint``, what was
+    scored, e.g. ``{"path": ..., "iteration": ...}``, under that key when given).
     """
     check_backend(backend)  # before inference, not after it
     outputs, image_ids = inference(
@@ -344,5 +370,6 @@ def evaluate(
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_json(out_dir / "detections.json", results)
-        write_json(out_dir / "metrics.json", metrics)
+        record = metrics if checkpoint is None else {**metrics, "checkpoint": checkpoint}
+        write_json(out_dir / "metrics.json", record)
     return metrics

@@ -1,8 +1,10 @@
 """Run a detector on image files: a JSON of detections and one drawn image per input.
 
 This module owns the prediction outputs: ``out_dir/detections.json`` (a list of ``{"file_name",
-"bbox": [x, y, w, h], "score", "category_id", "category_name"}``) and ``out_dir/<stem>.jpg``
-with boxes, class names and scores drawn (``retina.viz``). Images are decoded by the datasets'
+"bbox": [x, y, w, h], "score", "category_id", "category_name"}``) and one drawing per input,
+``out_dir/<name>`` in the input's own format (``retina.viz.IMAGE_FORMATS``; JPEG for another),
+with boxes, class names and scores drawn (``retina.viz``). ``out_dir`` is made once an image has
+been detected: a run that reads none leaves nothing behind. Images are decoded by the datasets'
 own ``read_image`` and reach the model as uint8, as in evaluation.
 
 Shape legend: D detections of one image, K classes.
@@ -25,7 +27,7 @@ from retina.data.formats import IMAGE_SUFFIXES
 from retina.engine.evaluate import same_size_batches
 from retina.errors import InputError, MissingFileError
 from retina.io import write_json
-from retina.viz import draw_detections, write_image
+from retina.viz import IMAGE_FORMATS, draw_detections, write_image
 
 
 def list_images(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -76,16 +78,18 @@ def _images_in(directory: Path) -> list[Path]:
 
 
 def _output_names(paths: list[Path]) -> list[str]:
-    """``<stem>.jpg`` per input; ``<stem>_<ext>.jpg`` when two inputs share a stem; then
-    ``_2``, ``_3``, ... for inputs of the same name in different folders."""
-    stems = Counter(p.stem for p in paths)
+    """Each input's drawing: its own name where ``write_image`` writes its format, else
+    ``<stem>.jpg``; ``<stem>_2<suffix>``, ``_3``, ... for a name that an earlier input took (the
+    same name in another folder; compared case-insensitively, as some file systems do)."""
     names: list[str] = []
+    taken: set[str] = set()
     for p in paths:
-        base = f"{p.stem}_{p.suffix.lstrip('.')}" if stems[p.stem] > 1 else p.stem
-        name, k = f"{base}.jpg", 1
-        while name in names:
+        suffix = p.suffix if p.suffix.lower() in IMAGE_FORMATS else ".jpg"
+        name, k = f"{p.stem}{suffix}", 1
+        while name.lower() in taken:
             k += 1
-            name = f"{base}_{k}.jpg"
+            name = f"{p.stem}_{k}{suffix}"
+        taken.add(name.lower())
         names.append(name)
     return names
 
@@ -95,6 +99,34 @@ def _record_names(paths: list[Path]) -> list[str]:
     several inputs share that name."""
     counts = Counter(p.name for p in paths)
     return [p.name if counts[p.name] == 1 else str(p) for p in paths]
+
+
+class _Skipped:
+    """The inputs skipped (unreadable, or refused by the model), each named on stderr as
+    ``warning: skipping ...`` once some image has been detected: until then they are held back,
+    so that a run that detects no image ends with its one-line error alone."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self._shown = 0
+        self._detected = False
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+    def add(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self._show()
+
+    def detected(self) -> None:
+        self._detected = True
+        self._show()
+
+    def _show(self) -> None:
+        if self._detected:
+            for reason in self.reasons[self._shown:]:
+                print(f"warning: skipping {reason}", file=sys.stderr)
+            self._shown = len(self.reasons)
 
 
 def predict_paths(
@@ -107,8 +139,8 @@ def predict_paths(
     score_thresh: float = 0.3,
     batch_size: int = 4,
 ) -> list[dict]:
-    """Detect objects in each image file and write ``out_dir/detections.json`` and one drawn
-    ``out_dir/<stem>.jpg`` per input.
+    """Detect objects in each image file and write ``out_dir/detections.json`` and one drawing
+    per input (see the module docstring).
 
     Args:
         model: eval-mode contract: ``model(list of uint8 (3, H, W))`` -> list of dicts with
@@ -124,63 +156,86 @@ def predict_paths(
 
     Raises:
         InputError: some files could not be read, or the model refused them (a static export
-            given another size): each was skipped with a warning on stderr,
-            the others' detections and drawings were written first; one line names the first.
+            given another size): each was skipped with a warning on stderr, the others'
+            detections and drawings were written first; one line names the first. When no
+            image could be, nothing is written (no ``out_dir`` either) and no warning printed.
     """
     device = torch.device(device)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in paths]
     out_paths = [out_dir / name for name in _output_names(paths)]
+    _refuse_overwriting_inputs(paths, out_paths)
     record_names = _record_names(paths)
-    for src, dst in zip(paths, out_paths):
-        if dst.exists() and dst.resolve() == Path(src).resolve():
-            raise InputError(f"output {dst} would overwrite its input; choose another out_dir")
-
+    skipped = _Skipped()
+    detections: list[dict] = []
     was_training = model.training
     model.eval()
-    detections: list[dict] = []
-    bad: list[str] = []  # unreadable images: skipped, named at the end
     try:
         for start in range(0, len(paths), batch_size):
-            read = []  # (index, uint8 (3, H, W)) of the readable images of this batch
-            for i in range(start, min(start + batch_size, len(paths))):
-                try:
-                    read.append((i, read_image(paths[i])))
-                except BadImageError as e:
-                    bad.append(str(e))
-                    print(f"warning: skipping {e}", file=sys.stderr)
-            if not read:
-                continue
-            index, images = [i for i, _ in read], [img for _, img in read]
-            groups = same_size_batches([tuple(img.shape[-2:]) for img in images], len(images), len(images))
-            outputs: dict[int, dict] = {}  # position in ``read`` -> the model's output
-            for group in groups:  # one call per image size, see the docstring
-                try:
-                    with torch.inference_mode():
-                        outputs.update(zip(group, model([images[j].to(device) for j in group])))
-                except InputError as e:  # an image the model refuses (a static export's other size)
-                    for j in group:
-                        bad.append(f"{paths[index[j]]}: {e}")
-                        print(f"warning: skipping {bad[-1]}", file=sys.stderr)
-            for j in sorted(outputs):
-                i, image, out = index[j], images[j], outputs[j]
-                name, dst = record_names[i], out_paths[i]
-                keep = out["scores"] >= score_thresh  # (D,)
-                boxes = out["boxes"][keep].detach().cpu().float()  # (D', 4)
-                scores = out["scores"][keep].detach().cpu().float()  # (D',)
-                labels = out["labels"][keep].detach().cpu().long()  # (D',)
-                detections.extend(_to_records(name, boxes, scores, labels, class_names, cat_ids))
-                drawn = draw_detections(image, boxes, labels, scores, class_names)
-                write_image(drawn, dst)
+            images = _read_images(paths, range(start, min(start + batch_size, len(paths))), skipped)
+            outputs = _detect(model, images, paths, device, skipped)
+            for i in sorted(outputs):  # input order
+                boxes, scores, labels = _kept(outputs[i], score_thresh)
+                detections.extend(_to_records(record_names[i], boxes, scores, labels, class_names, cat_ids))
+                write_image(draw_detections(images[i], boxes, labels, scores, class_names), out_paths[i])
+                skipped.detected()
     finally:
         model.train(was_training)
+    if paths and len(skipped) == len(paths):
+        head = "the image could not" if len(paths) == 1 else f"none of the {len(paths)} images could"
+        raise InputError(f"{head} be read or run ({skipped.reasons[0]}); nothing was written")
     write_json(out_dir / "detections.json", detections)
-    if bad:  # after the others' results are written: one bad file loses no finished work
-        raise InputError(f"{len(bad)} of {len(paths)} images could not be read or run (the first: {bad[0]}); "
-                         f"the detections of the other {len(paths) - len(bad)} are in "
-                         f"{out_dir / 'detections.json'}")
+    if skipped:  # after the others' results are written: one bad file loses no finished work
+        raise InputError(f"{len(skipped)} of {len(paths)} images could not be read or run (the first: "
+                         f"{skipped.reasons[0]}); the detections of the other {len(paths) - len(skipped)} "
+                         f"are in {out_dir / 'detections.json'}")
     return detections
+
+
+def _refuse_overwriting_inputs(paths: list[Path], out_paths: list[Path]) -> None:
+    for src, dst in zip(paths, out_paths):
+        if dst.exists() and dst.resolve() == src.resolve():
+            raise InputError(f"output {dst} would overwrite its input; choose another out_dir")
+
+
+def _read_images(paths: list[Path], indices: range, skipped: _Skipped) -> dict[int, Tensor]:
+    """``{i: uint8 (3, H, W)}`` of the readable ``paths[i]``; the others go to ``skipped``."""
+    images: dict[int, Tensor] = {}
+    for i in indices:
+        try:
+            images[i] = read_image(paths[i])
+        except BadImageError as e:
+            skipped.add(str(e))
+    return images
+
+
+def _detect(model: nn.Module, images: dict[int, Tensor], paths: list[Path], device: torch.device,
+            skipped: _Skipped) -> dict[int, dict]:
+    """``{i: the model's output}`` of each image, one model call per image size (see
+    ``predict_paths``); the images of a call the model refuses (``InputError``, e.g. a static
+    export given another size) go to ``skipped``."""
+    index = list(images)
+    sizes = [tuple(images[i].shape[-2:]) for i in index]
+    outputs: dict[int, dict] = {}
+    for group in same_size_batches(sizes, len(index), max(len(index), 1)):
+        batch = [index[j] for j in group]
+        try:
+            with torch.inference_mode():
+                outputs.update(zip(batch, model([images[i].to(device) for i in batch])))
+        except InputError as e:
+            for i in batch:
+                skipped.add(f"{paths[i]}: {e}")
+    return outputs
+
+
+def _kept(output: dict, score_thresh: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(boxes (D', 4) float, scores (D',) float, labels (D',) long) on the CPU of the detections
+    scoring at least ``score_thresh``."""
+    keep = output["scores"] >= score_thresh  # (D,)
+    boxes = output["boxes"][keep].detach().cpu().float()  # (D', 4)
+    scores = output["scores"][keep].detach().cpu().float()  # (D',)
+    labels = output["labels"][keep].detach().cpu().long()  # (D',)
+    return boxes, scores, labels
 
 
 def _to_records(
