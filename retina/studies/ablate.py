@@ -20,7 +20,8 @@ halfway has every setting at seed 0. Each combination trains in ``OUT/<name>/`` 
 its resolved ``config.yaml``, ``metrics.jsonl``, ``metrics.json`` and ``ablate_run.json`` (the
 overrides, wall time and status). Re-running skips runs that have ``metrics.json`` and resumes
 those that have a checkpoint; a run that failed (e.g. diverged) is tried again; so a long sweep
-can be run in parts (stop it, start it again). The tables and the plot come from
+can be run in parts (stop it, start it again), one sweep at a time per folder (a second
+``retina ablate`` on it is refused while one runs: ``retina.io.lock_dir``). The tables and the plot come from
 ``retina/studies/report.py`` (mean +- std over seeds) and are rebuilt from the run directories alone.
 Parsing the grids and naming the runs is ``grid.py``'s; this module plans and runs the sweep.
 """
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from retina.config import ConfigError, load_config
-from retina.io import write_json
+from retina.io import lock_dir, write_json
 from retina.studies.grid import check_seeds, expand_grid, grids_from_config, run_name, seeds_from_config
 from retina.studies.report import build_report
 from retina.studies.runs import SEED_KEY
@@ -333,8 +334,9 @@ def ablate_cli(config: Optional[str], grids: Sequence[str] = (), sets: Sequence[
     config_path = find_config(config)
     out_dir = Path(out) if out else Path("runs") / "ablate" / config_path.stem
     t0 = time.perf_counter()
-    results = run_sweep(config_path, grids, sets, out_dir, jobs, device, seeds)
-    paths = build_report(out_dir)
+    with lock_dir(out_dir):  # one sweep per folder: a second one is refused while this one runs
+        results = run_sweep(config_path, grids, sets, out_dir, jobs, device, seeds)
+        paths = build_report(out_dir)
     from retina.engine.logger import format_seconds
 
     failed = [r["name"] for r in results if r["status"] == "failed"]
