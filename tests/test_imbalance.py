@@ -1,5 +1,6 @@
 """``retina analyze imbalance``: counts on a small anchor grid derived by hand, the CE shares at
-the prior and after "training" (a head whose logits are a known constant), COCO's anchor count."""
+the prior and after "training" (a head whose logits are a known constant), COCO's anchor count,
+the same grid read with absent classes (``data.shapes.extra_classes``), and ``--grid``."""
 
 from __future__ import annotations
 
@@ -144,3 +145,65 @@ def test_cli_with_trained_weights(tiny_shapes_overrides, tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.startswith("| run |"))
     assert row.startswith("| run | 4 | 3 |") and row.endswith("% |")  # a trained share, not "-"
     assert "run: after training, negatives carry" in out
+
+
+def _shapes_split(root, extra_classes: int):
+    """DATASET's two images as a shapes split read with ``extra_classes`` absent classes: black
+    64 x 64 PNGs, image 1 with one circle (category 2, label 1) at [16, 16, 32, 32]."""
+    from PIL import Image
+
+    from retina.data.coco import CocoDetection
+    from retina.data.shapes import categories, with_absent_classes
+
+    root.mkdir(exist_ok=True)
+    for name in ("0.png", "1.png"):
+        Image.new("RGB", (64, 64)).save(root / name)
+    coco = {"images": [{"id": 1, "file_name": "0.png", "width": 64, "height": 64},
+                       {"id": 2, "file_name": "1.png", "width": 64, "height": 64}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [16, 16, 16, 16],
+                             "area": 256, "iscrowd": 0}],
+            "categories": categories(0)}
+    return CocoDetection(with_absent_classes(coco, extra_classes), root)
+
+
+@pytest.mark.parametrize("extra, k, negative_pairs, share", [
+    # E = 0, K = 3: image 0 (32 - 1 ignored) x 3 - 1 positive = 92, image 1 32 x 3 = 96: mean 94.
+    # share = 94 x 0.0100503 / (94 x 0.0100503 + 0.5 x 4.60517) = 0.944732 / 3.247317 = 0.29093
+    (0, 3, (92 + 96) / 2, 0.29093),
+    # E = 5, K = 8: (32 - 1) x 8 - 1 = 247 and 32 x 8 = 256: mean 251.5, i.e. 94 + 5 x (32 - 0.5).
+    # share = 251.5 x 0.0100503 / (251.5 x 0.0100503 + 0.5 x 4.60517) = 2.527659 / 4.830245 = 0.52330
+    (5, 8, (247 + 256) / 2, 0.52330),
+])
+def test_absent_classes_add_negative_pairs_only(tmp_path, extra, k, negative_pairs, share):
+    """The hand-made grid above read as a shapes split with E absent classes: K = 3 + E comes
+    from the data, and only Q grows, by (R - ignored) per absent class; R, ignored and P stay."""
+    dataset = _shapes_split(tmp_path / "split", extra)
+    assert dataset.num_classes == k
+    torch.manual_seed(0)
+    cfg = config_from_dict({}, [*TINY_GRID, f"model.num_classes={dataset.num_classes}"])
+    model = build_model(cfg).eval()
+    stats, _ = measure(model, dataset, 2, 0.01, torch.device("cpu"))
+    # R = 32 per image; image 0: 1 ignored, 1 positive; image 1: none; means 0.5 and 0.5.
+    assert stats == Imbalance(images=2, num_classes=k, prior=0.01, anchors=32.0, ignored=0.5, positives=0.5,
+                              negative_pairs=negative_pairs)
+    neg, pos = negative_pairs * LOG_1_PI, 0.5 * LOG_PI
+    assert stats.initial_negative_share == pytest.approx(neg / (neg + pos), rel=1e-12)
+    assert stats.initial_negative_share == pytest.approx(share, abs=1e-5)
+
+
+def test_cli_grid_parses_and_gives_one_row_per_value(tiny_shapes_overrides, capsys):
+    from retina.cli import build_parser
+
+    args = build_parser().parse_args(["analyze", "imbalance", "--config", "shapes", "--grid", "a=1,2", "b=3",
+                                      "--grid", "c=4"])
+    assert args.grid == ["a=1,2", "b=3", "c=4"]  # nargs="+", and repeated flags add up
+    assert main(["analyze", "imbalance", "--config", "shapes", "--num-images", "2", "--device", "cpu",
+                 "--set", *tiny_shapes_overrides, "model.input.min_size=[64]", "model.input.max_size=64",
+                 "--grid", "data.shapes.extra_classes=0,5"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("| shapes extra_classes=0", "2", "3"),
+                                                  ("| shapes extra_classes=5", "2", "8")]  # K = 3 + E
+    assert rows[0][3:5] == rows[1][3:5]  # the same anchors R and positives P
+    assert main(["analyze", "imbalance", "--weights", "some_run",
+                 "--grid", "data.shapes.extra_classes=0,5"]) == 2
+    assert "a grid is measured on --config C, without --weights" in capsys.readouterr().err

@@ -44,6 +44,7 @@ from PIL import Image
 
 from retina.errors import InputError
 from retina.io import atomic_write
+from retina.log import stamped
 
 CLASS_NAMES = ("square", "circle", "triangle")  # category ids 1, 2, 3
 ABSENT_NAME = "absent {}"  # the name of absent category id k > 3
@@ -280,6 +281,6 @@ def ensure_shapes(root: str | Path, num_train: int, num_val: int, image_size: in
                     "another directory"
                 )
         return root
-    print(f"generating shapes dataset in {root}: {num_train} train + {num_val} val images "
-          f"of {image_size}x{image_size}", file=sys.stderr)  # fmt: skip
+    print(stamped(f"generating shapes dataset in {root}: {num_train} train + {num_val} val images "
+                  f"of {image_size}x{image_size}"), file=sys.stderr)  # fmt: skip
     return generate_shapes(root, num_train, num_val, image_size, seed)

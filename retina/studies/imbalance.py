@@ -17,6 +17,9 @@ over N validation images at the test size, this counts:
 
 The counts come from the model itself: its resize and padding (``preprocess``), its backbone's
 feature sizes, its anchor generator and its assigner; nothing here re-implements matching.
+K is the val set's class count, absent classes included: the shapes set's
+``data.shapes.extra_classes`` raise K, hence Q by (R - ignored) per absent class, and leave R,
+the ignored anchors and P as they are (``--grid data.shapes.extra_classes=0,77``: one row each).
 
 COCO's initial figures need only R, K and P (``coco_imbalance``): R is counted the same way for
 an 800 x 1333 image under a COCO config; P is an assumption, since it needs COCO's boxes: by
@@ -41,6 +44,7 @@ from torch import Tensor
 
 from retina.config import Config, load_config, replace
 from retina.model.assigner import pad_targets
+from retina.studies.grid import expand_grid, run_name
 
 EASY_P = 0.1  # a negative the model gives p < 0.1 is "easy" (Sec. 3.2's well-classified examples)
 COCO_SIZE = (800, 1333)  # (H, W): shorter side 800, longer 1333 (Sec. 4.1)
@@ -198,12 +202,33 @@ def format_table(rows: list[tuple[str, Imbalance, Optional[TrainedShares]]]) -> 
     return "\n".join(lines)
 
 
+def _config_rows(config: str, sets: Sequence[str], grids: Sequence[str], num_images: int,
+                 dev: torch.device) -> list[tuple[str, Imbalance, None]]:
+    """One row per combination of ``grids`` (``retina ablate``'s ``key=v1,v2`` items; none: one
+    row) of ``config`` with ``sets``: its untrained model (K = the val set's classes) on its val
+    set, named ``<config> <run name>``."""
+    from retina.config import find_config
+    from retina.data import build_dataset
+
+    path, rows = find_config(config), []
+    for combo in expand_grid(grids):
+        cfg = load_config(path, [*sets, *combo])
+        dataset = build_dataset(cfg, "val")
+        cfg = replace(cfg, model=dataclasses.replace(cfg.model, num_classes=dataset.num_classes))
+        stats, _ = measure(_untrained(cfg).to(dev), dataset, num_images, _start_prior(cfg), dev,
+                           cfg.eval.batch_size)  # fmt: skip
+        rows.append((" ".join([Path(config).stem, *([run_name(combo)] if combo else [])]), stats, None))
+    return rows
+
+
 def imbalance_cli(config: Optional[str], weights: Optional[str], sets: Sequence[str] = (),
                   num_images: int = 100, coco: bool = False, coco_positives: float = COCO_POSITIVES,
-                  device: str = "auto") -> int:
+                  device: str = "auto", grids: Sequence[str] = ()) -> int:
     """``retina analyze imbalance [--config C] [--weights RUN] [--set k=v ...] [--num-images N]
-    [--coco] [--coco-positives P]``: print the table; with ``--weights`` the trained model's
-    config (or ``--config``) and its CE shares."""
+    [--coco] [--coco-positives P] [--grid KEY=V1,V2 ...]``: print the table; with ``--weights``
+    the trained model's config (or ``--config``) and its CE shares. ``grids`` (``key=v1,v2,...``,
+    as ``retina ablate --grid``): one row per combination of ``config``, e.g.
+    ``data.shapes.extra_classes=0,77``."""
     from retina.config import find_config
     from retina.data import build_dataset
     from retina.engine.dist import resolve_device
@@ -211,21 +236,20 @@ def imbalance_cli(config: Optional[str], weights: Optional[str], sets: Sequence[
 
     if config is None and weights is None and not coco:
         raise UsageError("retina analyze imbalance needs --config C, --weights RUN or --coco")
+    if grids and (config is None or weights is not None):
+        raise UsageError("retina analyze imbalance: a grid is measured on --config C, without --weights")
     dev = resolve_device(device)
     rows: list[tuple[str, Imbalance, Optional[TrainedShares]]] = []
-    cfg = load_config(find_config(config), sets) if config is not None else None
     if weights is not None:
         from retina.engine.checkpoint import load_model
 
+        cfg = load_config(find_config(config), sets) if config is not None else None
         model, cfg, _, _ = load_model(weights, dev, tuple(sets), cfg)
-    if cfg is not None:
-        dataset = build_dataset(cfg, "val")
-        if weights is None:
-            cfg = replace(cfg, model=dataclasses.replace(cfg.model, num_classes=dataset.num_classes))
-            model = _untrained(cfg).to(dev)
-        stats, shares = measure(model, dataset, num_images, _start_prior(cfg), dev, cfg.eval.batch_size,
-                                trained=weights is not None)
-        rows.append((Path(weights).name if weights else Path(config).stem, stats, shares))
+        stats, shares = measure(model, build_dataset(cfg, "val"), num_images, _start_prior(cfg), dev,
+                                cfg.eval.batch_size, trained=True)  # fmt: skip
+        rows.append((Path(weights).name, stats, shares))
+    elif config is not None:
+        rows += _config_rows(config, sets, grids, num_images, dev)
     if coco:
         coco_cfg = load_config(find_config("retinanet_r50_fpn_1x_coco"))
         for p in (coco_positives, 10 * coco_positives):
