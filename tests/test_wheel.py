@@ -48,6 +48,17 @@ def env(site) -> dict:
     return {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
 
 
+def test_every_package_is_listed_for_the_wheel():
+    # pyproject names its packages one by one (retina.configs is mapped from configs/): a new
+    # subpackage missing there would import from the checkout and be absent from the wheel
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "retina").rglob("__init__.py")}
+    assert found - listed == set()
+    assert listed - found == {"retina.configs", "retina.configs.ablations"}
+
+
 def test_wheel_ships_the_configs(site):
     configs = sorted(str(p.relative_to(site / "retina" / "configs"))
                      for p in (site / "retina" / "configs").rglob("*.yaml"))
