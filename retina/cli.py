@@ -255,7 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -------------------------------------------------------------------------------------- main
+def share_cores(env: dict) -> None:
+    """Let torch's OpenMP threads spin only briefly at a barrier before they sleep
+    (``GOMP_SPINCOUNT=1000``, GNU OpenMP's own figure for more threads than cores, against its
+    default of 300000), unless ``env`` already chooses how they wait (``GOMP_SPINCOUNT`` or
+    ``OMP_WAIT_POLICY``). A spinning thread holds a core that another process needs: beside one
+    other CPU-bound process a training step took 4-48x its time alone with the default, 2.2x with
+    this, at the same speed alone (``python -m benchmarks.contention``, docs/speed.md).
+    GNU OpenMP (what torch's Linux wheels load) reads the variable once, when torch loads:
+    ``main`` sets it before any verb imports torch, and the processes a verb starts (``ablate
+    --jobs``, DataLoader workers) inherit it."""
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        env["GOMP_SPINCOUNT"] = "1000"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    share_cores(os.environ)
     args = build_parser().parse_args(argv)
     if os.environ.get("RETINA_DEBUG"):  # full tracebacks for developers
         return _run(args)

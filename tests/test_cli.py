@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from retina.cli import build_parser, main
+from retina.cli import build_parser, main, share_cores
 from retina.config import find_config
 
 
@@ -251,6 +252,36 @@ def test_help_argument_and_config_errors_do_not_import_torch(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"codes": [0, 0, 0, 0, 2, 2, 2, 2, 2], "torch": False}, result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written by any of them
+
+
+def test_openmp_threads_spin_briefly_at_a_barrier_unless_the_user_chose_how_they_wait():
+    env = {"PATH": "/bin"}
+    share_cores(env)
+    assert env == {"PATH": "/bin", "GOMP_SPINCOUNT": "1000"}
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300000"}):
+        env = dict(chosen)
+        share_cores(env)
+        assert env == chosen
+
+
+WAIT_SCRIPT = """
+import os, sys
+from retina.cli import main
+try:
+    main(["train", "--help"])
+except SystemExit:
+    pass
+print(os.environ.get("GOMP_SPINCOUNT"), "torch" in sys.modules)
+"""
+
+
+def test_the_command_sets_the_spin_count_before_torch_loads(tmp_path):
+    # OpenMP reads GOMP_SPINCOUNT once, when torch loads: it must be in place before any import
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    result = subprocess.run([sys.executable, "-c", WAIT_SCRIPT], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["1000", "False"]
 
 
 # ------------------------------------------------------------------------ data and analyze jobs
