@@ -381,3 +381,51 @@ def test_report_from_a_re_evaluation_of_every_run(tmp_path):
     assert "| gamma=0,alpha=0.75 | 2 | 0.3 ± 0.1 |" in md
     assert "| gamma=2,alpha=0.25 | 1 | 1.5 (n=1) |" in md
     assert "| gamma=2,alpha=0.25,seed=1 | 2 | 0.25 | 1 |  |" in md
+
+
+def _val_rows(run: Path, aps: dict[int, float], cut_after: int | None = None) -> None:
+    """Append the val/AP rows that a training's evaluations write to its metrics.jsonl."""
+    with open(run / "metrics.jsonl", "a") as f:
+        for i, ap in aps.items():
+            f.write(json.dumps({"iter": i, "time": 0.0, "val/AP": ap, "val/AP50": ap + 20}) + "\n")
+            if i == cut_after:
+                f.write('{"iter": 999, "val/A')  # a row cut by a kill, then the run resumed
+                f.write("\n")
+
+
+def test_learning_curves_mean_over_seeds_and_the_last_quarter(tmp_path):
+    _seed_runs(tmp_path, ["loss.gamma=2"], [31.0, 35.0])
+    # seed 0: 10, 20, 30, 31; seed 1: 14, 22, 34, 35 -> means 12, 21, 32, 33; 3/4 of 600 is 450:
+    # the change is 33 - 32 = +1.0; the std at 600 is |31 - 35| / sqrt(2) = 2.828
+    _val_rows(tmp_path / "gamma=2,seed=0", {150: 10.0, 300: 20.0, 450: 30.0, 600: 31.0})
+    _val_rows(tmp_path / "gamma=2,seed=1", {150: 14.0, 300: 22.0, 450: 34.0, 600: 35.0})
+    _seed_runs(tmp_path, ["loss.gamma=0"], [25.0])
+    # iteration 300 evaluated twice (a resume): the later 9 counts; 3/4 of 600: 450 -> 25 - 15 = +10
+    _val_rows(tmp_path / "gamma=0,seed=0", {150: 5.0, 300: 8.0}, cut_after=300)
+    _val_rows(tmp_path / "gamma=0,seed=0", {300: 9.0, 450: 15.0, 600: 25.0})
+    # one evaluated only at the end: no earlier point, no change
+    _seed_runs(tmp_path, ["loss.gamma=1"], [20.0])
+    _val_rows(tmp_path / "gamma=1,seed=0", {600: 20.0})
+
+    paths = build_report(tmp_path)
+    md = paths["table.md"].read_text()
+    assert "| gamma=2 | 4 | 32.0 (iter 450) | 33.0 (iter 600) | +1.0 |" in md
+    assert "| gamma=0 | 4 | 15.0 (iter 450) | 25.0 (iter 600) | +10.0 |" in md
+    assert "| gamma=1 | 1 | - | 20.0 (iter 600) | - |" in md
+    with open(paths["curves.csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert {k: rows[3][k] for k in ("setting", "iter", "AP", "AP_std", "seeds")} == {
+        "setting": "gamma=0", "iter": "600", "AP": "25.000", "AP_std": "", "seeds": "1"}
+    g2 = [r for r in rows if r["setting"] == "gamma=2"]
+    assert [(r["iter"], r["AP"]) for r in g2] == [("150", "12.000"), ("300", "21.000"), ("450", "32.000"),
+                                                   ("600", "33.000")]
+    assert g2[-1]["AP_std"] == f"{math.sqrt(8):.3f}" and g2[-1]["seeds"] == "2"
+    assert [r["AP"] for r in rows if r["setting"] == "gamma=0"] == ["5.000", "9.000", "15.000", "25.000"]
+    assert paths["curves.png"].stat().st_size > 0
+
+
+def test_a_sweep_without_evaluations_during_training_has_no_curves(tmp_path):
+    _seed_runs(tmp_path, ["loss.gamma=2"], [31.0])
+    paths = build_report(tmp_path)
+    assert "curves.png" not in paths and not (tmp_path / "curves.csv").exists()
+    assert "Learning curves" not in paths["table.md"].read_text()

@@ -1,6 +1,7 @@
 """The tables and plot of a sweep, rebuilt from its run directories alone (``retina ablate
 --report DIR``): ``table.csv`` and ``table.md`` (one row per run), the paper's views in
-``table.md`` and ``ablation.png`` (AP against gamma, one line per alpha).
+``table.md`` and ``ablation.png`` (AP against gamma, one line per alpha); with evaluations during
+training (``train.eval_period``), the learning curves too (``curves.py``).
 
 The paper's views are computed over *settings* (``runs.py``: the runs of one combination of
 swept values, over seeds): AP as mean +- std over the seeds when a sweep has several, ties marked
@@ -24,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 from retina.config import get_key, key_applies
 from retina.errors import MissingFileError
+from retina.studies.curves import curves_markdown, plot_curves, sweep_curves, write_curves_csv
 from retina.studies.runs import (METRICS, SEED_KEY, RunRow, Setting, collect_runs, group_seeds, short_keys,
                                  sort_key, tied)
 
@@ -301,6 +303,11 @@ def build_report(out_dir: str | Path, metrics_file: str = "metrics.json") -> dic
              "ablation.png": out_dir / f"ablation{tag}.png"}
     _write_csv(paths["table.csv"], keys, rows)
     title = out_dir.name if not tag else f"{out_dir.name}, metrics from each run's {metrics_file}"
-    paths["table.md"].write_text(_markdown(title, keys, rows))
+    curves = sweep_curves(out_dir, group_seeds(keys, rows)[1])
+    paths["table.md"].write_text(_markdown(title, keys, rows) + (curves_markdown(curves) if curves else ""))
     _plot(paths["ablation.png"], title, keys, rows)
+    if curves:
+        paths["curves.csv"], paths["curves.png"] = out_dir / "curves.csv", out_dir / "curves.png"
+        write_curves_csv(paths["curves.csv"], curves)
+        plot_curves(paths["curves.png"], out_dir.name, curves)
     return paths
