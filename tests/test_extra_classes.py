@@ -147,4 +147,4 @@ def test_the_imbalance_presets_plan_without_training(tmp_path):
     # One model and one run length: the end's base is the core, whose base is shapes_focal.
     assert load_config(end_path) == load_config(core_path)
     cfg = load_config(core_path, ["data.shapes.extra_classes=400"])
-    assert (cfg.solver.max_iter, cfg.model.fpn.channels, cfg.data.shapes.extra_classes) == (1200, 64, 400)
+    assert (cfg.solver.max_iter, cfg.model.fpn.channels, cfg.data.shapes.extra_classes) == (2400, 64, 400)
