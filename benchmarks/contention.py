@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from retina.io import read_jsonl
+
 CLI = [sys.executable, "-m", "retina"]
 BUSY = [sys.executable, "-c", "while True: pass"]
 # every variable that picks torch's CPU threads or OpenMP's waiting: cleared, then set per variant
@@ -88,18 +90,6 @@ def variant_env(variant: str, loads: int, base: Optional[dict] = None) -> dict[s
     return env
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` (a half-written last line is skipped)."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return rows
-
-
 def step_times(rows: Sequence[dict], warmup: int) -> list[float]:
     """Seconds per step between consecutive logged rows after iteration ``warmup``: the time
     difference over the iteration difference (a row every step gives each step's time)."""
@@ -136,7 +126,7 @@ def start_loads(kind: str, n: int, env: dict, work: Path, data_root: Path, image
                                       start_new_session=True))
     deadline = time.monotonic() + ready_s
     for i, proc in enumerate(procs):
-        while kind == "train" and len(read_rows(work / f"load{i}" / "metrics.jsonl")) < 2:
+        while kind == "train" and len(read_jsonl(work / f"load{i}" / "metrics.jsonl")) < 2:
             if proc.poll() is not None or time.monotonic() > deadline:
                 stop(procs)
                 raise RuntimeError(f"load {i} ({kind}) did not start training (exit {proc.poll()})")
@@ -165,7 +155,7 @@ def measure(variant: str, kind: str, loads: int, work: Path, data_root: Path, im
         stop(procs)
     if proc.returncode != 0:
         raise RuntimeError(f"the measured training failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return step_times(read_rows(out / "metrics.jsonl"), warmup)
+    return step_times(read_jsonl(out / "metrics.jsonl"), warmup)
 
 
 def ablate_wall(jobs: int, work: Path, data_root: Path, images: int, runs: int, iters: int) -> float:

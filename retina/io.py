@@ -1,5 +1,5 @@
 """Files written whole or not at all: ``atomic_write``, and strict JSON (``write_json``,
-``read_json``) on top of it.
+``read_json``) on top of it; the records of a JSON-lines log (``read_jsonl``).
 
 ``atomic_write`` writes to a temporary file ``.<name>.<random>.tmp`` in the target's directory,
 then renames it over the target (``os.replace`` is atomic on POSIX and Windows), so a process
@@ -115,6 +115,24 @@ def read_json(path: str | Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records (JSON objects, one a line) of a log such as ``metrics.jsonl``: a line cut by a
+    kill, or anything but an object, is skipped; a missing or unreadable file has none."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
 
 
 def weights_dir(weights: str | Path) -> Path:

@@ -26,13 +26,6 @@ def test_step_times_are_time_differences_over_iteration_differences_after_warmup
     assert ct.step_times(rows, warmup=1) == pytest.approx([0.3, 0.1])  # a row every 10 steps
 
 
-def test_read_rows_skips_a_half_written_last_line(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"iter": 1, "time": 5.0}\n{"iter": 2, "ti')
-    assert ct.read_rows(path) == [{"iter": 1, "time": 5.0}]
-    assert ct.read_rows(tmp_path / "missing.jsonl") == []
-
-
 def test_each_variant_replaces_every_thread_variable(monkeypatch):
     monkeypatch.setattr(ct, "cpus", lambda: 4)
     base = {"PATH": "/bin", "OMP_NUM_THREADS": "7", "OMP_WAIT_POLICY": "ACTIVE",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import retina.io as rio
-from retina.io import atomic_write, read_json, write_json
+from retina.io import atomic_write, read_json, read_jsonl, write_json
 
 
 def names(directory: Path) -> list[str]:
@@ -67,3 +67,10 @@ def test_read_json_names_file_and_line(tmp_path):
         read_json(path)
     assert str(e.value).startswith(f"{path}: not valid JSON: ") and "line 2" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_read_jsonl_skips_a_half_written_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iter": 1, "time": 5.0}\n{"iter": 2, "ti')
+    assert read_jsonl(path) == [{"iter": 1, "time": 5.0}]
+    assert read_jsonl(tmp_path / "missing.jsonl") == []

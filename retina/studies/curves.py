@@ -1,7 +1,7 @@
-"""Learning curves of a sweep: each run's validation AP against the iteration (the ``val/AP``
-rows its training wrote to ``metrics.jsonl``: every ``train.eval_period`` steps and at the end),
-averaged per setting over its seeds, and how much each setting still moved over the last quarter
-of its run. ``retina ablate --report`` writes them as ``curves.csv`` and ``curves.png``.
+"""Learning curves of a sweep: each run's validation AP against the iteration (``RunRow.curve``,
+the ``val/AP`` records its training wrote to ``metrics.jsonl``: every ``train.eval_period`` steps
+and at the end), averaged per setting over its seeds, and how much each setting still moved over
+the last quarter of its run. ``retina ablate --report`` writes them as ``curves.csv`` and ``curves.png``.
 
 The last-quarter change is the run-length check of a pilot: a run is long enough when the AP of
 its better setting changes by less than 1 AP between the last evaluation at or before 3/4 of the
@@ -11,15 +11,12 @@ run and the end.
 from __future__ import annotations
 
 import csv
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from retina.studies.runs import Setting
-
-CURVE_KEY = "val/AP"
 
 
 @dataclass(frozen=True)
@@ -28,24 +25,6 @@ class CurvePoint:
     ap: float  # mean over the seeds evaluated at this iteration
     std: Optional[float]  # sample std over those seeds; None with fewer than 2
     n: int  # seeds evaluated at this iteration
-
-
-def read_curve(path: Path) -> dict[int, float]:
-    """{iteration: val AP} from one run's metrics.jsonl; a resumed run that evaluated an iteration
-    twice keeps the later row, and a line cut by a kill is skipped."""
-    curve: dict[int, float] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return curve
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get(CURVE_KEY), (int, float)) and "iter" in rec:
-            curve[int(rec["iter"])] = float(rec[CURVE_KEY])
-    return curve
 
 
 def setting_curve(curves: Sequence[dict[int, float]]) -> list[CurvePoint]:
@@ -59,21 +38,24 @@ def setting_curve(curves: Sequence[dict[int, float]]) -> list[CurvePoint]:
     return points
 
 
+def quarter_point(points: Sequence[CurvePoint]) -> Optional[CurvePoint]:
+    """The last point at or before 3/4 of the last one's iteration; None when there is none (a run
+    evaluated only at the end)."""
+    earlier = [p for p in points[:-1] if p.iteration <= 0.75 * points[-1].iteration] if points else []
+    return earlier[-1] if earlier else None
+
+
 def last_quarter_change(points: Sequence[CurvePoint]) -> Optional[float]:
-    """AP at the last point minus AP at the last point at or before 3/4 of its iteration; None when
-    no earlier point is there (a run evaluated only at the end)."""
-    if not points:
-        return None
-    end = points[-1]
-    earlier = [p for p in points[:-1] if p.iteration <= 0.75 * end.iteration]
-    return end.ap - earlier[-1].ap if earlier else None
+    """AP at the last point minus AP at ``quarter_point``; None without one."""
+    at = quarter_point(points)
+    return None if at is None else points[-1].ap - at.ap
 
 
-def sweep_curves(out_dir: Path, settings: Sequence[Setting]) -> dict[str, list[CurvePoint]]:
+def sweep_curves(settings: Sequence[Setting]) -> dict[str, list[CurvePoint]]:
     """{setting name: its curve} for the settings whose runs logged a validation AP."""
     curves = {}
     for s in settings:
-        runs = [c for c in (read_curve(out_dir / r.name / "metrics.jsonl") for r in s.runs) if c]
+        runs = [r.curve for r in s.runs if r.curve]
         if runs:
             curves[s.name] = setting_curve(runs)
     return curves
@@ -95,9 +77,8 @@ def curves_markdown(curves: dict[str, list[CurvePoint]]) -> str:
              "(under 1 AP for the better setting: long enough).", "",
              "| setting | evaluations | AP at 3/4 | AP at the end | last-quarter change |", "|---|---:|---:|---:|---:|"]
     for name, points in curves.items():
-        change = last_quarter_change(points)
-        earlier = [p for p in points[:-1] if p.iteration <= 0.75 * points[-1].iteration]
-        at = f"{earlier[-1].ap:.1f} (iter {earlier[-1].iteration})" if earlier else "-"
+        change, q = last_quarter_change(points), quarter_point(points)
+        at = "-" if q is None else f"{q.ap:.1f} (iter {q.iteration})"
         lines.append(f"| {name} | {len(points)} | {at} | {points[-1].ap:.1f} (iter {points[-1].iteration}) | "
                      f"{'-' if change is None else f'{change:+.1f}'} |")
     return "\n".join(lines) + "\n"

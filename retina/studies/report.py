@@ -303,7 +303,7 @@ def build_report(out_dir: str | Path, metrics_file: str = "metrics.json") -> dic
              "ablation.png": out_dir / f"ablation{tag}.png"}
     _write_csv(paths["table.csv"], keys, rows)
     title = out_dir.name if not tag else f"{out_dir.name}, metrics from each run's {metrics_file}"
-    curves = sweep_curves(out_dir, group_seeds(keys, rows)[1])
+    curves = sweep_curves(group_seeds(keys, rows)[1])
     paths["table.md"].write_text(_markdown(title, keys, rows) + (curves_markdown(curves) if curves else ""))
     _plot(paths["ablation.png"], title, keys, rows)
     if curves:

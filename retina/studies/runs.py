@@ -26,9 +26,11 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from retina.config import Config, config_to_dict, flat_keys, yaml_load
+from retina.io import read_jsonl
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 SEED_KEY = "train.seed"
+CURVE_KEY = "val/AP"  # the validation AP of an evaluation during training, in metrics.jsonl
 TIE_STDS = 2.0  # a difference under 2 std is a tie
 
 
@@ -43,6 +45,7 @@ class RunRow:
     wall_s: Optional[float] = None
     error: Optional[str] = None
     cfg: Config = field(default_factory=Config)  # the run's config, as written (not re-validated)
+    curve: dict[int, float] = field(default_factory=dict)  # val AP by iteration (train.eval_period)
 
     @property
     def ap(self) -> Optional[float]:
@@ -88,21 +91,17 @@ def _read_json(path: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
-def _last_losses(path: Path) -> tuple[Optional[float], Optional[float]]:
-    """(loss_cls, loss_box) of the last logged training record in metrics.jsonl."""
-    last: dict = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None, None
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:  # a line cut by a kill
-            continue
-        if isinstance(rec, dict) and "loss_cls" in rec:
-            last = rec
+def _last_losses(records: Sequence[dict]) -> tuple[Optional[float], Optional[float]]:
+    """(loss_cls, loss_box) of the last logged training record of metrics.jsonl."""
+    last = next((r for r in reversed(records) if "loss_cls" in r), {})
     return last.get("loss_cls"), last.get("loss_box")
+
+
+def _val_curve(records: Sequence[dict]) -> dict[int, float]:
+    """{iteration: val AP} of the evaluations logged in metrics.jsonl; a resumed run that
+    evaluated an iteration twice keeps the later record."""
+    return {int(r["iter"]): float(r[CURVE_KEY]) for r in records
+            if "iter" in r and _number(r.get(CURVE_KEY)) is not None}
 
 
 def _number(v: Any) -> Optional[float]:
@@ -150,11 +149,13 @@ def collect_runs(out_dir: str | Path, metrics_file: str = "metrics.json") -> tup
         status = "done" if finished is not None else run_file.get("status", "unfinished")
         status = "unfinished" if status == "done" and finished is None else status
         metrics = finished if metrics_file == "metrics.json" else _read_json(d / metrics_file)
-        loss_cls, loss_box = _last_losses(d / "metrics.jsonl")
+        log = read_jsonl(d / "metrics.jsonl")
+        loss_cls, loss_box = _last_losses(log)
         rows.append(RunRow(d.name, status, {k: flat.get(k) for k in keys},
                            {m: _number((metrics or {}).get(m)) for m in METRICS},
                            _number(loss_cls), _number(loss_box), _number(run_file.get("wall_s")),
-                           run_file.get("error") if finished is None else None, _config_as_written(flat)))
+                           run_file.get("error") if finished is None else None, _config_as_written(flat),
+                           _val_curve(log)))
     order = [k for k in keys if k != SEED_KEY] + [k for k in keys if k == SEED_KEY]  # a setting's seeds together
     rows.sort(key=lambda r: tuple(sort_key(r.values[k]) for k in order) + (r.name,))
     return keys, rows
