@@ -13,7 +13,7 @@ from retina.cli import main
 from retina.config import config_from_dict, find_config, load_config
 from retina.model import build_model
 from retina.studies.imbalance import (Imbalance, anchors_per_image, coco_imbalance, initial_negative_share,
-                                      measure)
+                                      measure, with_extra_classes)
 
 # One FPN level, P4 (stride 16), on 64 x 64 images: a 4 x 4 grid of cells, offset 0.5 so the cell
 # centres are 8, 24, 40, 56. Two anchors per cell (scales 1 and 1.5 of size 16, ratio 1): a
@@ -189,6 +189,16 @@ def test_absent_classes_add_negative_pairs_only(tmp_path, extra, k, negative_pai
     neg, pos = negative_pairs * LOG_1_PI, 0.5 * LOG_PI
     assert stats.initial_negative_share == pytest.approx(neg / (neg + pos), rel=1e-12)
     assert stats.initial_negative_share == pytest.approx(share, abs=1e-5)
+
+
+def test_more_absent_classes_derived_from_one_measurement():
+    # The grid above at E = 0 (94 negative pairs, R 32, 0.5 ignored, 0.5 positive per image) with
+    # 5 absent classes more: K 8 and 94 + 5 x (32 - 0.5) = 251.5, as measured at E = 5 above.
+    at_0 = Imbalance(images=2, num_classes=3, prior=0.01, anchors=32.0, ignored=0.5, positives=0.5,
+                     negative_pairs=94.0)
+    assert with_extra_classes(at_0, 5) == Imbalance(images=2, num_classes=8, prior=0.01, anchors=32.0, ignored=0.5,
+                                                    positives=0.5, negative_pairs=251.5)
+    assert with_extra_classes(at_0, 5).initial_negative_share == pytest.approx(0.52330, abs=1e-5)
 
 
 def test_cli_grid_parses_and_gives_one_row_per_value(tiny_shapes_overrides, capsys):

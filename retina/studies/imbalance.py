@@ -187,6 +187,27 @@ def coco_imbalance(cfg: Config, positives: float = COCO_POSITIVES, size: tuple[i
     return Imbalance(0, num_classes, _start_prior(cfg), float(r), 0.0, positives, r * num_classes - positives)
 
 
+def with_extra_classes(stats: Imbalance, extra: int) -> Imbalance:
+    """``stats`` with ``extra`` more absent classes: K + extra, and (R - ignored) more negative
+    pairs per image for each (R, the ignored anchors and P do not change: the module docstring)."""
+    return dataclasses.replace(stats, num_classes=stats.num_classes + extra,
+                               negative_pairs=stats.negative_pairs + extra * (stats.anchors - stats.ignored))
+
+
+def extra_class_imbalance(cfg: Config, extra_classes: Sequence[int], num_images: int,
+                          dev: torch.device = torch.device("cpu")) -> dict[int, Imbalance]:
+    """{E: the imbalance of ``cfg``'s shapes val set read with E absent classes}: measured once,
+    at the smallest E, with ``cfg``'s untrained model; the others by ``with_extra_classes``."""
+    from retina.data import build_dataset
+
+    base = min(extra_classes)
+    cfg = replace(cfg, data=dataclasses.replace(cfg.data, shapes=dataclasses.replace(cfg.data.shapes, extra_classes=base)))
+    dataset = build_dataset(cfg, "val")
+    cfg = replace(cfg, model=dataclasses.replace(cfg.model, num_classes=dataset.num_classes))
+    stats, _ = measure(_untrained(cfg).to(dev), dataset, num_images, _start_prior(cfg), dev, cfg.eval.batch_size)
+    return {e: with_extra_classes(stats, e - base) for e in extra_classes}
+
+
 # --------------------------------------------------------------------------------------- CLI
 def format_table(rows: list[tuple[str, Imbalance, Optional[TrainedShares]]]) -> str:
     """A markdown table, one row per measured set."""

@@ -1,7 +1,8 @@
 """The tables and plot of a sweep, rebuilt from its run directories alone (``retina ablate
 --report DIR``): ``table.csv`` and ``table.md`` (one row per run), the paper's views in
 ``table.md`` and ``ablation.png`` (AP against gamma, one line per alpha); with evaluations during
-training (``train.eval_period``), the learning curves too (``curves.py``).
+training (``train.eval_period``), the learning curves too (``curves.py``); over
+``data.shapes.extra_classes``, FL against CE by the negatives' share (``advantage.py``).
 
 The paper's views are computed over *settings* (``runs.py``: the runs of one combination of
 swept values, over seeds): AP as mean +- std over the seeds when a sweep has several, ties marked
@@ -19,12 +20,15 @@ A key that a run's choices do not read (``loss.gamma`` of OHEM, ``loss.ohem.*`` 
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from retina.config import get_key, key_applies
-from retina.errors import MissingFileError
+from retina.config import Config, get_key, key_applies
+from retina.errors import MissingFileError, RetinaError
+from retina.studies.advantage import (E_KEY, Shares, advantage_markdown, advantage_points, measured_shares,
+                                      plot_advantage)
 from retina.studies.curves import curves_markdown, plot_curves, sweep_curves, write_curves_csv
 from retina.studies.runs import (METRICS, SEED_KEY, RunRow, Setting, collect_runs, group_seeds, short_keys,
                                  sort_key, tied)
@@ -285,8 +289,13 @@ def _plot(path: Path, title: str, keys: Sequence[str], rows: list[RunRow]) -> No
     plt.close(fig)
 
 
-def build_report(out_dir: str | Path, metrics_file: str = "metrics.json") -> dict[str, Path]:
+def build_report(out_dir: str | Path, metrics_file: str = "metrics.json",
+                 shares: Callable[[Config, list[int]], Shares] = measured_shares) -> dict[str, Path]:
     """Write table.md, table.csv and ablation.png into ``out_dir``; returns their paths.
+
+    A sweep over ``data.shapes.extra_classes`` also gets FL against CE by the negatives' share
+    (``advantage.py``: a table.md section and advantage.png), the shares from ``shares(config of
+    a run, the swept values of E)``.
 
     ``metrics_file`` other than the training's ``metrics.json`` (a re-evaluation of every run, e.g.
     ``eval_thr0/metrics.json``): the same report from those metrics, as table.eval_thr0.md,
@@ -303,8 +312,21 @@ def build_report(out_dir: str | Path, metrics_file: str = "metrics.json") -> dic
              "ablation.png": out_dir / f"ablation{tag}.png"}
     _write_csv(paths["table.csv"], keys, rows)
     title = out_dir.name if not tag else f"{out_dir.name}, metrics from each run's {metrics_file}"
-    curves = sweep_curves(group_seeds(keys, rows)[1])
-    paths["table.md"].write_text(_markdown(title, keys, rows) + (curves_markdown(curves) if curves else ""))
+    settings = group_seeds(keys, rows)[1]
+    curves = sweep_curves(settings)
+    points, extra = [], ""
+    if E_KEY in keys:
+        try:
+            measured = shares(settings[0].cfg, sorted({s.cfg.data.shapes.extra_classes for s in settings}))
+        except RetinaError as e:  # no val set here: the tables still come out, without this section
+            print(f"warning: no FL against CE by share: {e}", file=sys.stderr)
+        else:
+            points = advantage_points(settings, measured)
+            extra = advantage_markdown(points, measured) if points else ""
+    paths["table.md"].write_text(_markdown(title, keys, rows) + extra + (curves_markdown(curves) if curves else ""))
+    if points:
+        paths["advantage.png"] = out_dir / f"advantage{tag}.png"
+        plot_advantage(paths["advantage.png"], title, points, measured)
     _plot(paths["ablation.png"], title, keys, rows)
     if curves:
         paths["curves.csv"], paths["curves.png"] = out_dir / "curves.csv", out_dir / "curves.png"
