@@ -272,6 +272,9 @@ def test_seeds_add_a_seed_override_seed_major(tmp_path):
     preset.write_text(f"base: {SHAPES}\nablate:\n  seeds: 3\n  grids:\n    - {{loss.alpha: [0.25]}}\n")
     assert [r.name for r in plan_sweep(preset, [], [], tmp_path)] == [f"alpha=0.25,seed={s}" for s in range(3)]
     assert len(plan_sweep(preset, [], [], tmp_path, seeds=1)) == 1  # --seeds wins over the file
+    # a --grid that sweeps the seed replaces the file's seeds: one run, named like the file's
+    assert [r.name for r in plan_sweep(preset, ["loss.alpha=0.25", "train.seed=1"], [], tmp_path)] == [
+        "alpha=0.25,seed=1"]
     with pytest.raises(ConfigError, match="--seeds=0: the number of seeds must be an integer >= 1"):
         plan_sweep(SHAPES, [], [], tmp_path, seeds=0)
     with pytest.raises(ConfigError, match="already sweeps train.seed"):
@@ -429,3 +432,22 @@ def test_a_sweep_without_evaluations_during_training_has_no_curves(tmp_path):
     paths = build_report(tmp_path)
     assert "curves.png" not in paths and not (tmp_path / "curves.csv").exists()
     assert "Learning curves" not in paths["table.md"].read_text()
+
+
+def test_a_run_config_read_back_equals_the_loaded_one(tmp_path):
+    # A resolved config.yaml writes tuples as YAML lists (solver.steps, the anchor sizes); read back
+    # they are tuples again, so the report's config equals load_config's and re-validates: with a
+    # list, solver.steps [60000, 80000] differs from its default and is refused under cosine.
+    from retina.config import dump_config, find_config, replace
+
+    cfg = load_config(find_config("ablations/imbalance_core"))
+    assert cfg.solver.schedule == "cosine" and cfg.solver.steps == (60000, 80000)
+    run = tmp_path / "sweep" / "gamma=2"
+    run.mkdir(parents=True)
+    dump_config(cfg, run / "config.yaml")
+    assert "- 60000" in (run / "config.yaml").read_text()  # a YAML list on disk
+    (run / "ablate_run.json").write_text(json.dumps({"overrides": ["loss.gamma=2"], "status": "done"}))
+    _, rows = collect_runs(tmp_path / "sweep")
+    assert rows[0].cfg == cfg
+    assert rows[0].cfg.solver.steps == (60000, 80000)
+    assert replace(rows[0].cfg, model=rows[0].cfg.model) == cfg

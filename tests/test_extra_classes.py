@@ -130,23 +130,25 @@ def test_the_imbalance_presets_plan_without_training(tmp_path):
     core_path, end_path = find_config("ablations/imbalance_core"), find_config("ablations/imbalance_coco_end")
     core = plan_sweep(core_path, [], [], tmp_path / "core")  # every run's config is loaded and checked
     end = plan_sweep(end_path, [], [], tmp_path / "end")
-    # Core: 6 values of E x (FL gamma 2 alpha .25, CE gamma 0 at alpha .75 and .25) x 3 seeds = 54
-    # runs, seed 0 first (18): FL at every E, then CE .75 and .25 at each E.
-    assert len(core) == 6 * 3 * 3 == 54
+    # Core: 5 values of E x (FL gamma 2 alpha .25, CE gamma 0 alpha .75) x 3 seeds = 30 runs,
+    # seed 0 first (10): FL at every E, then CE at every E.
+    assert len(core) == 5 * 2 * 3 == 30
     assert core[0].name == "extra_classes=0,gamma=2,alpha=0.25,seed=0"
-    assert core[6].name == "extra_classes=0,gamma=0,alpha=0.75,seed=0"
-    assert core[17].name == "extra_classes=400,gamma=0,alpha=0.25,seed=0"
-    assert core[18].name == "extra_classes=0,gamma=2,alpha=0.25,seed=1"
+    assert core[5].name == "extra_classes=0,gamma=0,alpha=0.75,seed=0"
+    assert core[9].name == "extra_classes=400,gamma=0,alpha=0.75,seed=0"
+    assert core[10].name == "extra_classes=0,gamma=2,alpha=0.25,seed=1"
     values = sorted({int(o.split("=")[1]) for r in core for o in r.overrides
                      if o.startswith("data.shapes.extra_classes=")})
-    assert values == [0, 7, 37, 77, 200, 400]
-    # The COCO-like end: (gamma .5, 1, 5) + OHEM (1:3, no ratio) + FL without the prior = 6 x 3 seeds = 18,
-    # every one at E = 400 and named apart from the core's, so both can share one folder.
-    assert len(end) == 6 * 3 == 18
+    assert values == [0, 77, 200, 300, 400]
+    # The COCO-like end: CE alpha .25 + FL (gamma .5, 1, 5) + OHEM (1:3, no ratio) + FL without the
+    # prior = 7 x 3 seeds = 21, every one at E = 400 and named apart from the core's, so both can
+    # share one folder.
+    assert len(end) == 7 * 3 == 21
     assert all(r.name.startswith("extra_classes=400,") for r in end)
     assert not {r.name for r in end} & {r.name for r in core}
-    assert "extra_classes=400,type=ohem,gamma=0,alpha=null,ratio=0.25,batch_size=128,nms=0.7,seed=0" in {
-        r.name for r in end}
+    names = {r.name for r in end}
+    assert "extra_classes=400,gamma=0,alpha=0.25,seed=2" in names
+    assert "extra_classes=400,type=ohem,gamma=0,alpha=null,ratio=0.25,batch_size=128,nms=0.7,seed=0" in names
     # One model and one run length: the end's base is the core, whose base is shapes_focal.
     assert load_config(end_path) == load_config(core_path)
     cfg = load_config(core_path, ["data.shapes.extra_classes=400"])

@@ -13,8 +13,8 @@ Several grids multiply, the first varying slowest. A config may also hold the gr
         - {loss.type: [ohem], loss.gamma: [0], loss.alpha: [null]}
       seeds: 3  # optional: every combination with train.seed = 0, 1, 2
 
-``--grid`` on the command line replaces the file's grids, ``--seeds N`` its seeds. With seeds,
-every combination runs N times with the override ``train.seed=S`` (S = 0..N-1) added last, named
+``--grid`` on the command line replaces the file's grids, ``--seeds N`` (or a ``--grid`` over
+``train.seed``) its seeds. With seeds, every combination runs N times with the override ``train.seed=S`` (S = 0..N-1) added last, named
 ``...,seed=S``; seed 0 of every combination runs first, then seed 1, ..., so a sweep stopped
 halfway has every setting at seed 0. Each combination trains in ``OUT/<name>/`` (name: ``gamma=0.5,alpha=0.25``, from the grid's keys and values), with
 its resolved ``config.yaml``, ``metrics.jsonl``, ``metrics.json`` and ``ablate_run.json`` (the
@@ -69,12 +69,14 @@ def plan_sweep(config_path: str | Path, grids: Sequence[str], sets: Sequence[str
     """
     products = [list(grids)] if grids else grids_from_config(config_path)
     combos = [c for product in (products or [[]]) for c in expand_grid(product)]
+    sweeps_seed = any(o.partition("=")[0].strip() == SEED_KEY for c in combos for o in c)
     if seeds is None:
-        seeds = seeds_from_config(config_path)
+        # A --grid that sweeps the seed is more specific than the file's seeds: it replaces them.
+        seeds = None if grids and sweeps_seed else seeds_from_config(config_path)
     else:
         check_seeds(seeds, "--seeds")
     if seeds is not None:
-        if any(o.partition("=")[0].strip() == SEED_KEY for c in combos for o in c):
+        if sweeps_seed:
             raise ConfigError(f"--seeds: the grid already sweeps {SEED_KEY}; give one or the other")
         combos = [[*c, f"{SEED_KEY}={s}"] for s in range(seeds) for c in combos]
     runs, seen = [], {}

@@ -77,10 +77,19 @@ def _config_as_written(flat: dict[str, Any]) -> Config:
             if dataclasses.is_dataclass(value):
                 changes[f.name] = fill(value, f"{prefix}{f.name}.")
             elif f"{prefix}{f.name}" in flat:
-                changes[f.name] = flat[f"{prefix}{f.name}"]
+                changes[f.name] = _as_field(value, flat[f"{prefix}{f.name}"])
         return dataclasses.replace(section, **changes)
 
     return fill(Config(), "")
+
+
+def _as_field(default: Any, value: Any) -> Any:
+    """A YAML list as the tuple its field holds (the type of the field's default), nested too, so
+    the config equals the one ``load_config`` gives and validates like it."""
+    if isinstance(default, tuple) and isinstance(value, list):
+        inner = default[0] if default else None
+        return tuple(_as_field(inner, v) for v in value)
+    return value
 
 
 def _read_json(path: Path) -> Optional[dict]:
