@@ -14,7 +14,8 @@ Several grids multiply, the first varying slowest. A config may also hold the gr
       seeds: 3  # optional: every combination with train.seed = 0, 1, 2
 
 ``--grid`` on the command line replaces the file's grids, ``--seeds N`` (or a ``--grid`` over
-``train.seed``) its seeds. With seeds, every combination runs N times with the override ``train.seed=S`` (S = 0..N-1) added last, named
+``train.seed``) its seeds. With seeds, every combination runs N times with the override
+``train.seed=S`` (S = 0..N-1) added last, named
 ``...,seed=S``; seed 0 of every combination runs first, then seed 1, ..., so a sweep stopped
 halfway has every setting at seed 0. Each combination trains in ``OUT/<name>/`` (name: ``gamma=0.5,alpha=0.25``, from the grid's keys and values), with
 its resolved ``config.yaml``, ``metrics.jsonl``, ``metrics.json`` and ``ablate_run.json`` (the
